@@ -1,0 +1,359 @@
+"""Pose frame sources and the pose worker (alignment + injected encoder on real threads)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+
+from capture.pose_sources import (CameraError, EmaFilter, FixedPose, NoPose, OneEuroFilter, PoseSample,
+                                  PoseWorker, StillImageSource, VideoFileSource, VideoSourceError,
+                                  WebcamSource, make_pose_filter, network_pose_encoder, open_pose_source)
+from pcavs.alignment import LiveAligner
+
+DEADLINE_S = 20.0  # generous upper bound for waiting on threads (never a speed assert)
+
+
+def wait_for(predicate, what: str) -> None:
+    end = time.monotonic() + DEADLINE_S
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- sources
+def test_webcam_that_does_not_exist_raises_camera_error():
+    with pytest.raises(CameraError, match=r"cannot open camera 97 .*available: .*/dev/video") as e:
+        WebcamSource(97)
+    assert "\n" not in str(e.value)
+
+
+def write_mp4(path, colours, size=(64, 48), fps=25) -> None:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.options = {"qscale": "2"}
+        for c in colours:
+            img = np.empty((size[1], size[0], 3), np.uint8)
+            img[:] = c
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+COLOURS = [(20 * i + 10, 200 - 15 * i, 120) for i in range(8)]
+
+
+def test_video_file_source_yields_every_frame_then_none(tmp_path):
+    path = tmp_path / "pose.mp4"
+    write_mp4(path, COLOURS)
+    src = VideoFileSource(path, realtime=False, loop=False)
+    frames = []
+    while (item := src.read()) is not None:
+        frames.append(item)
+    src.close()
+    assert len(frames) == len(COLOURS)
+    for (rgb, _), colour in zip(frames, COLOURS):
+        assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+        assert np.abs(rgb.reshape(-1, 3).mean(0) - colour).max() < 6  # lossy codec, flat colours
+    steps = np.diff([t for _, t in frames])
+    np.testing.assert_allclose(steps, 1 / 25, atol=1e-6)  # media-time stamps even when decoding fast
+
+
+def test_video_file_source_loops_with_continuous_timestamps(tmp_path):
+    path = tmp_path / "pose.mp4"
+    write_mp4(path, COLOURS)
+    src = VideoFileSource(path, realtime=False, loop=True)
+    items = [src.read() for _ in range(3 * len(COLOURS) + 2)]
+    src.close()
+    assert all(i is not None for i in items)
+    np.testing.assert_allclose(np.diff([t for _, t in items]), 1 / 25, atol=1e-6)
+    np.testing.assert_array_equal(items[0][0], items[len(COLOURS)][0])  # back at frame 0
+
+
+def test_video_file_source_realtime_never_returns_a_frame_early(tmp_path):
+    path = tmp_path / "pose.mp4"
+    write_mp4(path, COLOURS[:4])
+    src = VideoFileSource(path, realtime=True)
+    while (item := src.read()) is not None:
+        assert time.monotonic() >= item[1]
+    src.close()
+
+
+def test_video_file_errors_name_the_file(tmp_path):
+    with pytest.raises(VideoSourceError, match="pose video not found: .*nope.mp4"):
+        VideoFileSource(tmp_path / "nope.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(VideoSourceError, match="bad.mp4"):
+        VideoFileSource(bad)
+
+
+def test_still_image_source_yields_once_then_ends():
+    img = np.full((10, 12, 3), 7, np.uint8)
+    src = StillImageSource(img)
+    rgb, t = src.read()
+    assert rgb.shape == (10, 12, 3) and t <= time.monotonic()
+    assert src.read() is None
+
+
+def test_open_pose_source_dispatches_on_the_spec(tmp_path):
+    import cv2
+    still = tmp_path / "face.png"
+    cv2.imwrite(str(still), np.zeros((8, 8, 3), np.uint8))
+    assert isinstance(open_pose_source(str(still)), StillImageSource)
+    video = tmp_path / "v.mp4"
+    write_mp4(video, COLOURS[:2])
+    src = open_pose_source(str(video), realtime=False, loop=False)
+    assert isinstance(src, VideoFileSource) and not src.realtime
+    src.close()
+    with pytest.raises(CameraError):
+        open_pose_source("96")
+
+
+# --------------------------------------------------------------------------- smoothing
+def noisy_then_step(n_noise=200, n_step=40, seed=0):
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0.0, 0.05, (n_noise, 12))
+    step = np.ones((n_step, 12)) + rng.normal(0.0, 0.05, (n_step, 12))
+    return np.concatenate([noise, step]), np.arange(n_noise + n_step) / 25.0
+
+
+@pytest.mark.parametrize("make_filter, max_steps", [(lambda: EmaFilter(0.1), 8),
+                                                    (lambda: OneEuroFilter(1.0, 0.5), 8)],
+                         ids=["ema", "one_euro"])
+def test_filters_reduce_jitter_and_follow_a_step(make_filter, max_steps):
+    codes, times = noisy_then_step()
+    f = make_filter()
+    out = np.array([f.update(c, t) for c, t in zip(codes, times)])
+    still_in, still_out = codes[50:200], out[50:200]
+    assert still_out.var(0).mean() < 0.3 * still_in.var(0).mean()
+    # after the step (value 0 → 1) the output is within 0.15 of the new level after max_steps updates
+    assert np.abs(out[200 + max_steps:].mean(1) - 1.0).max() < 0.15
+    assert np.abs(out[200 + 1].mean() - 1.0) > 0.15  # ... and it was smoothing, not passing through
+
+
+def test_config_smoothing_float_matches_per_frame_ema_at_25_fps():
+    f = make_pose_filter(0.5)
+    assert isinstance(f, EmaFilter)
+    y = [f.update(np.full(12, x), t / 25) for t, x in enumerate([0.0, 1.0, 1.0])]
+    np.testing.assert_allclose([v[0] for v in y], [0.0, 0.5, 0.75], atol=1e-6)  # y = .5·y + .5·x
+    assert make_pose_filter(0) is None and make_pose_filter(None) is None
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        make_pose_filter(1.0)
+
+
+def test_filter_survives_repeated_timestamps():
+    f = EmaFilter(0.1)
+    f.update(np.zeros(12), 1.0)
+    assert np.isfinite(f.update(np.ones(12), 1.0)).all()
+
+
+# --------------------------------------------------------------------------- worker
+class ListSource:
+    """Frames from a list; `realtime` selects the worker's drop-stale reader."""
+
+    def __init__(self, frames, realtime=False, on_read=None):
+        self.frames = list(frames)
+        self.realtime = realtime
+        self.closed = False
+        self.reads = 0
+        self.on_read = on_read
+
+    def read(self):
+        if self.on_read is not None:
+            self.on_read(self.reads)
+        self.reads += 1
+        if not self.frames:
+            return None
+        return self.frames.pop(0), time.monotonic()
+
+    def close(self):
+        self.closed = True
+
+
+def flat_frame(value: int) -> np.ndarray:
+    return np.full((160, 160, 3), value, np.uint8)
+
+
+FACE = None
+
+
+def face_landmarks() -> np.ndarray:
+    global FACE
+    if FACE is None:
+        from tests.test_alignment import synthetic_landmarks
+        FACE = synthetic_landmarks(np.array([[60.0, 60.0], [100.0, 60.0], [80.0, 105.0]]))
+    return FACE
+
+
+class ValueDetector:
+    """A face wherever the frame is not black (so tests control presence per frame)."""
+
+    def detect(self, rgb):
+        return [] if rgb[0, 0, 0] == 0 else [face_landmarks()]
+
+
+def value_encoder(aligned: np.ndarray) -> np.ndarray:
+    # the crop centre comes from inside the flat frame, so the code carries the frame's value
+    return np.full(12, aligned[112, 112, 0] / 255.0)
+
+
+def test_worker_holds_last_pose_without_face_and_recovers(caplog):
+    values = [50] * 4 + [0] * 3 + [200] * 4
+    samples: list[PoseSample] = []
+    worker = PoseWorker(ListSource([flat_frame(v) for v in values]), LiveAligner(ValueDetector()),
+                        value_encoder, smoothing=None, listener=samples.append)
+    with caplog.at_level(logging.INFO, logger="capture.pose_sources"):
+        worker.start()
+        wait_for(lambda: worker.finished, "the source to end")
+        worker.stop()
+    worker.check()
+    assert [s.face_found for s in samples] == [v != 0 for v in values]
+    assert [s.frames_without_face for s in samples] == [0] * 4 + [1, 2, 3] + [0] * 4
+    codes = np.array([s.code for s in samples])
+    np.testing.assert_allclose(codes[:7], 50 / 255, atol=1e-6)      # held through the gap
+    np.testing.assert_allclose(codes[7:], 200 / 255, atol=1e-6)     # recovered
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("face lost; holding last pose" in m for m in messages) == 1
+    assert sum("face found" in m for m in messages) == 1
+    assert worker.latest().code[0] == pytest.approx(200 / 255) and worker.finished
+
+
+def test_worker_publishes_initial_code_before_the_first_face():
+    initial = np.arange(12, dtype=np.float32)
+    samples = []
+    worker = PoseWorker(ListSource([flat_frame(0), flat_frame(90)]), LiveAligner(ValueDetector()),
+                        value_encoder, smoothing=None, initial_code=initial, listener=samples.append)
+    assert worker.latest().code.tolist() == initial.tolist() and not worker.latest().face_found
+    worker.start()
+    wait_for(lambda: worker.finished, "the source to end")
+    worker.stop()
+    assert samples[0].code.tolist() == initial.tolist() and not samples[0].face_found
+    np.testing.assert_allclose(samples[1].code, 90 / 255, atol=1e-6)
+
+
+def test_worker_applies_the_smoothing_filter():
+    rng = np.random.default_rng(1)
+    values = [int(v) for v in rng.integers(60, 200, 30)]
+    samples = []
+    worker = PoseWorker(ListSource([flat_frame(v) for v in values]), LiveAligner(ValueDetector()),
+                        value_encoder, smoothing=EmaFilter(0.2), listener=samples.append)
+    worker.start()
+    wait_for(lambda: worker.finished, "the source to end")
+    worker.stop()
+    out = np.array([s.code[0] for s in samples])
+    raw = np.array(values) / 255.0
+    assert len(out) == len(raw) and out.var() < 0.5 * raw.var()
+
+
+def test_worker_drops_stale_frames_from_realtime_sources():
+    """While frame 0 is being encoded, frames 1..5 arrive: only the newest (5) must be processed."""
+    encoding_started, all_pushed = threading.Event(), threading.Event()
+
+    def on_read(n):
+        if n == 1:
+            assert encoding_started.wait(DEADLINE_S)
+        if n == 6:  # frames 1..5 are in the mailbox (each replacing the previous)
+            all_pushed.set()
+
+    def slow_encode(aligned):
+        encoding_started.set()
+        assert all_pushed.wait(DEADLINE_S)
+        return value_encoder(aligned)
+
+    samples = []
+    source = ListSource([flat_frame(10 * (i + 1)) for i in range(6)], realtime=True, on_read=on_read)
+    worker = PoseWorker(source, LiveAligner(ValueDetector()), slow_encode, smoothing=None,
+                        listener=samples.append)
+    worker.start()
+    wait_for(lambda: worker.finished, "the source to end")
+    worker.stop()
+    worker.check()
+    assert worker.frames_processed == 2 and worker.frames_dropped == 4
+    np.testing.assert_allclose([s.code[0] for s in samples], [10 / 255, 60 / 255], atol=1e-6)
+
+
+def test_worker_exception_surfaces_through_check():
+    def broken_encode(aligned):
+        raise RuntimeError("pose encoder exploded")
+
+    worker = PoseWorker(StillImageSource(flat_frame(80), repeat=True), LiveAligner(ValueDetector()),
+                        broken_encode, smoothing=None)
+    worker.start()
+    wait_for(lambda: not worker.alive, "the worker to die")
+    with pytest.raises(RuntimeError, match="pose encoder exploded"):
+        worker.check()
+    worker.stop()
+    assert not worker.finished
+
+
+def test_reader_exception_surfaces_through_check():
+    class Failing(ListSource):
+        def read(self):
+            raise OSError("camera unplugged")
+
+    worker = PoseWorker(Failing([], realtime=True), LiveAligner(ValueDetector()), value_encoder, None)
+    worker.start()
+    wait_for(lambda: not worker.alive, "the worker to die")
+    with pytest.raises(OSError, match="camera unplugged"):
+        worker.check()
+    worker.stop()
+
+
+def test_bad_encoder_output_is_reported():
+    worker = PoseWorker(ListSource([flat_frame(80)]), LiveAligner(ValueDetector()),
+                        lambda a: np.zeros(5), smoothing=None)
+    worker.start()
+    wait_for(lambda: not worker.alive, "the worker to die")
+    with pytest.raises(ValueError, match="12 finite values"):
+        worker.check()
+    worker.stop()
+
+
+def test_stop_joins_the_threads_and_closes_the_source():
+    source = StillImageSource(flat_frame(120), repeat=True, interval=0.01)
+    worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=EmaFilter(0.1))
+    worker.start()
+    wait_for(lambda: worker.latest() is not None, "a first pose")
+    assert worker.alive and not worker.finished
+    worker.stop()
+    assert not worker.alive and worker._threads and not any(t.is_alive() for t in worker._threads)
+    assert source.read() is None  # closed
+    worker.stop()  # idempotent
+
+
+def test_fixed_pose_and_no_pose():
+    code = np.linspace(-1, 1, 12)
+    fixed = FixedPose(code)
+    fixed.start()
+    sample = fixed.latest()
+    np.testing.assert_allclose(sample.code, code, atol=1e-7)
+    assert sample.face_found and not fixed.finished
+    fixed.stop()
+    none = NoPose()
+    none.start()
+    assert none.latest() is None
+    none.check()
+    none.stop()
+    with pytest.raises(ValueError):
+        FixedPose(np.zeros(3))
+
+
+def test_network_pose_encoder_feeds_the_loader_tensor():
+    import torch
+    seen = []
+
+    class FakeAvatar:
+        def pose_code(self, x):
+            seen.append(x)
+            return np.full(12, float(x.mean()), np.float32)
+
+    encode = network_pose_encoder(FakeAvatar())
+    code = encode(np.full((224, 224, 3), 255, np.uint8))
+    assert seen[0].shape == (3, 224, 224) and seen[0].dtype == torch.float32
+    np.testing.assert_allclose(code, 1.0)
