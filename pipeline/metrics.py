@@ -1,0 +1,84 @@
+"""Live pipeline metrics: what a person watching the stream wants to know, as one snapshot dict.
+
+Written by the scheduler's loop, read by the terminal status line and the web page's /stats poll from
+other threads, so every access goes through one lock and the history is bounded.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    frame_index: int
+    generated: bool              # False: a dropped slot filled by repeating the last frame
+    emitted_at: float            # time.monotonic()
+    latency_ms: float | None     # audio capture → frame handed to the sinks (mouth-to-photon in-process)
+    generator_ms: float | None
+    audio_ms: float | None
+
+
+class LiveMetrics:
+    """Rolling statistics over the last `window` emitted frames plus running totals."""
+
+    def __init__(self, window: int = 100) -> None:
+        self._lock = threading.Lock()
+        self._recent: deque[FrameRecord] = deque(maxlen=window)
+        self._emitted = 0
+        self._generated = 0
+        self._dropped = 0
+        self._started = time.monotonic()
+        self._pose: dict[str, object] = {}
+
+    def record(self, rec: FrameRecord) -> None:
+        with self._lock:
+            self._recent.append(rec)
+            self._emitted += 1
+            if rec.generated:
+                self._generated += 1
+            else:
+                self._dropped += 1
+
+    def set_pose_status(self, **status: object) -> None:
+        with self._lock:
+            self._pose = dict(status)
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            recent = list(self._recent)
+            snap: dict[str, object] = {
+                "frames_out": self._emitted,
+                "frames_generated": self._generated,
+                "frames_dropped": self._dropped,
+                "uptime_s": round(time.monotonic() - self._started, 1),
+                **self._pose,
+            }
+        gen = [r for r in recent if r.generated]
+        lat = [r.latency_ms for r in gen if r.latency_ms is not None]
+        gms = [r.generator_ms for r in gen if r.generator_ms is not None]
+        snap["latency_ms_median"] = round(statistics.median(lat), 1) if lat else None
+        snap["latency_ms_max"] = round(max(lat), 1) if lat else None
+        snap["generator_ms_median"] = round(statistics.median(gms), 1) if gms else None
+        if len(gen) >= 2 and gen[-1].emitted_at > gen[0].emitted_at:
+            snap["generated_fps"] = round((len(gen) - 1) / (gen[-1].emitted_at - gen[0].emitted_at), 2)
+        else:
+            snap["generated_fps"] = None
+        if len(recent) >= 2 and recent[-1].emitted_at > recent[0].emitted_at:
+            snap["output_fps"] = round((len(recent) - 1) / (recent[-1].emitted_at - recent[0].emitted_at), 2)
+        else:
+            snap["output_fps"] = None
+        return snap
+
+
+def format_status_line(snap: dict[str, object]) -> str:
+    """Compact one-line status for the terminal."""
+    def f(key: str, unit: str = "") -> str:
+        v = snap.get(key)
+        return "-" if v is None else f"{v}{unit}"
+    return (f"out {snap['frames_out']} | gen {snap['frames_generated']} | dropped {snap['frames_dropped']} | "
+            f"latency {f('latency_ms_median', ' ms')} (max {f('latency_ms_max', ' ms')}) | "
+            f"G {f('generator_ms_median', ' ms')} | gen fps {f('generated_fps')} | out fps {f('output_fps')}")
