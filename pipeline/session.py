@@ -1,0 +1,200 @@
+"""Wiring one live session from a Config: sources → features → engine → sinks.
+
+`LiveSession` owns every resource it opens (audio source, pose worker and its camera, sinks, web server)
+and closes them in reverse order, whatever fails in between. `run_live.py` only parses arguments,
+builds a Config, and calls `run_session`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from capture.audio_sources import FileAudioSource, MicrophoneSource
+from cli.config import Config
+from cli.errors import UserError
+from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LiveAligner, read_rgb
+from pcavs.checkpoints import load_networks
+from pcavs.engine import Avatar, EngineOptions, resolve_device
+from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
+from pcavs.preprocess import to_network_input
+from pipeline.metrics import LiveMetrics, format_status_line
+from pipeline.scheduler import RunSummary, Scheduler, SchedulerOptions
+from pipeline.timeline import AudioTimeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-run choices that are not part of the persistent config."""
+
+    realtime: bool | None = None          # None: real time unless every output is a file
+    max_seconds: float | None = None      # stop after this much output (previews, tests)
+    status_interval_s: float = 1.0        # terminal status line period; 0 disables it
+    ice_host_addresses: tuple[str, ...] | None = None  # WebRTC ICE addresses override (loopback tests)
+    landmark_detector: object | None = None            # injected detector (tests); default face_alignment
+
+
+class StatusPrinter:
+    """Prints the compact status line at most once per interval, from the scheduler's own thread."""
+
+    def __init__(self, metrics: LiveMetrics, interval_s: float, stream=sys.stderr) -> None:
+        self._metrics, self._interval, self._stream = metrics, interval_s, stream
+        self._last = 0.0
+        self._tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def __call__(self, frame_index: int) -> None:
+        now = time.monotonic()
+        if self._interval <= 0 or now - self._last < self._interval:
+            return
+        self._last = now
+        line = format_status_line(self._metrics.snapshot())
+        if self._tty:
+            self._stream.write("\r\x1b[2K" + line)
+            self._stream.flush()
+        else:
+            log.info(line)
+
+
+def build_avatar(config: Config, detector: object | None) -> tuple[Avatar, np.ndarray]:
+    """Load the networks and encode the identity once. Returns the avatar and the aligned photo (224²
+    RGB uint8), which doubles as the placeholder frame before the first generated one."""
+    device = resolve_device(config.model.device)
+    dtype = getattr(torch, config.model.dtype)
+    if dtype != torch.float32 and device == "cpu" and dtype == torch.float16:
+        raise UserError("dtype float16 is not supported on the CPU", hint="use --dtype bfloat16 or float32")
+    networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
+    photo = Path(config.identity.photo)
+    if not photo.is_file():
+        raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
+    aligner = FaceAligner(detector)  # detector None → sidecar landmarks required; built lazily below
+    from pcavs.alignment import sidecar_path
+    if detector is None and not sidecar_path(photo).is_file():
+        aligner = FaceAligner(FaceAlignmentDetector(device=device))
+    aligned = aligner.align_photo_file(photo).image
+    options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,  # type: ignore[arg-type]
+                            noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
+    return Avatar(networks, to_network_input(aligned), options), aligned
+
+
+def build_audio(config: Config, realtime: bool):
+    """The audio source and the mel front end with the configured level normalisation."""
+    if config.audio.is_mic:
+        device: str | int | None = config.audio.device or None
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        if config.audio.gain == "file":
+            raise UserError("audio.gain = 'file' needs a whole file; a microphone uses 'running' or 'none'")
+        source = MicrophoneSource(device)
+        gain = StreamingGain() if config.audio.gain == "running" else FixedGain(1.0)
+        return source, StreamingMel(gain)
+    path = config.audio.file_path
+    assert path is not None
+    source = FileAudioSource(path, realtime=realtime)
+    if config.audio.gain == "none":
+        gain = FixedGain(1.0)
+    elif config.audio.gain == "file" or not realtime:
+        gain = FixedGain(float(file_gain(source.audio)))  # exactly upstream's whole-file normalisation
+    else:
+        gain = StreamingGain()
+    return source, StreamingMel(gain)
+
+
+class LiveSession:
+    """Everything one run opens, closed in reverse order by `close()` (or the `with` block)."""
+
+    def __init__(self, config: Config, run: RunOptions = RunOptions()) -> None:
+        self.config, self.run_options = config, run
+        self.metrics = LiveMetrics()
+        self._stack = contextlib.ExitStack()
+        self.server = None
+        self.realtime = run.realtime if run.realtime is not None else \
+            any(t != "file" for t in config.output.targets)
+
+    def __enter__(self) -> "LiveSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    # ------------------------------------------------------------------ pieces
+    def _sinks(self):
+        from stream.sinks import FanOutSink
+        sinks = []
+        for target in self.config.output.targets:
+            if target == "file":
+                from stream.recorder import Mp4Recorder
+                path = Path(self.config.output.file)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sinks.append(Mp4Recorder(path))
+            elif target == "vcam":
+                from stream.vcam import VirtualCameraSink
+                sinks.append(VirtualCameraSink(device=self.config.vcam.device or None,
+                                               backend=self.config.vcam.backend or None))
+            elif target == "webrtc":
+                from stream.webrtc import WebRTCServer, WebRTCSink
+                s = self.config.server
+                server = WebRTCServer(host=s.host, port=s.port, token=s.token or None,
+                                      stats=self.metrics.snapshot,
+                                      ice_host_addresses=self.run_options.ice_host_addresses)
+                server.start()
+                self._stack.callback(server.stop)
+                self.server = server
+                sinks.append(WebRTCSink(server))
+        return FanOutSink(sinks)
+
+    def _pose(self, avatar: Avatar, detector: object | None) -> tuple[Callable[[], np.ndarray | None] | None,
+                                                                     list[Callable[[], None]]]:
+        source_kind = self.config.pose.source
+        if source_kind in ("still", "none"):
+            return None, []  # the photo's own head pose (reference pose)
+        from capture.pose_sources import PoseWorker, VideoFileSource, WebcamSource
+        if source_kind == "webcam":
+            frames = WebcamSource(self.config.pose.webcam_index)
+        else:
+            frames = VideoFileSource(Path(source_kind), realtime=self.realtime, loop=True)
+        self._stack.callback(frames.close)
+        if detector is None:
+            detector = FaceAlignmentDetector(device=avatar.device, detect_max_side=320)  # SFD at full size costs ~4 s/frame on CPU
+        worker = PoseWorker(frames, LiveAligner(detector),
+                            encode=lambda crop: avatar.pose_code(to_network_input(crop)),
+                            smoothing=self.config.pose.smoothing)
+        worker.start()
+        self._stack.callback(worker.stop)
+
+        def latest() -> np.ndarray | None:
+            sample = worker.latest()
+            if sample is None:
+                return None
+            self.metrics.set_pose_status(pose_face_found=sample.face_found,
+                                         pose_frames_without_face=sample.frames_without_face)
+            return sample.code
+
+        return latest, [worker.check]
+
+    def run(self, stop: threading.Event | None = None) -> RunSummary:
+        detector = self.run_options.landmark_detector
+        avatar, aligned = build_avatar(self.config, detector)
+        source, mel = build_audio(self.config, self.realtime)
+        pose, checks = self._pose(avatar, detector)
+        sink = self._sinks()
+        max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * 25)
+        checks = checks + [getattr(source, "check_health", lambda: None)]
+        scheduler = Scheduler(source, AudioTimeline(mel), avatar, sink, placeholder=aligned, pose=pose,
+                              metrics=self.metrics,
+                              options=SchedulerOptions(realtime=self.realtime, max_frames=max_frames),
+                              health_checks=checks,
+                              on_frame=StatusPrinter(self.metrics, self.run_options.status_interval_s))
+        return scheduler.run(stop)
