@@ -94,7 +94,8 @@ class Scheduler:
     def _emit(self, k: int, frame: np.ndarray, generated: bool, times: StageTimes | None, n: int) -> None:
         self.sink.write(frame, self.timeline.slot_audio(k), k)
         now = time.monotonic()
-        ready = self.timeline.ready_at(k) if generated else None
+        # Offline runs read the file ahead of time: capture→frame latency only means something live.
+        ready = self.timeline.ready_at(k) if generated and self.options.realtime else None
         self.metrics.record(FrameRecord(
             frame_index=k, generated=generated, emitted_at=now,
             latency_ms=None if ready is None else (now - ready) * 1e3,

@@ -1,0 +1,118 @@
+"""run_live.py as a user runs it: real subprocesses, real files, stand-in checkpoints from the oracle."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+from cli.config import load_config
+from pipeline.session import LiveSession, RunOptions
+from tests.conftest import REPO_ROOT, parity_weights_dir
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "run_live.py"), *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def short_speech(tmp_path_factory, speech_wav_path) -> Path:
+    """The oracle's speech, first 1.2 s (30 frames): long enough to be speech, short enough for a CPU test."""
+    audio, sr = soundfile.read(speech_wav_path, dtype="int16")
+    path = tmp_path_factory.mktemp("audio") / "speech_1200ms.wav"
+    soundfile.write(path, audio[: int(1.2 * sr)], sr, subtype="PCM_16")
+    return path
+
+
+def test_print_config_reflects_the_options():
+    r = run_cli("--print-config", "--port", "9123", "--out", "webrtc", "--out", "x.mp4")
+    assert r.returncode == 0, r.stderr
+    assert "port = 9123" in r.stdout and 'targets = ["webrtc", "file"]' in r.stdout
+
+
+def test_missing_checkpoints_is_one_actionable_line(tmp_path):
+    out = tmp_path / "never.mp4"
+    r = run_cli("--checkpoints", str(tmp_path / "nothing"), "--out", str(out))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    err_lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err_lines) == 1 and "--fetch-checkpoints" in err_lines[0]
+    assert not out.exists()  # nothing streamed or written
+
+
+def test_photo_without_a_face_is_a_clear_error(tmp_path):
+    photo = tmp_path / "wall.png"
+    import cv2
+    cv2.imwrite(str(photo), np.full((300, 300, 3), 200, np.uint8))
+    (tmp_path / "wall.png.landmarks.json").write_text("[]")
+    r = run_cli("--checkpoints", str(parity_weights_dir(0)), "--identity", str(photo),
+                "--out", str(tmp_path / "x.mp4"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "wall.png" in r.stderr
+
+
+@pytest.mark.slow
+def test_file_driven_run_writes_an_mp4_with_every_frame_and_the_audio(tmp_path, short_speech):
+    out = tmp_path / "talk.mp4"
+    r = run_cli("--checkpoints", str(parity_weights_dir(0)), "--audio", str(short_speech), "--pose", "still",
+                "--out", str(out), "-q", timeout=600)
+    assert r.returncode == 0, r.stderr
+    with av.open(str(out)) as c:
+        video = c.streams.video[0]
+        audio = c.streams.audio[0]
+        frames = list(c.decode(video=0))
+        assert len(frames) == 30  # 25 fps × 1.2 s
+        assert (frames[0].width, frames[0].height) == (224, 224)
+        assert video.average_rate == 25
+    with av.open(str(out)) as c:
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    assert audio.codec_context.name == "aac"
+    assert np.abs(samples).max() > 0.05  # the speech is in there, not silence
+
+
+class NoFaceInTheMiddle:
+    """Landmark detector stand-in: the photo's own anchors, except frames 3..6 of the pose video."""
+
+    def __init__(self, anchors: np.ndarray) -> None:
+        self.calls = 0
+        self._anchors = anchors
+
+    def detect(self, rgb):
+        self.calls += 1
+        if 3 <= (self.calls - 1) <= 6:
+            return []
+        return [self._anchors + np.random.default_rng(self.calls).normal(0, 1.0, self._anchors.shape)]
+
+
+@pytest.mark.slow
+def test_pose_video_with_lost_face_holds_the_last_pose(tmp_path, short_speech):
+    """A pose video whose face disappears for a few frames: the run completes, the pose worker reports
+    the lost frames, every output slot is filled."""
+    from pcavs.alignment import load_landmark_sidecar, read_rgb
+    from cli.config import SAMPLE_PHOTO
+    photo = read_rgb(SAMPLE_PHOTO)
+    video = tmp_path / "pose.mp4"
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = 512, 512, "yuv420p"
+        for _ in range(12):
+            for p in s.encode(av.VideoFrame.from_ndarray(photo, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    detector = NoFaceInTheMiddle(load_landmark_sidecar(Path(str(SAMPLE_PHOTO) + ".landmarks.json")))
+    config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "audio.source": str(short_speech),
+                                "pose.source": str(video), "output.targets": ["file"],
+                                "output.file": str(tmp_path / "posed.mp4")})
+    with LiveSession(config, RunOptions(realtime=False, status_interval_s=0, landmark_detector=detector)) as s:
+        summary = s.run(threading.Event())
+        snap = s.metrics.snapshot()
+    assert summary.frames_out == 30
+    assert detector.calls >= 7  # the lost frames were really looked at
+    assert "pose_face_found" in snap
