@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from capture.audio_sources import FileAudioSource, MicrophoneSource
+from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
 from cli.errors import UserError
 from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LiveAligner, read_rgb
@@ -100,12 +101,16 @@ def build_audio(config: Config, realtime: bool):
     path = config.audio.file_path
     assert path is not None
     source = FileAudioSource(path, realtime=realtime)
+    samples = source.audio
     if config.audio.gain == "none":
         gain = FixedGain(1.0)
     elif config.audio.gain == "file" or not realtime:
-        gain = FixedGain(float(file_gain(source.audio)))  # exactly upstream's whole-file normalisation
+        gain = FixedGain(float(file_gain(samples)))  # exactly upstream's whole-file normalisation
     else:
         gain = StreamingGain()
+    if config.audio.source == "sample" and realtime:
+        # The bundled clip is seconds long: loop it so a live viewer opened later still sees the demo.
+        return LoopedAudioSource(lambda: FileAudioSource.from_samples(samples, realtime=True)), StreamingMel(gain)
     return source, StreamingMel(gain)
 
 

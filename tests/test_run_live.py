@@ -116,3 +116,44 @@ def test_pose_video_with_lost_face_holds_the_last_pose(tmp_path, short_speech):
     assert summary.frames_out == 30
     assert detector.calls >= 7  # the lost frames were really looked at
     assert "pose_face_found" in snap
+
+
+@pytest.mark.slow
+def test_default_job_streams_the_sample_to_a_webrtc_viewer():
+    """The main job (bundled sample → WebRTC) end to end: a real aiortc peer on loopback receives the
+    avatar's 224×224 video and the speech audio while the generator runs live."""
+    import asyncio
+    import time
+
+    from tests.test_webrtc import connect_viewer, receive
+
+    config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "server.port": "0"})
+    assert config.output.targets == ("webrtc",) and config.audio.source == "sample"
+    stop = threading.Event()
+    session = LiveSession(config, RunOptions(status_interval_s=0, ice_host_addresses=("127.0.0.1",)))
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.setdefault("summary", session.run(stop)))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while (session.server is None or not session.server.running) and time.monotonic() < deadline:
+            assert runner.is_alive(), "session ended before its server started"
+            time.sleep(0.1)
+
+        async def view():
+            pc, tracks = await connect_viewer(f"http://127.0.0.1:{session.server.port}/")
+            try:
+                return await receive(tracks, n_video=10, n_audio=10)
+            finally:
+                await pc.close()
+
+        video, audio = asyncio.run(asyncio.wait_for(view(), 60))
+    finally:
+        stop.set()
+        runner.join(60)
+        session.close()
+    assert not runner.is_alive()
+    assert all((f.width, f.height) == (224, 224) for f in video)
+    pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in audio]).astype(np.float32) / 32768
+    assert np.abs(pcm).max() > 0.01  # speech, not silence
+    assert result["summary"].frames_out >= 10

@@ -194,3 +194,21 @@ def test_stop_event_ends_a_live_run():
     threading.Timer(0.5, stop.set).start()
     summary = sched.run(stop)
     assert summary.stopped_early and summary.frames_out < 750 and sink.closed
+
+
+def test_looped_source_continues_the_timeline_across_loops():
+    from capture.looped_audio import LoopedAudioSource
+    clip = speechlike(0.1)  # 1600 samples = 5 blocks
+    src = LoopedAudioSource(lambda: ListSource(clip))
+    src.start()
+    chunks = []
+    try:
+        while len(chunks) < 12:
+            c = src.read(0.5)
+            if c is not None:
+                chunks.append(c)
+    finally:
+        src.stop()
+    assert [c.start_sample for c in chunks] == [320 * i for i in range(12)]
+    np.testing.assert_array_equal(np.concatenate([c.samples for c in chunks])[:3200], np.tile(clip, 2))
+    assert src.loops >= 2 and not src.finished
