@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import threading
 import time
@@ -46,19 +47,34 @@ class RunOptions:
 
 
 class StatusPrinter:
-    """Prints the compact status line at most once per interval, from the scheduler's own thread."""
+    """Prints the compact status line at most once per interval, from the scheduler's own thread. With a
+    known length (offline rendering of a file) the line starts with a progress bar and an ETA."""
 
-    def __init__(self, metrics: LiveMetrics, interval_s: float, stream=sys.stderr) -> None:
+    def __init__(self, metrics: LiveMetrics, interval_s: float, stream=sys.stderr,
+                 total_frames: int | None = None) -> None:
         self._metrics, self._interval, self._stream = metrics, interval_s, stream
+        self._total = total_frames
         self._last = 0.0
+        self._started = time.monotonic()
         self._tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def progress(self, done: int) -> str:
+        """'[#####.....]  50% 82/164 frames, ETA 41 s' for a known total, else ''."""
+        if not self._total:
+            return ""
+        frac = min(1.0, done / self._total)
+        bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
+        elapsed = time.monotonic() - self._started
+        eta = f"ETA {elapsed / frac - elapsed:.0f} s" if frac > 0 else "ETA -"
+        return f"[{bar}] {frac:4.0%} {done}/{self._total} frames, {eta} | "
 
     def __call__(self, frame_index: int) -> None:
         now = time.monotonic()
-        if self._interval <= 0 or now - self._last < self._interval:
+        last_frame = self._total is not None and frame_index + 1 >= self._total
+        if self._interval <= 0 or (now - self._last < self._interval and not last_frame):
             return
         self._last = now
-        line = format_status_line(self._metrics.snapshot())
+        line = self.progress(frame_index + 1) + format_status_line(self._metrics.snapshot())
         if self._tty:
             self._stream.write("\r\x1b[2K" + line)
             self._stream.flush()
@@ -196,10 +212,15 @@ class LiveSession:
         pose, checks = self._pose(avatar, detector)
         sink = self._sinks()
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * 25)
+        duration = getattr(source, "duration_s", None)
+        total = None if self.realtime or duration is None else math.ceil(duration * 25)
+        if total is not None and max_frames is not None:
+            total = min(total, max_frames)
         checks = checks + [getattr(source, "check_health", lambda: None)]
         scheduler = Scheduler(source, AudioTimeline(mel), avatar, sink, placeholder=aligned, pose=pose,
                               metrics=self.metrics,
                               options=SchedulerOptions(realtime=self.realtime, max_frames=max_frames),
                               health_checks=checks,
-                              on_frame=StatusPrinter(self.metrics, self.run_options.status_interval_s))
+                              on_frame=StatusPrinter(self.metrics, self.run_options.status_interval_s,
+                                                     total_frames=total))
         return scheduler.run(stop)
