@@ -261,7 +261,7 @@ def test_describe_checkpoints(stub_generator, pose_state, tmp_path) -> None:
 
 
 def test_load_networks_with_stub_generator(stub_generator, tmp_path) -> None:
-    from conftest import load_case, parity_weights_dir
+    from tests.conftest import load_case, parity_weights_dir
 
     weights = parity_weights_dir(0)
     for name in ("V", "E", "A_sync"):
@@ -286,7 +286,7 @@ def test_load_networks_with_stub_generator(stub_generator, tmp_path) -> None:
 
 @pytest.mark.skipif(not HAS_GENERATOR, reason="pcavs/networks/generator.py not written yet")
 def test_load_networks_end_to_end(tmp_path) -> None:
-    from conftest import load_case, parity_weights_dir
+    from tests.conftest import load_case, parity_weights_dir
 
     weights = parity_weights_dir(0)
     assert describe_checkpoints(weights) == dict.fromkeys(["G", "V", "E", "A_sync"], "present")

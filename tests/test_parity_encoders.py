@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_case, parity_weights_dir
+from tests.conftest import load_case, parity_weights_dir
 from pcavs.checkpoints import IGNORABLE_PREFIXES, NETWORK_FILES, load_network
 from pcavs.networks.audio_encoder import AudioEncoder
 from pcavs.networks.identity_encoder import IdentityEncoder
