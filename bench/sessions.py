@@ -19,25 +19,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pcavs.checkpoints import load_networks  # noqa: E402
-from pcavs.engine import Avatar, EngineOptions, SessionRequest, render_sessions, resolve_device  # noqa: E402
+from bench.common import add_network_args, load_for_bench  # noqa: E402
+from pcavs.engine import Avatar, EngineOptions, SessionRequest, render_sessions  # noqa: E402
 
 FRAME_BUDGET_MS = 40.0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoints", default="checkpoints/parity_seed0")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_network_args(ap)
     ap.add_argument("--sessions", default="1,2,4")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
-
-    device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    nets = load_networks(Path(args.checkpoints), device=device, dtype=dtype)
+    nets, device, dtype = load_for_bench(args)
     rng = np.random.default_rng(0)
     counts = [int(x) for x in args.sessions.split(",")]
     avatars = [Avatar(nets, torch.from_numpy(rng.uniform(-1, 1, (3, 224, 224)).astype(np.float32)),

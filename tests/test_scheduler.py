@@ -212,3 +212,15 @@ def test_looped_source_continues_the_timeline_across_loops():
     assert [c.start_sample for c in chunks] == [320 * i for i in range(12)]
     np.testing.assert_array_equal(np.concatenate([c.samples for c in chunks])[:3200], np.tile(clip, 2))
     assert src.loops >= 2 and not src.finished
+
+
+def test_frame_is_ready_exactly_when_its_look_ahead_audio_arrives():
+    """Frame k needs audio up to 40k+200 ms (spec §4): ready with that sample, not one sample earlier."""
+    from pcavs.mel import StreamingMel, samples_needed_for_frame
+    for k in (0, 3, 10):
+        timeline = AudioTimeline(StreamingMel(1.0))
+        need = samples_needed_for_frame(k)
+        timeline.append(speechlike(need / 16000)[: need - 1], 0.0)
+        assert timeline.frames_ready == k
+        timeline.append(np.zeros(1, np.float32), 0.0)
+        assert timeline.frames_ready == k + 1
