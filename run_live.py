@@ -125,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         with LiveSession(config, RunOptions(realtime=args.realtime, max_seconds=args.max_seconds,
                                             status_interval_s=0 if args.quiet else 1.0)) as session:
             summary = session.run(stop)
+            snap = session.metrics.snapshot()
         print(f"\n{summary.frames_out} frames out ({summary.frames_generated} generated, "
               f"{summary.frames_dropped} repeated) in {summary.wall_s:.1f} s", file=sys.stderr)
+        if snap.get("latency_ms_median") is not None:
+            print(f"capture→frame latency median {snap['latency_ms_median']} ms (max {snap['latency_ms_max']} ms), "
+                  f"generator {snap['generator_ms_median']} ms, {snap['generated_fps']} generated fps",
+                  file=sys.stderr)
         if "file" in config.output.targets:
             print(f"wrote {config.output.file}", file=sys.stderr)
         return 0
