@@ -23,7 +23,7 @@ from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
 from cli.errors import UserError
-from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LiveAligner, read_rgb
+from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LiveAligner, sidecar_path
 from pcavs.checkpoints import load_networks
 from pcavs.engine import Avatar, EngineOptions, resolve_device
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
@@ -87,17 +87,16 @@ def build_avatar(config: Config, detector: object | None) -> tuple[Avatar, np.nd
     RGB uint8), which doubles as the placeholder frame before the first generated one."""
     device = resolve_device(config.model.device)
     dtype = getattr(torch, config.model.dtype)
-    if dtype != torch.float32 and device == "cpu" and dtype == torch.float16:
-        raise UserError("dtype float16 is not supported on the CPU", hint="use --dtype bfloat16 or float32")
-    networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
+    if dtype != torch.float32 and device == "cpu":
+        log.warning("%s on the CPU runs on PyTorch's reference kernels (~35x slower than float32 on CPUs "
+                    "without native half-precision convolutions); it is meant for GPUs", config.model.dtype)
     photo = Path(config.identity.photo)
     if not photo.is_file():
         raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
-    aligner = FaceAligner(detector)  # detector None → sidecar landmarks required; built lazily below
-    from pcavs.alignment import sidecar_path
-    if detector is None and not sidecar_path(photo).is_file():
-        aligner = FaceAligner(FaceAlignmentDetector(device=device))
-    aligned = aligner.align_photo_file(photo).image
+    networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
+    if detector is None and not sidecar_path(photo).is_file():  # a sidecar needs no detector at all
+        detector = FaceAlignmentDetector(device=device)
+    aligned = FaceAligner(detector).align_photo_file(photo).image
     options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,  # type: ignore[arg-type]
                             noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
     return Avatar(networks, to_network_input(aligned), options), aligned
@@ -185,7 +184,7 @@ class LiveSession:
         if source_kind == "webcam":
             frames = WebcamSource(self.config.pose.webcam_index)
         else:
-            frames = VideoFileSource(Path(source_kind), realtime=self.realtime, loop=True)
+            frames = VideoFileSource(self.config.pose.video_path, realtime=self.realtime, loop=True)
         self._stack.callback(frames.close)
         if detector is None:
             detector = FaceAlignmentDetector(device=avatar.device, detect_max_side=320)  # SFD at full size costs ~4 s/frame on CPU
