@@ -301,7 +301,10 @@ class MicrophoneSource:
         if overflowed:
             self._overflows += 1
         data = np.asarray(block, dtype=np.float32)
-        mono = data.mean(axis=1, dtype=np.float32) if data.ndim == 2 and data.shape[1] > 1 else data.reshape(-1).copy()
+        if data.ndim == 2 and data.shape[1] > 1:
+            mono = data.mean(axis=1, dtype=np.float32)
+        else:
+            mono = data.reshape(-1).copy()  # PortAudio reuses its buffer after the callback returns
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono)
         if len(mono) == 0:
@@ -393,9 +396,9 @@ class FileAudioSource:
 
     def start(self) -> None:
         with self._lock:
+            if self._stop.is_set():
+                raise RuntimeError("FileAudioSource cannot be restarted after stop(); create a new one")
             if self._thread is not None:
-                if self._stop.is_set():
-                    raise RuntimeError("FileAudioSource cannot be restarted after stop(); create a new one")
                 return
             self._thread = threading.Thread(target=self._produce, name="file-audio", daemon=True)
             self._thread.start()
