@@ -111,12 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             devices = list_input_devices()
             print("\n".join(devices) if devices else "no audio input devices found")
             return 0
-        if args.fetch_checkpoints:
-            from cli.fetch_checkpoints import fetch_checkpoints, report
-            status = fetch_checkpoints(config.model.checkpoint_url, config.model.checkpoint_dir,
-                                       progress=not args.quiet)
-            print(report(status))
-            return 0 if all(v in ("present", "ok") for v in status.values()) else 2
+        if args.fetch_checkpoints:  # skips the download when the checkpoints already verify
+            from cli.fetch_checkpoints import main as fetch_main
+            return fetch_main(["--url", config.model.checkpoint_url, "--dest", str(config.model.checkpoint_dir)]
+                              + (["-q"] if args.quiet else []) + (["--debug"] if args.debug else []))
 
         from pipeline.session import LiveSession, RunOptions
         stop = threading.Event()

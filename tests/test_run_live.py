@@ -157,3 +157,36 @@ def test_default_job_streams_the_sample_to_a_webrtc_viewer():
     pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in audio]).astype(np.float32) / 32768
     assert np.abs(pcm).max() > 0.01  # speech, not silence
     assert result["summary"].frames_out >= 10
+
+
+@pytest.mark.slow
+def test_fetch_checkpoints_from_a_local_server_then_skip_when_present(tmp_path):
+    """`run_live.py --fetch-checkpoints` against a local HTTP server serving a demo.zip built from the
+    oracle's stand-in checkpoints (in a demo/ folder, like the authors' zip): all four networks verify;
+    a second call does not download again."""
+    import functools
+    import http.server
+    import zipfile
+
+    src = parity_weights_dir(0)
+    site = tmp_path / "site"
+    site.mkdir()
+    with zipfile.ZipFile(site / "demo.zip", "w", zipfile.ZIP_STORED) as z:
+        for name in ("G", "V", "E", "A_sync"):
+            z.write(src / f"latest_net_{name}.pth", f"demo/latest_net_{name}.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    served = threading.Thread(target=httpd.serve_forever, daemon=True)
+    served.start()
+    dest = tmp_path / "checkpoints" / "demo"
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/demo.zip"
+    try:
+        first = run_cli("--fetch-checkpoints", "--checkpoints", str(dest), "--set", f"model.checkpoint_url={url}")
+        assert first.returncode == 0, first.stderr
+        assert sorted(p.name for p in dest.glob("*.pth")) == sorted(
+            f"latest_net_{n}.pth" for n in ("A_sync", "E", "G", "V"))
+        second = run_cli("--fetch-checkpoints", "--checkpoints", str(dest), "--set", "model.checkpoint_url=http://127.0.0.1:9/x")
+        assert second.returncode == 0, second.stderr  # unreachable URL: proves it did not download
+    finally:
+        httpd.shutdown()
+        served.join()
