@@ -24,7 +24,7 @@ CYTHON_VERSION=3.3.1
 RUNTIME_PKGS=(libportaudio2 libgl1 libglib2.0-0 gcc libc6-dev python3-dev python3-venv)
 # Tests: speech synthesis and audio tools, the browser for the WebRTC viewer test, a PulseAudio server
 # for virtual microphone tests.
-DEV_PKGS=(espeak-ng sox chromium pulseaudio pulseaudio-utils)
+DEV_PKGS=(espeak-ng sox chromium pulseaudio pulseaudio-utils libasound2-plugins)  # alsa plugins: PortAudio → PulseAudio
 
 DEV=0
 usage() { sed -n '2,12s/^# \{0,1\}//p' "$0"; }
