@@ -132,6 +132,20 @@ def file_gain(wav16k: np.ndarray) -> np.float32:
     return np.float32(FILE_TARGET_RMS) / np.float32(rms)
 
 
+def _padded_frames(x: np.ndarray) -> np.ndarray:
+    """lws "perfectrec" framing of the whole signal: (ceil(len/160) + 7, 1280) float64 strided view."""
+    n_rows = file_row_count(len(x))
+    padded = np.zeros(PAD_LEFT + HOP * n_rows, dtype=np.float64)
+    padded[PAD_LEFT:PAD_LEFT + len(x)] = x
+    return np.lib.stride_tricks.sliding_window_view(padded, FRAME_LENGTH)[::HOP][:n_rows]
+
+
+def stft(wav16k: np.ndarray) -> np.ndarray:
+    """The complex STFT exactly as `lws.lws(1280, 160, mode="speech").stft(wav)` returns it:
+    (ceil(len/160) + 7, 641) complex128. Used by tests to pin the framing and window to lws."""
+    return np.fft.rfft(_padded_frames(_as_mono_float32(wav16k, "stft")) * analysis_window(), axis=1)
+
+
 def wav_to_mel(wav16k: np.ndarray, normalize: bool = True) -> np.ndarray:
     """Whole-signal mel exactly as upstream: (T, 80) float32 in [0, 1], T = ceil(len/160) + 7.
 
@@ -140,12 +154,9 @@ def wav_to_mel(wav16k: np.ndarray, normalize: bool = True) -> np.ndarray:
     x = _as_mono_float32(wav16k, "wav_to_mel")
     if normalize:
         x = x * file_gain(x)
-    n_rows = file_row_count(len(x))
-    padded = np.zeros(PAD_LEFT + HOP * (n_rows - 1) + HOP, dtype=np.float64)
-    padded[PAD_LEFT:PAD_LEFT + len(x)] = x
-    frames = np.lib.stride_tricks.sliding_window_view(padded, FRAME_LENGTH)[::HOP]
-    out = np.empty((n_rows, N_MELS), dtype=np.float32)
-    for start in range(0, n_rows, _BLOCK_ROWS):
+    frames = _padded_frames(x)
+    out = np.empty((len(frames), N_MELS), dtype=np.float32)
+    for start in range(0, len(frames), _BLOCK_ROWS):
         out[start:start + _BLOCK_ROWS] = _frames_to_rows(frames[start:start + _BLOCK_ROWS])
     return out
 
@@ -233,8 +244,8 @@ class RowGain(Protocol):
 
 
 class FixedGain:
-    """A constant per-row gain (a plain float passed to StreamingMel scales samples instead, which
-    reproduces the file-mode rows bit for bit)."""
+    """A constant gain, e.g. `file_gain(wav)` of a known file. StreamingMel applies it (like a plain
+    float) to the float32 samples, exactly as upstream normalises, so the rows equal the file-mode rows."""
 
     def __init__(self, gain: float) -> None:
         self.gain = float(gain)
@@ -360,7 +371,9 @@ class StreamingMel:
         if gain is None:
             gain = StreamingGain()
         # A fixed gain scales the float32 samples, exactly as upstream's normalisation does (so the rows
-        # are the file-mode rows to float64 rounding); a RowGain scales each row's magnitude instead.
+        # are the file-mode rows to float64 rounding); any other RowGain scales each row's magnitude.
+        if isinstance(gain, FixedGain):
+            gain = gain.gain
         self._sample_gain = np.float32(gain) if isinstance(gain, (int, float, np.floating)) else None
         self.gain: RowGain | None = None if self._sample_gain is not None else gain
         self._buf = np.zeros(PAD_LEFT, dtype=np.float64)  # unconsumed tail, left pad included
