@@ -148,10 +148,10 @@ print("    " + ", ".join(f"{n} {md.version(n)}" for n in names))
 print(f"    torch device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if torch.cuda.is_available() else 'cpu'}")
 EOF
 if [[ ! -e /sys/module/v4l2loopback ]]; then
-    echo "    note: virtual-webcam output (--output vcam) needs the v4l2loopback kernel module:"
+    echo "    note: virtual-webcam output (--out vcam) needs the v4l2loopback kernel module:"
     echo "          sudo apt-get install v4l2loopback-dkms && sudo modprobe v4l2loopback exclusive_caps=1 card_label=pcavs"
 fi
 if [[ ! -f "$ROOT/checkpoints/demo/latest_net_G.pth" ]]; then
-    echo "    note: the model checkpoints are not installed yet: .venv/bin/python -m cli.fetch_checkpoints"
+    echo "    note: the model checkpoints are not installed yet: .venv/bin/python run_live.py --fetch-checkpoints"
 fi
 echo "setup complete."
