@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -99,6 +100,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # OpenCV prints its own ERROR lines when a camera index is absent; our one-line CameraError says it
+    # better. Set before cv2 is first imported (this process only; an explicit user setting wins).
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "FATAL")
     setup_logging(-1 if args.quiet else args.verbose)
 
     def body() -> int:

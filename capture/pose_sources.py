@@ -72,7 +72,7 @@ class WebcamSource:
             cap.release()
             devices = list_video_devices()
             found = ", ".join(devices) if devices else "no /dev/video* devices exist"
-            raise CameraError(f"cannot open camera {index!r} (available: {found}); check --pose-camera "
+            raise CameraError(f"cannot open camera {index!r} (available: {found}); check --webcam-index "
                               f"and that no other program holds the camera")
         cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
         cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)

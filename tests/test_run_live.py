@@ -190,3 +190,13 @@ def test_fetch_checkpoints_from_a_local_server_then_skip_when_present(tmp_path):
     finally:
         httpd.shutdown()
         served.join()
+
+
+def test_missing_webcam_is_one_line_naming_the_option():
+    """No camera on this machine (CI neither): the user sees one line saying which option to change."""
+    r = run_cli("--checkpoints", str(parity_weights_dir(0)), "--pose", "webcam", "--webcam-index", "7",
+                "--out", "webrtc", "--port", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "[ERROR" not in r.stderr  # OpenCV's own log lines are silenced in favour of ours
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "camera 7" in err[0] and "--webcam-index" in err[0]
