@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from pcavs.checkpoints import PcavsNetworks
+from pcavs.networks.generator import ID_DIM, STYLE_DIM
 
 NoiseMode = Literal["fixed", "random", "zero"]
-ID_DIM, MOUTH_DIM, POSE_DIM = 2048, 500, 12
-STYLE_DIM = ID_DIM + MOUTH_DIM + POSE_DIM  # 2560, spec §3.5
+POSE_DIM = 12                              # spec §3.2 headpose_embed
+MOUTH_DIM = STYLE_DIM - ID_DIM - POSE_DIM  # 500, spec §3.5: style = [identity | mouth | pose]
 DEFAULT_MOUTH_WEIGHT = 1.2  # hard-coded default of upstream inference(), spec §3.5
 
 

@@ -30,7 +30,7 @@ from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
 from pcavs.preprocess import to_network_input
 from pipeline.metrics import LiveMetrics, format_status_line
 from pipeline.scheduler import RunSummary, Scheduler, SchedulerOptions
-from pipeline.timeline import AudioTimeline
+from pipeline.timeline import FPS, AudioTimeline
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +210,9 @@ class LiveSession:
         source, mel = build_audio(self.config, self.realtime)
         pose, checks = self._pose(avatar, detector)
         sink = self._sinks()
-        max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * 25)
+        max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
         duration = getattr(source, "duration_s", None)
-        total = None if self.realtime or duration is None else math.ceil(duration * 25)
+        total = None if self.realtime or duration is None else math.ceil(duration * FPS)
         if total is not None and max_frames is not None:
             total = min(total, max_frames)
         checks = checks + [getattr(source, "check_health", lambda: None)]
