@@ -341,6 +341,13 @@ class FaceAlignmentDetector:
         self.detect_max_side = detect_max_side
         self._lock = threading.Lock()  # the photo aligner and the pose worker may share one detector
 
+    def with_detect_max_side(self, detect_max_side: int | None) -> "FaceAlignmentDetector":
+        """The same loaded models (and lock) with another box-detector resolution: the identity photo is
+        detected at full size, live pose frames downscaled, without loading the weights twice."""
+        sibling = object.__new__(FaceAlignmentDetector)
+        sibling._fa, sibling._lock, sibling.detect_max_side = self._fa, self._lock, detect_max_side
+        return sibling
+
     def _face_boxes(self, rgb: np.ndarray) -> list[np.ndarray]:
         scale = 1.0
         small = rgb

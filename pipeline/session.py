@@ -23,7 +23,7 @@ from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
 from cli.errors import UserError
-from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LiveAligner, sidecar_path
+from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, sidecar_path
 from pcavs.checkpoints import load_networks
 from pcavs.engine import Avatar, EngineOptions, resolve_device
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
@@ -82,9 +82,10 @@ class StatusPrinter:
             log.info(line)
 
 
-def build_avatar(config: Config, detector: object | None) -> tuple[Avatar, np.ndarray]:
+def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tuple[Avatar, np.ndarray]:
     """Load the networks and encode the identity once. Returns the avatar and the aligned photo (224²
-    RGB uint8), which doubles as the placeholder frame before the first generated one."""
+    RGB uint8), which doubles as the placeholder frame before the first generated one. `detector` is
+    only called when the photo has no landmark sidecar."""
     device = resolve_device(config.model.device)
     dtype = getattr(torch, config.model.dtype)
     if dtype != torch.float32 and device == "cpu":
@@ -94,9 +95,8 @@ def build_avatar(config: Config, detector: object | None) -> tuple[Avatar, np.nd
     if not photo.is_file():
         raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
     networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
-    if detector is None and not sidecar_path(photo).is_file():  # a sidecar needs no detector at all
-        detector = FaceAlignmentDetector(device=device)
-    aligned = FaceAligner(detector).align_photo_file(photo).image
+    aligner = FaceAligner(None if sidecar_path(photo).is_file() else detector())  # a sidecar needs none
+    aligned = aligner.align_photo_file(photo).image
     options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,  # type: ignore[arg-type]
                             noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
     return Avatar(networks, to_network_input(aligned), options), aligned
@@ -136,6 +136,7 @@ class LiveSession:
         self.config, self.run_options = config, run
         self.metrics = LiveMetrics()
         self._stack = contextlib.ExitStack()
+        self._landmarks: FaceAlignmentDetector | None = None
         self.server = None
         self.realtime = run.realtime if run.realtime is not None else \
             any(t != "file" for t in config.output.targets)
@@ -150,6 +151,15 @@ class LiveSession:
         self._stack.close()
 
     # ------------------------------------------------------------------ pieces
+    def _detector(self, device: str, detect_max_side: int | None) -> LandmarkDetector:
+        """The injected detector, else ONE face_alignment model (loaded on first use) shared by the
+        photo and the pose worker."""
+        if self.run_options.landmark_detector is not None:
+            return self.run_options.landmark_detector  # type: ignore[return-value]
+        if self._landmarks is None:
+            self._landmarks = FaceAlignmentDetector(device=device)
+        return self._landmarks.with_detect_max_side(detect_max_side)
+
     def _sinks(self):
         from stream.sinks import FanOutSink
         sinks = []
@@ -175,7 +185,7 @@ class LiveSession:
                 sinks.append(WebRTCSink(server))
         return FanOutSink(sinks)
 
-    def _pose(self, avatar: Avatar, detector: object | None) -> tuple[Callable[[], np.ndarray | None] | None,
+    def _pose(self, avatar: Avatar) -> tuple[Callable[[], np.ndarray | None] | None,
                                                                      list[Callable[[], None]]]:
         source_kind = self.config.pose.source
         if source_kind in ("still", "none"):
@@ -186,9 +196,8 @@ class LiveSession:
         else:
             frames = VideoFileSource(self.config.pose.video_path, realtime=self.realtime, loop=True)
         self._stack.callback(frames.close)
-        if detector is None:
-            detector = FaceAlignmentDetector(device=avatar.device, detect_max_side=320)  # SFD at full size costs ~4 s/frame on CPU
-        worker = PoseWorker(frames, LiveAligner(detector),
+        # SFD at full size costs ~4 s per webcam frame on a CPU; 320 px is plenty for one close face.
+        worker = PoseWorker(frames, LiveAligner(self._detector(avatar.device, detect_max_side=320)),
                             encode=lambda crop: avatar.pose_code(to_network_input(crop)),
                             smoothing=self.config.pose.smoothing)
         worker.start()
@@ -205,10 +214,10 @@ class LiveSession:
         return latest, [worker.check]
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
-        detector = self.run_options.landmark_detector
-        avatar, aligned = build_avatar(self.config, detector)
+        avatar, aligned = build_avatar(
+            self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
         source, mel = build_audio(self.config, self.realtime)
-        pose, checks = self._pose(avatar, detector)
+        pose, checks = self._pose(avatar)
         sink = self._sinks()
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
         duration = getattr(source, "duration_s", None)

@@ -359,3 +359,9 @@ def test_face_alignment_detector_builds_from_local_files(tmp_path):
     det.detect(skimage.data.astronaut())
     assert seen[0] == (256, 256, 3)
     np.testing.assert_allclose(seen[1][0], [150., 60., 300., 220., .9])
+    # a sibling shares the loaded models and the lock but keeps its own resolution
+    full = det.with_detect_max_side(None)
+    assert full._fa is det._fa and full._lock is det._lock and det.detect_max_side == 256
+    seen.clear()
+    full.detect(skimage.data.astronaut())
+    assert seen[0] == (512, 512, 3)
