@@ -82,22 +82,6 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return o
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the user can fix this' (one line, no traceback)."""
-    from capture.audio_sources import AudioDeviceError
-    from pcavs.alignment import AlignmentError
-    from pcavs.checkpoints import CheckpointError
-    from pcavs.mel import AudioFileError
-    types: list[type[BaseException]] = [AudioDeviceError, AlignmentError, CheckpointError, AudioFileError]
-    for module, name in (("capture.pose_sources", "CameraError"), ("stream.vcam", "VirtualCameraError"),
-                         ("stream.webrtc", "ServerError"), ("stream.recorder", "RecorderError"), ("stream.sinks", "SinkError")):
-        try:
-            types.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # OpenCV prints its own ERROR lines when a camera index is absent; our one-line CameraError says it
@@ -138,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {config.output.file}", file=sys.stderr)
         return 0
 
-    return run_with_user_errors(body, debug=args.debug, user_error_types=user_error_types())
+    return run_with_user_errors(body, debug=args.debug)
 
 
 if __name__ == "__main__":

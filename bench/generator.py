@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pcavs.checkpoints import IGNORABLE_PREFIXES, load_network  # noqa: E402
-from pcavs.networks.generator import ID_DIM, ModulatedGenerator  # noqa: E402
+from pcavs.constants import ID_DIM  # noqa: E402
+from pcavs.networks.generator import ModulatedGenerator  # noqa: E402
 
 UPSTREAM_MS = {1: 740.0, 16: 2040.0}  # shared/parity/README.md, same CPU kind, fp32, upstream code
 CASE = Path(__file__).resolve().parent.parent.parent / "shared" / "parity" / "cases" / "case_seed0.npz"

@@ -19,7 +19,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from pcavs.mel import SAMPLE_RATE, load_audio_16k
+from common.errors import UserError
+from pcavs.constants import SAMPLE_RATE
+from pcavs.mel import load_audio_16k
 
 NO_DEVICES_MESSAGE = ("no audio input devices found; install PortAudio (apt install libportaudio2) / "
                       "connect a microphone")
@@ -43,7 +45,7 @@ class AudioSource(Protocol):           # MicrophoneSource, FileAudioSource
     def stop(self) -> None: ...        # idempotent; joins its thread
 
 
-class AudioDeviceError(RuntimeError):
+class AudioDeviceError(UserError):
     """The audio input the user asked for does not exist or cannot be opened (one-line message)."""
 
 

@@ -10,12 +10,13 @@ from dataclasses import replace
 from typing import Callable
 
 from capture.audio_sources import AudioChunk, AudioSource
+from pcavs.constants import SAMPLE_RATE
 
 
 class LoopedAudioSource:
     """Wraps a factory of finite sources; when one is exhausted the next starts where it ended."""
 
-    sample_rate = 16000
+    sample_rate = SAMPLE_RATE
 
     def __init__(self, make_source: Callable[[], AudioSource]) -> None:
         self._make = make_source

@@ -22,20 +22,21 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
+from common.errors import UserError
 from pcavs.alignment import AlignedFace
+from pcavs.constants import FPS, POSE_DIM
 
 log = logging.getLogger(__name__)
 
-POSE_DIM = 12
-_FALLBACK_DT = 1.0 / 25.0  # used when two frames carry the same timestamp
+_FALLBACK_DT = 1.0 / FPS  # used when two frames carry the same timestamp
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class CameraError(Exception):
+class CameraError(UserError):
     """A webcam could not be opened or stopped delivering frames (one-line message)."""
 
 
-class VideoSourceError(Exception):
+class VideoSourceError(UserError):
     """A pose video could not be opened or decoded (one-line message naming the file)."""
 
 

@@ -2,8 +2,8 @@
 
 A user can cause many failures (a missing photo, a busy camera, a wrong key in a config file). Those
 deserve a sentence that names the thing to fix, while genuine bugs still deserve a full traceback.
-Modules raise `UserError` (or their own exception types, which the entry point lists); the entry point
-wraps its `main` in `run_with_user_errors`, which draws the line between the two.
+Modules raise `common.errors.UserError` or a subclass; the entry point wraps its `main` in
+`run_with_user_errors`, which draws the line between the two.
 """
 from __future__ import annotations
 
@@ -11,23 +11,11 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-EXIT_USER_ERROR = 2
+from common.errors import EXIT_USER_ERROR, UserError
+
+__all__ = ["EXIT_USER_ERROR", "EXIT_INTERRUPTED", "UserError", "format_user_error", "run_with_user_errors"]
+
 EXIT_INTERRUPTED = 130  # the shell convention for "terminated by SIGINT" (128 + 2)
-
-
-class UserError(Exception):
-    """A failure the user can fix. `message` is one line naming the file/device/key at fault; `hint`
-    (optional) is one line saying what to do about it."""
-
-    exit_code: int = EXIT_USER_ERROR
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def one_line(text: str) -> str:
@@ -46,24 +34,21 @@ def format_user_error(exc: BaseException) -> list[str]:
     return lines
 
 
-def run_with_user_errors(main: Callable[[], int], debug: bool,
-                         user_error_types: tuple[type[BaseException], ...] = (),
-                         stderr: TextIO | None = None) -> int:
+def run_with_user_errors(main: Callable[[], int], debug: bool, stderr: TextIO | None = None) -> int:
     """Run `main` and turn user-caused failures into a short message and a non-zero exit code.
 
-    `UserError` is always handled; `user_error_types` adds other modules' exception types (for example
-    `pcavs.checkpoints.CheckpointError`). With `debug` the error is re-raised so the traceback shows.
+    Every `UserError` (each module's own error types subclass it) becomes its one line; with `debug`
+    the error is re-raised so the traceback shows.
     Ctrl-C is a normal way to stop a live session, so it exits quietly with 130 rather than a traceback.
     Anything else propagates untouched: an unexpected exception is a bug and its traceback is needed.
     """
     stream = stderr if stderr is not None else sys.stderr
-    handled = (UserError, *user_error_types)
     try:
         return int(main() or 0)
     except KeyboardInterrupt:
         print("interrupted", file=stream)
         return EXIT_INTERRUPTED
-    except handled as exc:
+    except UserError as exc:
         if debug:
             raise
         for line in format_user_error(exc):

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from cli.errors import UserError, run_with_user_errors
+from common.errors import UserError
+from cli.errors import run_with_user_errors
 
 INFERENCE_NETS = ("G", "V", "E", "A_sync")
 CHECKPOINT_NAME = re.compile(r"latest_net_[A-Za-z0-9_]+\.pth")

@@ -27,6 +27,8 @@ from typing import Protocol, Sequence
 import cv2
 import numpy as np
 
+from common.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CROP_SIZE = 224
@@ -38,7 +40,7 @@ UPSTREAM_BIAS_MEMORY = 0.2  # bias_t = 0.2·bias_{t−1} + 0.8·raw_bias_t (alig
 SIDECAR_SUFFIX = ".landmarks.json"
 
 
-class AlignmentError(Exception):
+class AlignmentError(UserError):
     """A user-fixable alignment problem; the message is one actionable line."""
 
 

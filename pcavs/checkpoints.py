@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from common.errors import UserError
 from pcavs.networks.audio_encoder import AudioEncoder
 from pcavs.networks.identity_encoder import IdentityEncoder
 from pcavs.networks.pose_encoder import PoseEncoder
@@ -55,7 +56,7 @@ _SIGNATURES = {
 _MAX_LISTED = 3  # offending keys named per category; the rest are counted
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used; the message is one actionable line naming file and keys."""
 
 

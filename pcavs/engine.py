@@ -14,12 +14,11 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from common.errors import UserError
 from pcavs.checkpoints import PcavsNetworks
-from pcavs.networks.generator import ID_DIM, STYLE_DIM
+from pcavs.constants import ID_DIM, MOUTH_DIM, POSE_DIM
 
 NoiseMode = Literal["fixed", "random", "zero"]
-POSE_DIM = 12                              # spec §3.2 headpose_embed
-MOUTH_DIM = STYLE_DIM - ID_DIM - POSE_DIM  # 500, spec §3.5: style = [identity | mouth | pose]
 DEFAULT_MOUTH_WEIGHT = 1.2  # hard-coded default of upstream inference(), spec §3.5
 
 
@@ -50,7 +49,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+        raise UserError(f"device {name!r} requested but PyTorch sees no usable CUDA GPU", hint="use --device cpu (or auto)")
     return name
 
 

@@ -29,17 +29,14 @@ from typing import Protocol
 
 import numpy as np
 
-# ---------------------------------------------------------------------------- timing facts (spec §4)
-SAMPLE_RATE = 16000
-HOP = 160                       # samples per mel row (10 ms)
+from common.errors import UserError
+from pcavs.constants import (FPS, HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, SAMPLES_PER_FRAME,  # noqa: F401
+                             WINDOW_ROWS)
+
+# ---------------------------------------------------------------------------- STFT facts (spec §4)
 FRAME_LENGTH = 1280             # STFT frame = FFT size (80 ms)
 PAD_LEFT = FRAME_LENGTH - HOP   # 1120 zeros lws puts in front (and, after rounding up, at the end)
 TAIL_ROWS = PAD_LEFT // HOP     # 7: rows that only exist once the end of the signal is known
-N_MELS = 80
-FPS = 25
-MEL_ROWS_PER_FRAME = SAMPLE_RATE // HOP // FPS   # 4
-WINDOW_ROWS = 20                                 # 5 video frames × 4 rows
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS           # 640
 
 FMIN, FMAX = 125.0, 7600.0
 MIN_LEVEL_DB = -100.0
@@ -176,7 +173,7 @@ def mel_window(mel: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-class AudioFileError(ValueError):
+class AudioFileError(UserError, ValueError):
     """An audio file the user named cannot be read (missing, unsupported, no audio stream)."""
 
 

@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import torch
 
-CROP_SIZE = 224
+from pcavs.constants import CROP_SIZE
+
 _MARGIN = 16  # upstream hard-codes crop_size 224 → [:224-2·16, 16:224-16]
 
 

@@ -22,7 +22,8 @@ import numpy as np
 from capture.audio_sources import AudioSource
 from pcavs.engine import Avatar, StageTimes
 from pipeline.metrics import FrameRecord, LiveMetrics
-from pipeline.timeline import FPS, SAMPLE_RATE, AudioTimeline
+from pcavs.constants import FPS, SAMPLE_RATE
+from pipeline.timeline import AudioTimeline
 from stream.sinks import FrameSink
 
 log = logging.getLogger(__name__)

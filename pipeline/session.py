@@ -19,10 +19,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from common.errors import UserError
 from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
-from cli.errors import UserError
 from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, sidecar_path
 from pcavs.checkpoints import load_networks
 from pcavs.engine import Avatar, EngineOptions, resolve_device
@@ -30,7 +30,8 @@ from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
 from pcavs.preprocess import to_network_input
 from pipeline.metrics import LiveMetrics, format_status_line
 from pipeline.scheduler import RunSummary, Scheduler, SchedulerOptions
-from pipeline.timeline import FPS, AudioTimeline
+from pcavs.constants import FPS
+from pipeline.timeline import AudioTimeline
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from collections import deque
 
 import numpy as np
 
-from pcavs.mel import (FPS, HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, SAMPLES_PER_FRAME, WINDOW_ROWS,
-                       StreamingMel, samples_needed_for_frame)
+from pcavs.constants import FPS, HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, SAMPLES_PER_FRAME, WINDOW_ROWS
+from pcavs.mel import StreamingMel, samples_needed_for_frame
 
-__all__ = ["AudioTimeline", "FPS", "SAMPLE_RATE", "SAMPLES_PER_FRAME"]
+__all__ = ["AudioTimeline"]
 
 
 class _Ring:

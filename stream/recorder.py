@@ -18,10 +18,13 @@ from pathlib import Path
 import av
 import numpy as np
 
+from common.errors import UserError
+from pcavs.constants import FPS, SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
 
-class RecorderError(RuntimeError):
+class RecorderError(UserError):
     """The recording cannot be written (path, codec); one line naming the file."""
 
 
@@ -54,8 +57,8 @@ class Mp4Recorder:
         self._vstream = None
         self._astream = None
         self._resampler: av.AudioResampler | None = None
-        self._fps = 25
-        self._rate = 16000
+        self._fps = FPS
+        self._rate = SAMPLE_RATE
         self._first_index: int | None = None
         self._next_index = 0
         self._audio_samples = 0         # samples handed to the resampler so far (= next input pts)

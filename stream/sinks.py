@@ -14,6 +14,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from common.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +35,7 @@ class FrameSink(Protocol):
     def close(self) -> None: ...
 
 
-class SinkError(RuntimeError):
+class SinkError(UserError):
     """Every output of a `FanOutSink` has failed: there is nothing left to stream to."""
 
 

@@ -15,10 +15,12 @@ import platform
 
 import numpy as np
 
+from common.errors import UserError
+
 MODPROBE = 'sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label="pcavs-live"'
 
 
-class VirtualCameraError(RuntimeError):
+class VirtualCameraError(UserError):
     """No usable virtual camera; the message is one line saying how to get one."""
 
 

@@ -59,6 +59,9 @@ from aiortc import (RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSen
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamTrack
 
+from common.errors import UserError
+from pcavs.constants import FPS, SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parent / "web"
@@ -66,7 +69,7 @@ VIDEO_CLOCK = 90_000
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError):
     """The viewer server cannot start (port taken, bad host); one line saying what to pass instead."""
 
 
@@ -162,7 +165,7 @@ class LiveVideoTrack(VideoStreamTrack):
     def __init__(self, buffer: _LatestBuffer) -> None:
         super().__init__()
         self._buffer = buffer
-        self.fps = 25
+        self.fps = FPS
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
@@ -187,8 +190,8 @@ class LiveAudioTrack(AudioStreamTrack):
     def __init__(self, buffer: _LatestBuffer) -> None:
         super().__init__()
         self._buffer = buffer
-        self.sample_rate = 16000
-        self.fps = 25
+        self.sample_rate = SAMPLE_RATE
+        self.fps = FPS
         self._encoder: av.CodecContext | None = None
         self._encoder_key: tuple[int, int] | None = None
         self._pts_offset: int | None = None

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import UserError
 from cli.config import (DEFAULT_CONFIG_PATH, PROJECT_ROOT, SAMPLE_PHOTO, SAMPLE_SPEECH, Config, ConfigError,
                         config_to_toml, dotted_overrides, load_config)
-from cli.errors import EXIT_INTERRUPTED, UserError, run_with_user_errors
+from cli.errors import EXIT_INTERRUPTED, run_with_user_errors
 from cli.logging_setup import setup_logging
 
 
@@ -204,49 +205,61 @@ def test_sample_speech_format_and_sizes():
 
 
 # --------------------------------------------------------------------------- cli.errors
-class FaceNotFound(Exception):
-    pass
-
-
 def test_user_error_prints_one_line_and_hint():
     err = io.StringIO()
 
     def main() -> int:
         raise UserError("photo me.jpg not found", hint="pass --photo PATH")
 
-    assert run_with_user_errors(main, debug=False, user_error_types=(), stderr=err) == 2
+    assert run_with_user_errors(main, debug=False, stderr=err) == 2
     assert err.getvalue() == "error: photo me.jpg not found\nhint: pass --photo PATH\n"
 
 
-def test_listed_foreign_type_is_collapsed_to_one_line():
+def test_module_error_types_are_user_errors_collapsed_to_one_line():
+    """Each module's own error type subclasses UserError, so the entry point needs no list of them."""
+    from capture.audio_sources import AudioDeviceError
+    from capture.pose_sources import CameraError, VideoSourceError
+    from pcavs.alignment import AlignmentError, FaceNotFoundError
+    from pcavs.checkpoints import CheckpointError
+    from pcavs.mel import AudioFileError
+    from stream.recorder import RecorderError
+    from stream.sinks import SinkError
+    from stream.vcam import VirtualCameraError
+    from stream.webrtc import ServerError
+    for kind in (AudioDeviceError, CameraError, VideoSourceError, AlignmentError, CheckpointError,
+                 AudioFileError, RecorderError, SinkError, VirtualCameraError, ServerError):
+        assert issubclass(kind, UserError), kind
     err = io.StringIO()
 
     def main() -> int:
-        raise FaceNotFound("no face found in me.jpg\n  (details on a second line)")
+        raise FaceNotFoundError("no face found in me.jpg\n  (details on a second line)")
 
-    assert run_with_user_errors(main, False, (FaceNotFound,), stderr=err) == 2
+    assert run_with_user_errors(main, False, stderr=err) == 2
     assert err.getvalue() == "error: no face found in me.jpg (details on a second line)\n"
 
 
-def test_debug_reraises_and_unlisted_errors_propagate():
+def test_debug_reraises_and_other_errors_propagate():
     def user_fail() -> int:
-        raise FaceNotFound("x")
+        raise UserError("x")
 
-    with pytest.raises(FaceNotFound):
-        run_with_user_errors(user_fail, True, (FaceNotFound,), stderr=io.StringIO())
-    with pytest.raises(FaceNotFound):  # not declared as a user error: it is a bug, keep the traceback
-        run_with_user_errors(user_fail, False, (), stderr=io.StringIO())
+    def bug() -> int:
+        raise KeyError("x")
+
+    with pytest.raises(UserError):
+        run_with_user_errors(user_fail, True, stderr=io.StringIO())
+    with pytest.raises(KeyError):  # not a user error: it is a bug, keep the traceback
+        run_with_user_errors(bug, False, stderr=io.StringIO())
 
 
 def test_exit_codes_success_interrupt_and_custom():
-    assert run_with_user_errors(lambda: 0, False, ()) == 0
-    assert run_with_user_errors(lambda: 3, False, ()) == 3
+    assert run_with_user_errors(lambda: 0, False) == 0
+    assert run_with_user_errors(lambda: 3, False) == 3
 
     def interrupted() -> int:
         raise KeyboardInterrupt
 
     err = io.StringIO()
-    assert run_with_user_errors(interrupted, False, (), stderr=err) == EXIT_INTERRUPTED == 130
+    assert run_with_user_errors(interrupted, False, stderr=err) == EXIT_INTERRUPTED == 130
     assert "Traceback" not in err.getvalue()
 
     class Busy(UserError):
@@ -255,7 +268,7 @@ def test_exit_codes_success_interrupt_and_custom():
     def busy() -> int:
         raise Busy("camera /dev/video0 is busy")
 
-    assert run_with_user_errors(busy, False, (), stderr=io.StringIO()) == 4
+    assert run_with_user_errors(busy, False, stderr=io.StringIO()) == 4
 
 
 # --------------------------------------------------------------------------- cli.logging_setup

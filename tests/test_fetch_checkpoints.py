@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from common.errors import UserError
 from cli import fetch_checkpoints as fc
-from cli.errors import UserError
 from cli.fetch_checkpoints import CheckpointFetchError, extract_checkpoints, fetch_checkpoints
 
 NETS = ("G", "V", "E", "A_sync")

@@ -16,7 +16,8 @@ import torch
 
 from tests.conftest import PARITY_DIR, load_case, parity_weights_dir
 from pcavs.checkpoints import IGNORABLE_PREFIXES, NETWORK_FILES, load_network
-from pcavs.networks.generator import ID_DIM, ModulatedGenerator
+from pcavs.constants import ID_DIM
+from pcavs.networks.generator import ModulatedGenerator
 
 PARITY_ATOL = 1e-4
 FORMULATION_ATOL = 1e-5

@@ -11,7 +11,8 @@ import pytest
 
 from capture.audio_sources import AudioChunk
 from pipeline.scheduler import Scheduler, SchedulerOptions
-from pipeline.timeline import SAMPLES_PER_FRAME, AudioTimeline
+from pcavs.constants import SAMPLES_PER_FRAME
+from pipeline.timeline import AudioTimeline
 
 
 class HopMel:

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SIZE = 224
-STYLE_DIM = 2560
-ID_DIM = 2048  # the leading identity block of the style vector (spec §3.5)
+from pcavs.constants import CROP_SIZE, ID_DIM, STYLE_DIM
+
+SIZE = CROP_SIZE
 BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 _LRELU_SLOPE = 0.2
 _LRELU_GAIN = math.sqrt(2.0)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pcavs.constants import MOUTH_DIM, POSE_DIM
+
 NOID_DIM = 512
-POSE_DIM = 12
-MOUTH_DIM = 500
 NUM_LANDMARKS = 68
 NUM_CLASSES = 5830
 HOURGLASS_DEPTH = 4
