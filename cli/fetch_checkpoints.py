@@ -282,15 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                                        hint=manual_hint(dest))
         return 0
 
-    return run_with_user_errors(run, args.debug, _extra_error_types())
-
-
-def _extra_error_types() -> tuple[type[BaseException], ...]:
-    try:
-        from pcavs.checkpoints import CheckpointError
-    except ImportError:
-        return ()
-    return (CheckpointError,)
+    return run_with_user_errors(run, args.debug)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,6 @@ def test_real_describe_checkpoints_flags_fake_files(tmp_path):
 # --------------------------------------------------------------------------- command line
 def test_cli_zip_install_ok_and_incomplete(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fc, "_describe", describe_stub)
-    monkeypatch.setattr(fc, "_extra_error_types", lambda: ())
     full, partial = tmp_path / "full.zip", tmp_path / "partial.zip"
     full.write_bytes(DEMO_ZIP)
     partial.write_bytes(make_zip({"latest_net_G.pth": fake_pth("G")}))
@@ -229,7 +228,6 @@ def test_cli_zip_install_ok_and_incomplete(tmp_path, monkeypatch, capsys):
 
 def test_cli_skips_download_when_complete(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fc, "_describe", describe_stub)
-    monkeypatch.setattr(fc, "_extra_error_types", lambda: ())
     dest = tmp_path / "demo"
     extract_checkpoints(_write(tmp_path / "d.zip", DEMO_ZIP), dest)
     # An unreachable URL proves no download is attempted.
