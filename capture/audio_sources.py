@@ -5,12 +5,12 @@ on the source's own sample timeline (`start_sample`) and when it became availabl
 source that has to drop audio (a consumer that fell behind) skips ahead in `start_sample` instead of
 hiding the gap, so the timeline stays true and the scheduler can fill the hole with silence.
 
-Queues are bounded: the microphone and a real-time file drop their *oldest* block when full (live
-audio must not build latency), a fast file blocks its producer until the consumer catches up.
+Queues are bounded (`common.queues.DropOldestQueue`): the microphone and a real-time file drop their
+*oldest* block when full (live audio must not build latency), a fast file blocks its producer until
+the consumer catches up.
 """
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from common.errors import UserError
+from common.queues import DropOldestQueue
 from pcavs.constants import SAMPLE_RATE
 from pcavs.mel import load_audio_16k
 
@@ -47,61 +48,6 @@ class AudioSource(Protocol):           # MicrophoneSource, FileAudioSource
 
 class AudioDeviceError(UserError):
     """The audio input the user asked for does not exist or cannot be opened (one-line message)."""
-
-
-# ---------------------------------------------------------------------------- bounded chunk queue
-class _ChunkQueue:
-    """A bounded FIFO of chunks shared by one producer and one consumer.
-
-    Two put policies: `put_drop_oldest` (live: never blocks, counts what it drops) and `put_wait`
-    (offline: blocks until there is room or `stop` is set)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: collections.deque[AudioChunk] = collections.deque()
-        self._capacity = max(1, capacity)
-        self._cond = threading.Condition()
-        self.dropped = 0
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
-
-    def put_drop_oldest(self, chunk: AudioChunk) -> None:
-        with self._cond:
-            if len(self._items) >= self._capacity:
-                self._items.popleft()
-                self.dropped += 1
-            self._items.append(chunk)
-            self._cond.notify_all()
-
-    def put_wait(self, chunk: AudioChunk, stop: threading.Event) -> bool:
-        """False if `stop` was set before there was room."""
-        with self._cond:
-            while len(self._items) >= self._capacity:
-                if stop.is_set():
-                    return False
-                self._cond.wait(0.05)
-            self._items.append(chunk)
-            self._cond.notify_all()
-            return True
-
-    def get(self, timeout: float, give_up: Callable[[], bool]) -> AudioChunk | None:
-        """The oldest chunk, waiting at most `timeout`; returns None early once `give_up()` is true and
-        the queue is empty (a finished or stopped source has nothing more to wait for)."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        with self._cond:
-            while not self._items:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or give_up():
-                    return None
-                self._cond.wait(min(remaining, 0.05))
-            item = self._items.popleft()
-            self._cond.notify_all()
-            return item
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
 
 
 # ---------------------------------------------------------------------------- device back end
@@ -241,7 +187,7 @@ class MicrophoneSource:
         self.device = _resolve_device(self._backend, device)
         self.capture_rate, self.capture_channels = self._choose_format(self.device)
         self.block_ms = block_ms
-        self._queue = _ChunkQueue(max(1, round(max_queue_ms / block_ms)))
+        self._queue: DropOldestQueue[AudioChunk] = DropOldestQueue(max(1, round(max_queue_ms / block_ms)))
         self._stream: InputStreamLike | None = None
         self._resampler = None
         self._produced = 0
@@ -313,10 +259,10 @@ class MicrophoneSource:
             return
         chunk = AudioChunk(np.ascontiguousarray(mono, dtype=np.float32), self._produced, captured_at)
         self._produced += len(mono)
-        self._queue.put_drop_oldest(chunk)
+        self._queue.put(chunk)
 
     def read(self, timeout: float) -> AudioChunk | None:
-        return self._queue.get(timeout, lambda: self._stopped)
+        return self._queue.get(timeout)
 
     def check_health(self) -> None:
         """Raise AudioDeviceError if the stream died under us (device unplugged, server gone); meant for
@@ -331,12 +277,14 @@ class MicrophoneSource:
                 return
             self._stopped = True
             stream, self._stream = self._stream, None
-        if stream is not None:
-            try:
-                stream.stop()  # waits for the callback thread to finish
-            finally:
-                stream.close()
-        self._queue.wake()
+        try:
+            if stream is not None:
+                try:
+                    stream.stop()  # waits for the callback thread to finish
+                finally:
+                    stream.close()
+        finally:
+            self._queue.close()  # no more blocks: readers drain what is queued, then get None
 
     def __enter__(self) -> "MicrophoneSource":
         self.start()
@@ -372,7 +320,7 @@ class FileAudioSource:
         self.audio = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
         self.realtime = realtime
         self.block = max(1, round(SAMPLE_RATE * block_ms / 1000))
-        self._queue = _ChunkQueue(max(1, round(max_queue_ms / block_ms)))
+        self._queue: DropOldestQueue[AudioChunk] = DropOldestQueue(max(1, round(max_queue_ms / block_ms)))
         self._stop = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -418,21 +366,21 @@ class FileAudioSource:
                     return
                 chunk = AudioChunk(self.audio[start:end].copy(), start, time.monotonic())
                 if self.realtime:
-                    self._queue.put_drop_oldest(chunk)
-                elif not self._queue.put_wait(chunk, self._stop):
+                    self._queue.put(chunk)
+                elif not self._queue.put_wait(chunk):  # False once stop() closed the queue
                     return
         finally:
             self._done.set()
-            self._queue.wake()
+            self._queue.close()
 
     def read(self, timeout: float) -> AudioChunk | None:
-        return self._queue.get(timeout, self._done.is_set)
+        return self._queue.get(timeout)
 
     def stop(self) -> None:
         with self._lock:
             self._stop.set()
             thread = self._thread
-        self._queue.wake()
+        self._queue.close()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 

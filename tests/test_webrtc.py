@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from stream.webrtc import (ServerError, WebRTCServer, WebRTCSink, _LatestBuffer, LiveAudioTrack,
-                           LiveVideoTrack, use_host_addresses)
+from stream.webrtc import ServerError, WebRTCServer, WebRTCSink, use_host_addresses
+from stream.webrtc.buffer import LatestBuffer
+from stream.webrtc.tracks import LiveAudioTrack, LiveVideoTrack
 
 FPS, RATE, SPF = 25, 16000, 640
 LOOPBACK = ["127.0.0.1"]
@@ -323,7 +324,7 @@ def test_source_tracks_share_one_timeline():
     audio differs only by Opus's fixed 104-sample (6.5 ms) encoder delay."""
     async def main():
         loop = asyncio.get_running_loop()
-        vbuf, abuf = _LatestBuffer(loop, 3), _LatestBuffer(loop, 3)
+        vbuf, abuf = LatestBuffer(loop, 3), LatestBuffer(loop, 3)
         video, audio = LiveVideoTrack(vbuf), LiveAudioTrack(abuf)
         for k in (0, 1, 2, 10):
             vbuf.put((k, encoded_frame(k)))
@@ -341,13 +342,15 @@ def test_source_tracks_share_one_timeline():
 
 def test_buffer_is_bounded_and_drops_oldest():
     async def main():
-        buf = _LatestBuffer(asyncio.get_running_loop(), 3)
+        buf = LatestBuffer(asyncio.get_running_loop(), 3)
         t = threading.Thread(target=lambda: [buf.put(i) for i in range(10)])
         t.start()
         t.join(5)
         assert [await asyncio.wait_for(buf.get(), 2) for _ in range(3)] == [7, 8, 9]
         assert buf.dropped == 7
         buf.close()
+        buf.put(99)                                  # after the end: ignored, and not a drop
+        assert buf.dropped == 7
         with pytest.raises(Exception):
             await asyncio.wait_for(buf.get(), 2)
     run(main())

@@ -1,250 +1,50 @@
-"""Browser viewer: the avatar's video and voice over WebRTC (aiohttp signalling + aiortc media).
+"""The viewer server: one thread and event loop owning the aiohttp app and every viewer's peer.
 
-Shape of the thing
-------------------
-`WebRTCServer` owns one thread running one asyncio loop; aiohttp serves the page (`web/`), `POST /offer`
-(SDP offer in, answer out), `GET /stats` and `GET /health` on it, and every viewer's
-RTCPeerConnection lives there too. `WebRTCSink` is the FrameSink the scheduler writes to: it only
-drops each frame + its 40 ms of audio into two small bounded buffers and returns, so a slow network
-or a stuck browser can never hold up the render loop.
+`WebRTCServer` owns one thread running one asyncio loop; aiohttp serves the page (`stream/web/`),
+`POST /offer` (SDP offer in, answer out), `GET /stats` and `GET /health` on it, and every viewer's
+RTCPeerConnection lives there too. Frames come in from the sink's thread through `push`, which only
+puts them into two small bounded buffers (buffer.py) and returns.
 
-One source, many viewers: the buffers feed one video and one audio *source track*; every viewer gets
-`MediaRelay` proxies of them (`buffered=False`: a proxy holds at most the latest item, so a slow
-viewer loses frames instead of growing a queue). Nothing in this module can grow without bound:
-the sink-side buffers are `deque(maxlen=...)` that drop the oldest item.
-
-Timing and lip sync
--------------------
-Both tracks take their timestamps from the frame index: video frame k has pts k*3600 on the 90 kHz
-RTP video clock, and slot k's audio starts at k*640 on the 16 kHz audio clock (RTP reads it as
-k*1920 at 48 kHz). The browser aligns the two RTP clocks through aiortc's RTCP sender reports, which
-pair each stream's latest RTP timestamp with the wall-clock time it was sent; since frame k and its
-audio are released in the same instant, both reports say "slot k is now" and the page plays them in
-step. Both senders share one CNAME and one MediaStream id, which is what makes Chrome sync them.
-
-Audio is Opus-encoded once here, in 40 ms packets (one per video frame) at 16 kHz, and handed to
-aiortc as ready packets. Why not give aiortc PCM: its Opus encoder cuts audio into 20 ms packets but
-stamps every packet produced by one `recv()` with the same RTP timestamp, so a 40 ms slot would be
-mis-timed; and with `buffered=False` relays, two 20 ms frames released together would overwrite each
-other. One packet per slot avoids both and saves one encoder per viewer.
-
-ICE on loopback
----------------
-aioice leaves 127.0.0.1 out of its host candidates, so a viewer on the same machine can only connect
-through the LAN address, and on a machine with no LAN address not at all. `ice_host_addresses`
-(e.g. ["127.0.0.1"]) makes this server gather host candidates on exactly those addresses; see
-`use_host_addresses`, which applies it to one RTCPeerConnection at a time (nothing global).
+One source, many viewers: the buffers feed one video and one audio *source track* (tracks.py); every
+viewer gets `MediaRelay` proxies of them (`buffered=False`: a proxy holds at most the latest item, so
+a slow viewer loses frames instead of growing a queue). Nothing here can grow without bound: the
+sink-side buffers drop their oldest item, viewers are capped by `max_viewers`, and a peer that never
+connects is dropped after `connect_timeout_s`.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import errno
-import fractions
 import ipaddress
 import json
 import logging
 import secrets
 import socket
 import threading
-from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-import av
 import numpy as np
 from aiohttp import web
 from aiortc import (RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender,
                     RTCSessionDescription)
 from aiortc.contrib.media import MediaRelay
-from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamTrack
 
 from common.errors import UserError
-from pcavs.constants import FPS, SAMPLE_RATE
+from stream.webrtc.buffer import LatestBuffer
+from stream.webrtc.ice import use_host_addresses
+from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEB_ROOT = Path(__file__).resolve().parent / "web"
-VIDEO_CLOCK = 90_000
-OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
 
 class ServerError(UserError):
     """The viewer server cannot start (port taken, bad host); one line saying what to pass instead."""
 
 
-# --------------------------------------------------------------------------- ICE hook
-def use_host_addresses(pc: RTCPeerConnection, addresses: Sequence[str]) -> None:
-    """Make `pc` gather ICE host candidates on exactly `addresses` instead of aioice's choice
-    (every interface except loopback).
-
-    Call it after the transceivers exist (after `addTransceiver`/`setRemoteDescription`) and before
-    `setLocalDescription`, which is when aiortc gathers; it covers the ICE transports of the
-    transceivers present at the call, not ones added later. The hook is the narrowest one aioice offers:
-    `Connection.gather_candidates` asks its own `get_component_candidates(component, addresses)` for
-    the sockets to open, so we wrap that method *on this pc's Connection objects only*, substituting
-    the address list. No module attribute is touched, so other peer connections in the process,
-    and other threads, are unaffected. The one private name used is aiortc's
-    `RTCIceGatherer._connection` (the aioice Connection), present since aiortc 1.0.
-    """
-    fixed = [str(a) for a in addresses]
-    seen: set[int] = set()
-    gatherers = [t.receiver.transport.transport.iceGatherer for t in pc.getTransceivers()]
-    if pc.sctp is not None:
-        gatherers.append(pc.sctp.transport.transport.iceGatherer)
-    for gatherer in gatherers:
-        if id(gatherer) in seen:
-            continue
-        seen.add(id(gatherer))
-        if gatherer.state != "new":
-            raise RuntimeError("use_host_addresses must be called before ICE gathering starts")
-        connection = gatherer._connection
-        original = connection.get_component_candidates
-
-        async def on_fixed_addresses(component: int, addresses: list[str], timeout: int = 5,
-                                     _original=original) -> list:
-            return await _original(component=component, addresses=list(fixed), timeout=timeout)
-
-        connection.get_component_candidates = on_fixed_addresses
-
-
-# --------------------------------------------------------------------------- buffers and tracks
-class _LatestBuffer:
-    """Bounded hand-over from the sink's thread to the server's loop: `put` from any thread, `get`
-    on the loop. When full, the oldest item is dropped (counted in `dropped`)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, maxlen: int) -> None:
-        self._loop = loop
-        self._items: deque = deque(maxlen=maxlen)
-        self._lock = threading.Lock()
-        self._event = asyncio.Event()       # only touched on the loop
-        self._wake_pending = False
-        self._closed = False
-        self.dropped = 0
-
-    def put(self, item: Any) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            if len(self._items) == self._items.maxlen:
-                self.dropped += 1
-            self._items.append(item)
-            wake, self._wake_pending = not self._wake_pending, True
-        if wake:
-            try:
-                self._loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:            # loop already closed: the server is gone, drop silently
-                pass
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._wake_pending = False
-        self._event.set()
-
-    def close(self) -> None:
-        """Loop thread only: wake the reader so it sees the end."""
-        with self._lock:
-            self._closed = True
-            self._items.clear()
-        self._event.set()
-
-    async def get(self) -> Any:
-        while True:
-            with self._lock:
-                if self._closed:
-                    raise MediaStreamError
-                if self._items:
-                    return self._items.popleft()
-                self._event.clear()
-            await self._event.wait()
-
-
-class LiveVideoTrack(VideoStreamTrack):
-    """The source video track: frames from the sink, pts = frame_index * 90000/fps (90 kHz clock)."""
-
-    def __init__(self, buffer: _LatestBuffer) -> None:
-        super().__init__()
-        self._buffer = buffer
-        self.fps = FPS
-
-    async def recv(self) -> av.VideoFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        frame_index, rgb = await self._buffer.get()
-        await asyncio.sleep(0)  # let the relay's consumers take the previous item before the next one
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-        frame.pts = frame_index * (VIDEO_CLOCK // self.fps)
-        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
-        return frame
-
-    def stop(self) -> None:
-        self._buffer.close()
-        super().stop()
-
-
-class LiveAudioTrack(AudioStreamTrack):
-    """The source audio track: each slot's samples Opus-encoded into one 40 ms packet whose pts is
-    frame_index * samples_per_frame on the input-rate clock, minus the encoder's constant 6.5 ms
-    look-ahead (so the packet lands where its samples belong), also across dropped slots."""
-
-    def __init__(self, buffer: _LatestBuffer) -> None:
-        super().__init__()
-        self._buffer = buffer
-        self.sample_rate = SAMPLE_RATE
-        self.fps = FPS
-        self._encoder: av.CodecContext | None = None
-        self._encoder_key: tuple[int, int] | None = None
-        self._pts_offset: int | None = None
-
-    def _ensure_encoder(self) -> av.CodecContext:
-        key = (self.sample_rate, self.fps)
-        if self._encoder is None or self._encoder_key != key:
-            spf = self.sample_rate // self.fps
-            duration_ms = 1000 * spf / self.sample_rate
-            if duration_ms not in (2.5, 5, 10, 20, 40, 60):
-                raise ValueError(f"Opus cannot carry {duration_ms} ms slots; use 25 fps (40 ms)")
-            enc = av.CodecContext.create("libopus", "w")
-            enc.sample_rate = self.sample_rate
-            enc.format = "s16"
-            enc.layout = "mono"
-            enc.time_base = fractions.Fraction(1, self.sample_rate)
-            enc.bit_rate = 32_000
-            enc.options = {"application": "voip", "frame_duration": f"{duration_ms:g}"}
-            enc.open()
-            self._encoder, self._encoder_key = enc, key
-            self._pts_offset = None
-        return self._encoder
-
-    async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        while True:
-            frame_index, samples = await self._buffer.get()
-            await asyncio.sleep(0)  # as in the video track: no back-to-back overwrite in the relay
-            encoder = self._ensure_encoder()
-            pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)[None, :]
-            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-            frame.sample_rate = self.sample_rate
-            frame.pts = frame_index * pcm.shape[1]
-            frame.time_base = fractions.Fraction(1, self.sample_rate)
-            packets = encoder.encode(frame)
-            if packets:  # libopus returns exactly one packet per full frame
-                packet = packets[-1]
-                # FFmpeg numbers Opus packets by counting samples, so after dropped slots its pts
-                # would fall behind the video's. Re-anchor on the frame index, keeping the
-                # encoder's constant look-ahead offset (measured on its first packet).
-                if self._pts_offset is None:
-                    self._pts_offset = packet.pts - frame.pts
-                packet.pts = packet.dts = frame.pts + self._pts_offset
-                packet.time_base = fractions.Fraction(1, self.sample_rate)
-                return packet
-
-    def stop(self) -> None:
-        self._buffer.close()
-        super().stop()
-
-
-# --------------------------------------------------------------------------- server
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -293,8 +93,8 @@ class WebRTCServer:
         self._runner: web.AppRunner | None = None
         self._peers: set[RTCPeerConnection] = set()
         self._relay: MediaRelay | None = None
-        self._video_buf: _LatestBuffer | None = None
-        self._audio_buf: _LatestBuffer | None = None
+        self._video_buf: LatestBuffer | None = None
+        self._audio_buf: LatestBuffer | None = None
         self._video: LiveVideoTrack | None = None
         self._audio: LiveAudioTrack | None = None
         self._index_offset = 0      # added to the sink's frame_index: keeps pts increasing across sessions
@@ -411,8 +211,8 @@ class WebRTCServer:
             loop.close()
 
     async def _startup(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        self._video_buf = _LatestBuffer(loop, self.buffer_frames)
-        self._audio_buf = _LatestBuffer(loop, self.buffer_frames)
+        self._video_buf = LatestBuffer(loop, self.buffer_frames)
+        self._audio_buf = LatestBuffer(loop, self.buffer_frames)
         self._video = LiveVideoTrack(self._video_buf)
         self._audio = LiveAudioTrack(self._audio_buf)
         self._relay = MediaRelay()
@@ -576,24 +376,3 @@ def _jsonable(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     return str(value)
-
-
-class WebRTCSink:
-    """FrameSink feeding a running `WebRTCServer`. Opening and closing the sink does not start or
-    stop the server (its owner does that, so the page stays up between sessions)."""
-
-    def __init__(self, server: WebRTCServer) -> None:
-        self.server = server
-        self._open = False
-
-    def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
-        self.server.configure(fps, sample_rate)
-        self._open = True
-
-    def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
-        if not self._open:
-            raise RuntimeError("WebRTCSink.write called before open()")
-        self.server.push(frame, audio, frame_index)
-
-    def close(self) -> None:
-        self._open = False

@@ -1,0 +1,19 @@
+"""Browser viewer: the avatar's video and voice over WebRTC (aiohttp signalling + aiortc media).
+
+Shape of the thing
+------------------
+`WebRTCServer` (server.py) owns one thread running one asyncio loop; aiohttp serves the page
+(`stream/web/`), `POST /offer` (SDP offer in, answer out), `GET /stats` and `GET /health` on it, and
+every viewer's RTCPeerConnection lives there too. `WebRTCSink` (sink.py) is the FrameSink the scheduler
+writes to: it only drops each frame + its 40 ms of audio into two small bounded buffers (buffer.py)
+and returns, so a slow network or a stuck browser can never hold up the render loop.
+
+The buffers feed one video and one audio *source track* (tracks.py: frame-index timestamps, audio
+Opus-encoded once); every viewer gets proxies of them. `use_host_addresses` (ice.py) lets viewers on
+the same machine connect over loopback. Nothing in this package can grow without bound.
+"""
+from stream.webrtc.ice import use_host_addresses
+from stream.webrtc.server import ServerError, WebRTCServer
+from stream.webrtc.sink import WebRTCSink
+
+__all__ = ["ServerError", "WebRTCServer", "WebRTCSink", "use_host_addresses"]
