@@ -19,61 +19,60 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cli.config import config_to_toml, dotted_overrides, load_config
+from cli.config import OUTPUT_TARGETS, cli_options, config_to_toml, dotted_overrides, load_config
 from cli.errors import run_with_user_errors
 from cli.logging_setup import setup_logging
 
 log = logging.getLogger("run_live")
 
+LIVE_TARGETS = tuple(t for t in OUTPUT_TARGETS if t != "file")  # --out words; anything else is a file
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Options that set one config key come from the config schema (`cli_options`:
+    flag, help, and the allowed words from the key's type), so a key's values are never restated here."""
     p = argparse.ArgumentParser(prog="run_live.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--identity", metavar="PHOTO", help="photo of the face to animate")
-    p.add_argument("--audio", metavar="mic|sample|FILE", help="what drives the mouth")
-    p.add_argument("--audio-device", metavar="NAME|INDEX", help="microphone (see --list-devices)")
-    p.add_argument("--list-devices", action="store_true", help="list microphones and exit")
-    p.add_argument("--pose", metavar="webcam|still|none|VIDEO", help="what drives the head pose")
-    p.add_argument("--webcam-index", type=int, metavar="N")
-    p.add_argument("--out", action="append", metavar="webrtc|vcam|FILE.mp4",
-                   help="output; repeat for several (default: webrtc)")
-    p.add_argument("--checkpoints", metavar="DIR", help="folder with latest_net_{G,V,E,A_sync}.pth")
-    p.add_argument("--fetch-checkpoints", action="store_true", help="download the demo checkpoints and exit")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--noise", choices=["fixed", "random", "zero"])
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--token", help="viewer token (required when --host is not loopback)")
-    p.add_argument("--vcam-device")
-    speed = p.add_mutually_exclusive_group()
+    keys = p.add_argument_group("configuration", "each of these sets one key of configs/default.toml "
+                                                 "(and overrides --config FILE and --set)")
+    for option in cli_options():
+        keys.add_argument(option.flag, dest=option.dest, metavar=option.metavar, choices=option.choices,
+                          type=option.type, help=option.help)
+    keys.add_argument("--out", action="append", metavar="|".join(LIVE_TARGETS) + "|FILE.mp4",
+                      help="output; repeat for several (default: webrtc). Sets output.targets and output.file")
+    run = p.add_argument_group("run")
+    run.add_argument("--list-devices", action="store_true", help="list microphones and exit")
+    run.add_argument("--fetch-checkpoints", action="store_true", help="download the demo checkpoints and exit")
+    speed = run.add_mutually_exclusive_group()
     speed.add_argument("--realtime", dest="realtime", action="store_true", default=None,
                        help="pace file input in real time (default unless every output is a file)")
     speed.add_argument("--fast", dest="realtime", action="store_false",
                        help="render file input as fast as possible, every frame")
-    p.add_argument("--max-seconds", type=float, help="stop after this many seconds of output")
-    p.add_argument("--config", type=Path, help="TOML config file (see configs/default.toml)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
-    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    run.add_argument("--max-seconds", type=float, metavar="SECONDS", help="stop after this many seconds of output")
+    run.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (see configs/default.toml)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
+    run.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    run.add_argument("-q", "--quiet", action="store_true")
+    run.add_argument("-v", "--verbose", action="count", default=0)
+    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Command-line options → {"section.key": value} overrides (None = not given)."""
+    """Command-line options → {"section.key": value} overrides (None = not given); an option beats --set."""
     o: dict[str, Any] = dotted_overrides(args.set)
-    direct = {"identity.photo": args.identity, "audio.source": args.audio, "audio.device": args.audio_device,
-              "pose.source": args.pose, "pose.webcam_index": args.webcam_index,
-              "model.checkpoint_dir": args.checkpoints, "model.device": args.device, "model.dtype": args.dtype,
-              "model.noise": args.noise, "server.host": args.host, "server.port": args.port,
-              "server.token": args.token, "vcam.device": args.vcam_device}
-    o.update({k: v for k, v in direct.items() if v is not None})
+    for option in cli_options():
+        value = getattr(args, option.dest)
+        if value is not None:
+            o[option.key] = value
     if args.out:
         targets = []
         for out in args.out:
-            if out in ("webrtc", "vcam"):
+            if out in LIVE_TARGETS:
                 targets.append(out)
             else:
                 targets.append("file")

@@ -5,6 +5,19 @@ itself a valid config file, and a typo in a user file is caught (unknown key →
 instead of being silently ignored. The result is a tree of frozen dataclasses so that the rest of the
 program reads typed attributes (`config.server.port`) and never a string-keyed dict.
 
+One table: each key is one line in default.toml (its default and its documentation) plus one dataclass
+field below (its type and rules). The field's type is the whole truth about its allowed values —
+`Literal["a", "b"]` for a word from a fixed set — and both the validation here and the command line's
+`choices` (`cli_options`) are derived from it, so a new value or a new key is never restated elsewhere.
+A field whose metadata names a `flag` also gets its own command-line option.
+
+Types a field may have (the loader understands exactly these):
+  str, int, float, bool, Path            a value of that TOML type (Path: resolved, see below)
+  Literal["a", "b"]                      one of the words
+  Literal["a", "b"] | Path               one of the words, or else a path
+  tuple[Literal["a", "b"], ...]          a list of the words (duplicates dropped)
+  str | None, Literal[...] | None        "" means none and is loaded as None (TOML has no null); printed as ""
+
 Layering: `load_config(path, overrides)` starts from default.toml (which must define every key), merges the
 keys present in `path` (partial files are fine), then `overrides`: a flat {"section.key": value} dict,
 e.g. from `dotted_overrides(["server.port=9000"])` or built by the CLI from its options (None values are
@@ -13,7 +26,7 @@ key's type ("9000" → 9000, "webrtc,file" → ["webrtc", "file"]); values from 
 TOML type already.
 
 Relative paths in files are relative to the project root; relative paths in overrides are relative to the
-current directory (that is what a user typing `--photo me.jpg` means). Loaded configs hold absolute paths.
+current directory (that is what a user typing `--identity me.jpg` means). Loaded configs hold absolute paths.
 """
 from __future__ import annotations
 
@@ -23,11 +36,12 @@ import math
 import os
 import re
 import tomllib
+import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from common.errors import UserError
 
@@ -38,9 +52,18 @@ SAMPLE_PHOTO = SAMPLE_DIR / "astronaut.png"
 SAMPLE_SPEECH = SAMPLE_DIR / "speech.wav"
 OVERRIDES_ORIGIN = "command-line overrides"
 
-AUDIO_KEYWORDS = ("sample", "mic")
-POSE_KEYWORDS = ("still", "webcam", "none")
-OUTPUT_TARGETS = ("webrtc", "vcam", "file")
+# --------------------------------------------------------------------------- allowed values (typed once)
+Dtype = Literal["float32", "float16", "bfloat16"]
+NoiseMode = Literal["fixed", "random", "zero"]          # the engine's own NoiseMode; a test keeps them equal
+GainMode = Literal["running", "file", "none"]
+AudioKeyword = Literal["sample", "mic"]
+PoseKeyword = Literal["still", "webcam", "none"]
+OutputTarget = Literal["webrtc", "vcam", "file"]
+VcamBackend = Literal["v4l2loopback", "obs", "unitycapture"]
+
+AUDIO_KEYWORDS: tuple[str, ...] = typing.get_args(AudioKeyword)
+POSE_KEYWORDS: tuple[str, ...] = typing.get_args(PoseKeyword)
+OUTPUT_TARGETS: tuple[str, ...] = typing.get_args(OutputTarget)
 
 
 class ConfigError(UserError):
@@ -49,27 +72,32 @@ class ConfigError(UserError):
 
 # --------------------------------------------------------------------------- schema
 def _spec(**rules: Any) -> Any:
-    """A required dataclass field with validation rules in its metadata. Defaults live in default.toml,
-    not here, so that there is exactly one place to change them."""
+    """A required dataclass field with rules in its metadata. Defaults live in default.toml, not here, so
+    that there is exactly one place to change them.
+
+    Value rules: pattern (+ expect, the words for the error), min, max, below (exclusive max), nonempty.
+    Command line: flag ("--name": the key gets its own option), metavar, help."""
     return field(metadata=rules)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    checkpoint_dir: Path = _spec()
+    checkpoint_dir: Path = _spec(flag="--checkpoints", metavar="DIR",
+                                 help="folder with latest_net_{G,V,E,A_sync}.pth")
     checkpoint_url: str = _spec()
-    device: str = _spec(pattern=r"auto|cpu|mps|cuda(:\d+)?", expect="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    dtype: str = _spec(choices=("float32", "float16", "bfloat16"))
-    noise: str = _spec(choices=("fixed", "random", "zero"))
+    device: str = _spec(pattern=r"auto|cpu|mps|cuda(:\d+)?", expect="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+                        flag="--device", help="auto, cpu, cuda, cuda:N or mps")
+    dtype: Dtype = _spec(flag="--dtype", help="network precision (half precision is meant for GPUs)")
+    noise: NoiseMode = _spec(flag="--noise", help="generator noise: one draw per session, fresh per frame, or none")
     noise_seed: int = _spec()
     mouth_weight: float = _spec(min=0.0)
 
 
 @dataclass(frozen=True)
 class AudioConfig:
-    source: str = _spec(keywords=AUDIO_KEYWORDS)  # a keyword, or an absolute file path once loaded
-    device: str = _spec()
-    gain: str = _spec(choices=("running", "file", "none"))
+    source: AudioKeyword | Path = _spec(flag="--audio", metavar="FILE", help="what drives the mouth")
+    device: str | None = _spec(flag="--audio-device", metavar="NAME|INDEX", help="microphone (see --list-devices)")
+    gain: GainMode = _spec()
 
     @property
     def is_mic(self) -> bool:
@@ -85,8 +113,8 @@ class AudioConfig:
 
 @dataclass(frozen=True)
 class PoseConfig:
-    source: str = _spec(keywords=POSE_KEYWORDS)  # a keyword, or an absolute video path once loaded
-    webcam_index: int = _spec(min=0)
+    source: PoseKeyword | Path = _spec(flag="--pose", metavar="VIDEO", help="what drives the head pose")
+    webcam_index: int = _spec(min=0, flag="--webcam-index", metavar="N", help="webcam for --pose webcam")
     smoothing: float = _spec(min=0.0, below=1.0)
 
     @property
@@ -97,26 +125,26 @@ class PoseConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    targets: tuple[str, ...] = _spec(items=OUTPUT_TARGETS, nonempty=True)
+    targets: tuple[OutputTarget, ...] = _spec(nonempty=True)  # the command line's --out sets both keys
     file: Path = _spec()
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = _spec(nonempty=True)
-    port: int = _spec(min=0, max=65535)
-    token: str = _spec()
+    host: str = _spec(nonempty=True, flag="--host", help="WebRTC viewer address")
+    port: int = _spec(min=0, max=65535, flag="--port", help="WebRTC viewer port (0: any free port)")
+    token: str | None = _spec(flag="--token", help="viewer token (required when --host is not loopback)")
 
 
 @dataclass(frozen=True)
 class VcamConfig:
-    device: str = _spec()
-    backend: str = _spec(choices=("", "v4l2loopback", "obs", "unitycapture"))
+    device: str | None = _spec(flag="--vcam-device", metavar="DEVICE", help="virtual camera, e.g. /dev/video10")
+    backend: VcamBackend | None = _spec()
 
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    photo: Path = _spec()
+    photo: Path = _spec(flag="--identity", metavar="PHOTO", help="photo of the face to animate")
 
 
 @dataclass(frozen=True)
@@ -132,6 +160,57 @@ class Config:
 
 _SECTION_TYPES = typing.get_type_hints(Config)
 SECTIONS: dict[str, type] = {f.name: _SECTION_TYPES[f.name] for f in fields(Config)}
+
+
+# --------------------------------------------------------------------------- reading a field's type
+@dataclass(frozen=True)
+class _Kind:
+    """What a field's type hint means to the loader (see the module doc for the supported forms)."""
+
+    base: Any                          # str, int, float, bool, Path, or tuple[str, ...] for a list of words
+    words: tuple[str, ...] = ()        # the Literal's values: the allowed words
+    or_path: bool = False              # a word, or else a path
+    optional: bool = False             # "" means none → None
+
+    @property
+    def raw(self) -> Any:
+        """The TOML / override type the value arrives as."""
+        return str if self.or_path else self.base
+
+
+def _kind(hint: Any) -> _Kind:
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in args
+    rest = [a for a in args if a is not type(None)]
+    or_path = len(rest) == 2 and Path in rest
+    if or_path:
+        rest.remove(Path)
+    if len(rest) != 1:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported config type {hint}")
+    base = rest[0]
+    if typing.get_origin(base) is Literal:
+        return _Kind(str, typing.get_args(base), or_path, optional)
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        words = typing.get_args(item) if typing.get_origin(item) is Literal else ()
+        return _Kind(tuple[str, ...], words, False, optional)
+    if or_path or base not in (str, int, float, bool, Path):  # pragma: no cover - a schema bug
+        raise TypeError(f"unsupported config type {hint}")
+    return _Kind(base, (), False, optional)
+
+
+def _field_kinds(cls: type) -> dict[str, _Kind]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _kind(hints[f.name]) for f in fields(cls)}
+
+
+_KINDS: dict[str, dict[str, _Kind]] = {section: _field_kinds(cls) for section, cls in SECTIONS.items()}
+
+
+def allowed_words(key: str) -> tuple[str, ...]:
+    """The words a key accepts ("model.dtype" → ("float32", "float16", "bfloat16")); () for free values."""
+    section, _, name = key.partition(".")
+    return _KINDS[section][name].words
 
 
 # --------------------------------------------------------------------------- values
@@ -218,12 +297,24 @@ def _resolve_path(text: str, base_dir: Path) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
 
 
-def _validate(key: str, value: Any, rules: dict[str, Any], raw: _Value) -> Any:
-    """Apply a field's rules; returns the final value (paths resolved, list targets de-duplicated)."""
+def _quoted(words: Iterable[str]) -> str:
+    return ", ".join(repr(w) for w in words)
+
+
+def _validate(key: str, value: Any, kind: _Kind, rules: dict[str, Any], raw: _Value) -> Any:
+    """Apply a field's type-derived words and its rules; returns the final value (paths resolved, list
+    entries de-duplicated). The caller has already turned an optional key's "" into None."""
     where = f"{key} in {raw.origin}"
-    if "choices" in rules and value not in rules["choices"]:
-        options = ", ".join(repr(c) for c in rules["choices"])
-        raise ConfigError(f"{where}: expected one of {options}, got {value!r}")
+    if kind.words and kind.base is str:
+        if value in kind.words:
+            return value
+        if kind.or_path:
+            if not value.strip():
+                words = ", ".join(repr(w) for w in kind.words)
+                raise ConfigError(f"{where}: expected {words} or a file path, got an empty string")
+            return _resolve_path(value, raw.base_dir)
+        allowed = _quoted(("",) + kind.words if kind.optional else kind.words)
+        raise ConfigError(f"{where}: expected one of {allowed}, got {value!r}")
     if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
         raise ConfigError(f"{where}: expected {rules['expect']}, got {value!r}")
     if "min" in rules and value < rules["min"]:
@@ -234,19 +325,13 @@ def _validate(key: str, value: Any, rules: dict[str, Any], raw: _Value) -> Any:
         raise ConfigError(f"{where}: must be < {rules['below']}, got {value!r}")
     if rules.get("nonempty") and len(value) == 0:
         raise ConfigError(f"{where}: must not be empty")
-    if "items" in rules:
+    if kind.words:  # a list of words
         for item in value:
-            if item not in rules["items"]:
-                options = ", ".join(repr(c) for c in rules["items"])
-                raise ConfigError(f"{where}: unknown entry {item!r}; expected any of {options}")
+            if item not in kind.words:
+                raise ConfigError(f"{where}: unknown entry {item!r}; expected any of {_quoted(kind.words)}")
         value = tuple(dict.fromkeys(value))
-    if "keywords" in rules:
-        if value in rules["keywords"]:
-            return value
-        if not value.strip():
-            words = ", ".join(repr(k) for k in rules["keywords"])
-            raise ConfigError(f"{where}: expected {words} or a file path, got an empty string")
-        return str(_resolve_path(value, raw.base_dir))
+    if kind.base is Path:
+        value = _resolve_path(value, raw.base_dir)
     return value
 
 
@@ -307,7 +392,6 @@ def _all_keys() -> list[str]:
 def _build(layers: dict[str, dict[str, _Value]]) -> Config:
     sections: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             key = f"{section}.{f.name}"
@@ -315,11 +399,12 @@ def _build(layers: dict[str, dict[str, _Value]]) -> Config:
             if raw is None:
                 raise ConfigError(f"{key} is missing from {DEFAULT_CONFIG_PATH}",
                                   hint="restore configs/default.toml from the repository")
-            value = _check_type(key, hints[f.name], raw)
-            value = _validate(key, value, dict(f.metadata), raw)
-            if hints[f.name] is Path:
-                value = _resolve_path(value, raw.base_dir)
-            kwargs[f.name] = value
+            kind = _KINDS[section][f.name]
+            value = _check_type(key, kind.raw, raw)
+            if kind.optional and value == "":
+                kwargs[f.name] = None  # the one place where "" becomes "none"
+                continue
+            kwargs[f.name] = _validate(key, value, kind, dict(f.metadata), raw)
         sections[section] = cls(**kwargs)
     return Config(**sections)
 
@@ -352,8 +437,47 @@ def dotted_overrides(items: Iterable[str]) -> dict[str, str]:
     return result
 
 
+# --------------------------------------------------------------------------- command-line options
+@dataclass(frozen=True)
+class CliOption:
+    """A command-line option that sets one config key, derived from the field that declares its `flag`:
+    `choices` are the field's Literal words, `type` converts numbers so that argparse itself rejects
+    "--port x", and the metavar of a word-or-path key lists the words ("sample|mic|FILE")."""
+
+    flag: str
+    key: str                                   # "section.key"
+    help: str | None
+    metavar: str | None
+    choices: tuple[str, ...] | None
+    type: Callable[[str], Any] | None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def cli_options() -> list[CliOption]:
+    """Every config key that has its own command-line option, in config order."""
+    options = []
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if "flag" not in f.metadata:
+                continue
+            kind = _KINDS[section][f.name]
+            metavar = f.metadata.get("metavar")
+            if kind.or_path:
+                metavar = "|".join(kind.words + ((metavar,) if metavar else ()))
+            choices = kind.words if kind.words and not kind.or_path else None
+            options.append(CliOption(flag=f.metadata["flag"], key=f"{section}.{f.name}", help=f.metadata.get("help"),
+                                     metavar=None if choices else metavar, choices=choices,
+                                     type=kind.base if kind.base in (int, float) else None))
+    return options
+
+
 # --------------------------------------------------------------------------- printing
 def _toml_value(value: Any) -> str:
+    if value is None:
+        return '""'  # how files spell "none" (TOML has no null); loads back as None
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

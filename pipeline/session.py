@@ -2,7 +2,7 @@
 
 `LiveSession` owns every resource it opens (audio source, pose worker and its camera, sinks, web server)
 and closes them in reverse order, whatever fails in between. `run_live.py` only parses arguments,
-builds a Config, and calls `run_session`.
+builds a Config, and runs a `LiveSession`.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
     aligner = FaceAligner(None if sidecar_path(photo).is_file() else detector())  # a sidecar needs none
     aligned = aligner.align_photo_file(photo).image
-    options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,  # type: ignore[arg-type]
+    options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,
                             noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
     return Avatar(networks, to_network_input(aligned), options), aligned
 
@@ -106,7 +106,7 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
 def build_audio(config: Config, realtime: bool):
     """The audio source and the mel front end with the configured level normalisation."""
     if config.audio.is_mic:
-        device: str | int | None = config.audio.device or None
+        device: str | int | None = config.audio.device
         if isinstance(device, str) and device.isdigit():
             device = int(device)
         if config.audio.gain == "file":
@@ -172,12 +172,11 @@ class LiveSession:
                 sinks.append(Mp4Recorder(path))
             elif target == "vcam":
                 from stream.vcam import VirtualCameraSink
-                sinks.append(VirtualCameraSink(device=self.config.vcam.device or None,
-                                               backend=self.config.vcam.backend or None))
+                sinks.append(VirtualCameraSink(device=self.config.vcam.device, backend=self.config.vcam.backend))
             elif target == "webrtc":
                 from stream.webrtc import WebRTCServer, WebRTCSink
                 s = self.config.server
-                server = WebRTCServer(host=s.host, port=s.port, token=s.token or None,
+                server = WebRTCServer(host=s.host, port=s.port, token=s.token,
                                       stats=self.metrics.snapshot,
                                       ice_host_addresses=self.run_options.ice_host_addresses)
                 server.start()

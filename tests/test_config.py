@@ -6,15 +6,17 @@ import io
 import json
 import logging
 import tomllib
+import typing
 import wave
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.errors import UserError
-from cli.config import (DEFAULT_CONFIG_PATH, PROJECT_ROOT, SAMPLE_PHOTO, SAMPLE_SPEECH, Config, ConfigError,
-                        config_to_toml, dotted_overrides, load_config)
+from cli.config import (DEFAULT_CONFIG_PATH, PROJECT_ROOT, SAMPLE_PHOTO, SAMPLE_SPEECH, SECTIONS, Config,
+                        ConfigError, allowed_words, cli_options, config_to_toml, dotted_overrides, load_config)
 from cli.errors import EXIT_INTERRUPTED, run_with_user_errors
 from cli.logging_setup import setup_logging
 
@@ -38,7 +40,8 @@ def test_defaults_load_with_documented_values():
     assert (config.pose.source, config.pose.webcam_index) == ("still", 0)
     assert config.pose.video_path is None
     assert config.output.targets == ("webrtc",)
-    assert (config.server.host, config.server.port, config.server.token) == ("127.0.0.1", 8080, "")
+    assert (config.server.host, config.server.port, config.server.token) == ("127.0.0.1", 8080, None)
+    assert (config.audio.device, config.vcam.device, config.vcam.backend) == (None, None, None)  # "" = none
     assert config.identity.photo == SAMPLE_PHOTO and SAMPLE_PHOTO.is_file()
 
 
@@ -165,12 +168,79 @@ def test_config_error_is_a_user_error():
     assert issubclass(ConfigError, UserError)
 
 
+# --------------------------------------------------------------------------- one table: types → rules
+def _word_keys() -> list[str]:
+    return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in fields(cls)
+            if allowed_words(f"{section}.{f.name}")]
+
+
+def test_allowed_words_come_from_the_field_types():
+    """The Literal on each field is the only list of allowed words; spot-check that it is the one used."""
+    assert allowed_words("model.dtype") == ("float32", "float16", "bfloat16")
+    assert allowed_words("output.targets") == ("webrtc", "vcam", "file")
+    assert allowed_words("audio.source") == ("sample", "mic")
+    assert allowed_words("server.port") == ()
+    assert set(_word_keys()) == {"model.dtype", "model.noise", "audio.source", "audio.gain", "pose.source",
+                                 "output.targets", "vcam.backend"}
+
+
+@pytest.mark.parametrize("key", _word_keys())
+def test_every_allowed_word_loads_and_others_are_refused(key, tmp_path):
+    words = allowed_words(key)
+    for word in words:
+        value = load_config(None, {key: word}, cwd=tmp_path)
+        got = getattr(getattr(value, key.split(".")[0]), key.split(".")[1])
+        assert got == ((word,) if isinstance(got, tuple) else word)
+    if key.endswith(".source"):  # a word, or else a path: any other word is a file path
+        config = load_config(None, {key: "no-such-word"}, cwd=tmp_path)
+        assert getattr(config, key.split(".")[0]).source == tmp_path / "no-such-word"
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {key: "no-such-word"}, cwd=tmp_path)
+    assert all(repr(w) in str(info.value) for w in words), str(info.value)
+
+
+def test_engine_noise_modes_match_the_config():
+    from pcavs.engine import NoiseMode
+    assert typing.get_args(NoiseMode) == allowed_words("model.noise")
+
+
+@pytest.mark.parametrize("key", ["audio.device", "server.token", "vcam.device", "vcam.backend"])
+def test_empty_string_means_none_once_at_load(key, tmp_path):
+    section, name = key.split(".")
+    from_file = load_config(write(tmp_path, f'[{section}]\n{name} = ""\n'), {})
+    from_override = load_config(None, {key: ""})
+    assert getattr(getattr(from_file, section), name) is None
+    assert getattr(getattr(from_override, section), name) is None
+    assert f'{name} = ""' in config_to_toml(from_file).split(f"[{section}]")[1]
+
+
+def test_vcam_backend_refuses_unknown_names_listing_auto_too():
+    assert load_config(None, {"vcam.backend": "obs"}).vcam.backend == "obs"
+    with pytest.raises(ConfigError, match=r"vcam\.backend .*one of '', 'v4l2loopback', 'obs', 'unitycapture', got 'x'"):
+        load_config(None, {"vcam.backend": "x"})
+
+
+def test_cli_options_are_derived_from_the_fields():
+    options = {o.flag: o for o in cli_options()}
+    assert options["--dtype"].key == "model.dtype" and options["--dtype"].choices == allowed_words("model.dtype")
+    assert options["--noise"].choices == ("fixed", "random", "zero")
+    assert options["--audio"].choices is None and options["--audio"].metavar == "sample|mic|FILE"
+    assert options["--pose"].metavar == "still|webcam|none|VIDEO"
+    assert options["--port"].type is int and options["--webcam-index"].type is int
+    assert options["--audio-device"].type is None  # device names/indices stay text
+    assert options["--vcam-device"].key == "vcam.device" and options["--vcam-device"].dest == "vcam_device"
+    keys = [o.key for o in cli_options()]
+    assert len(set(keys)) == len(keys) and len(options) == len(keys)
+
+
 # --------------------------------------------------------------------------- --print-config
 def test_print_config_round_trip(tmp_path):
     config = load_config(None, {
         "server.token": 'quote" back\\slash tab\t ünï', "output.targets": "file,webrtc",
         "model.mouth_weight": "0.1", "audio.source": "my dir/speech file.wav", "pose.smoothing": "0.25",
-        "model.noise_seed": "-7"}, cwd=tmp_path)
+        "model.noise_seed": "-7", "vcam.backend": "obs", "audio.device": "USB mic"}, cwd=tmp_path)
+    assert config.vcam.device is None and config.audio.source == tmp_path / "my dir" / "speech file.wav"
     text = config_to_toml(config)
     tomllib.loads(text)  # valid TOML on its own
     again = load_config(write(tmp_path, text, "printed.toml"), {})

@@ -36,6 +36,43 @@ def test_print_config_reflects_the_options():
     assert "port = 9123" in r.stdout and 'targets = ["webrtc", "file"]' in r.stdout
 
 
+def test_every_config_option_sets_its_key(tmp_path):
+    """Each option declared on a config field reaches its key (options beat --set)."""
+    from cli.config import cli_options
+    from run_live import overrides_from_args, parse_args
+
+    values = {"--checkpoints": "ckpt", "--device": "cuda:1", "--audio": "talk.wav", "--audio-device": "3",
+              "--pose": "head.mp4", "--webcam-index": "2", "--host": "0.0.0.0", "--port": "9001",
+              "--token": "t0k", "--vcam-device": "/dev/video9", "--identity": "me.jpg"}
+    argv: list[str] = []
+    for option in cli_options():
+        argv += [option.flag, option.choices[-1] if option.choices else values[option.flag]]
+    config = load_config(None, overrides_from_args(parse_args(argv + ["--set", "server.port=1"])), cwd=tmp_path)
+    expected = {"model.checkpoint_dir": tmp_path / "ckpt", "model.device": "cuda:1", "model.dtype": "bfloat16",
+                "model.noise": "zero", "audio.source": tmp_path / "talk.wav", "audio.device": "3",
+                "pose.source": tmp_path / "head.mp4", "pose.webcam_index": 2, "server.host": "0.0.0.0",
+                "server.port": 9001, "server.token": "t0k", "vcam.device": "/dev/video9",
+                "identity.photo": tmp_path / "me.jpg"}
+    assert {o.key for o in cli_options()} == set(expected)
+    for key, value in expected.items():
+        section, name = key.split(".")
+        assert getattr(getattr(config, section), name) == value, key
+
+
+def test_option_outside_a_keys_words_is_refused_by_argparse(capsys):
+    from run_live import parse_args
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--dtype", "float8"])
+    assert info.value.code == 2
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_out_maps_to_targets_and_file():
+    from run_live import overrides_from_args, parse_args
+    o = overrides_from_args(parse_args(["--out", "vcam", "--out", "a.mp4", "--out", "vcam", "--out", "b.mp4"]))
+    assert o["output.targets"] == ["vcam", "file"] and o["output.file"] == "b.mp4"
+
+
 def test_missing_checkpoints_is_one_actionable_line(tmp_path):
     out = tmp_path / "never.mp4"
     r = run_cli("--checkpoints", str(tmp_path / "nothing"), "--out", str(out))
