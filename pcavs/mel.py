@@ -28,8 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pcavs.constants import (FPS, HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, SAMPLES_PER_FRAME,  # noqa: F401
-                             WINDOW_ROWS)
+from pcavs.constants import HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, WINDOW_ROWS
 
 # ---------------------------------------------------------------------------- STFT facts (spec §4)
 FRAME_LENGTH = 1280             # STFT frame = FFT size (80 ms)

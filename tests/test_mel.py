@@ -8,6 +8,7 @@ import pytest
 from capture.audio_files import load_audio_16k
 from tests.conftest import load_case
 from pcavs import mel as M
+from pcavs.constants import FPS, HOP, MEL_ROWS_PER_FRAME, SAMPLE_RATE, WINDOW_ROWS
 
 lws = pytest.importorskip("lws", reason="lws not installed (build it with LWS_USE_CYTHON=1, see scripts/)")
 
@@ -26,7 +27,7 @@ def _upstream_mel(wav: np.ndarray) -> np.ndarray:
 def _test_signal(n: int, seed: int) -> np.ndarray:
     """Harmonics + noise with silent stretches: exercises loud, quiet and exactly-zero rows."""
     rng = np.random.default_rng(seed)
-    t = np.arange(n) / M.SAMPLE_RATE
+    t = np.arange(n) / SAMPLE_RATE
     x = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(n)
     x[n // 3: n // 2] = 0.0
     return x.astype(np.float32)
@@ -92,7 +93,7 @@ def test_mel_window_layout_and_edges() -> None:
 
 
 def test_timing_facts_agree_with_streaming_rows() -> None:
-    assert (M.SAMPLE_RATE, M.HOP, M.MEL_ROWS_PER_FRAME, M.WINDOW_ROWS, M.FPS) == (16000, 160, 4, 20, 25)
+    assert (SAMPLE_RATE, HOP, MEL_ROWS_PER_FRAME, WINDOW_ROWS, FPS) == (16000, 160, 4, 20, 25)
     assert M.samples_needed_for_frame(0) == 3200                 # 200 ms of audio for frame 0
     assert M.samples_needed_for_frame(10) == 16 * (400 + 200)            # 40k + 200 ms at k = 10
     sm = M.StreamingMel(1.0)
