@@ -22,7 +22,7 @@ import numpy as np
 from common.errors import UserError
 from common.queues import DropOldestQueue
 from pcavs.constants import SAMPLE_RATE
-from pcavs.mel import load_audio_16k
+from capture.audio_files import load_audio_16k
 
 NO_DEVICES_MESSAGE = ("no audio input devices found; install PortAudio (apt install libportaudio2) / "
                       "connect a microphone")

@@ -1,4 +1,4 @@
-"""Pose frame sources (webcam, video file, still image) and the worker that turns frames into pose codes.
+"""Pose frame sources (webcam, video file) and the worker that turns frames into pose codes.
 
 The generator runs at the audio clock; head pose comes from a separate, slower path (landmarks +
 alignment + the pose encoder). `PoseWorker` runs that path on its own thread(s) and publishes only its
@@ -29,7 +29,6 @@ from pcavs.constants import FPS, POSE_DIM
 log = logging.getLogger(__name__)
 
 _FALLBACK_DT = 1.0 / FPS  # used when two frames carry the same timestamp
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class CameraError(UserError):
@@ -55,7 +54,8 @@ class Aligner(Protocol):
 
 
 # --------------------------------------------------------------------------- sources
-def list_video_devices() -> list[str]:
+def _video_devices() -> list[str]:
+    """Camera device nodes, named in the error when a camera cannot be opened."""
     return sorted(glob.glob("/dev/video*"))
 
 
@@ -71,7 +71,7 @@ class WebcamSource:
         cap = cv2.VideoCapture(index)
         if not cap.isOpened():
             cap.release()
-            devices = list_video_devices()
+            devices = _video_devices()
             found = ", ".join(devices) if devices else "no /dev/video* devices exist"
             raise CameraError(f"cannot open camera {index!r} (available: {found}); check --webcam-index "
                               f"and that no other program holds the camera")
@@ -171,44 +171,6 @@ class VideoFileSource:
         self._frames = None
 
 
-class StillImageSource:
-    """One photo as a pose source: yields it once (then ends, so the worker holds its pose), or
-    every `interval` seconds with `repeat=True`."""
-
-    def __init__(self, rgb: np.ndarray, repeat: bool = False, interval: float = _FALLBACK_DT) -> None:
-        self._rgb = np.ascontiguousarray(rgb)
-        self.repeat = repeat
-        self.realtime = repeat
-        self._interval = interval
-        self._served = False
-        self._closed = False
-
-    def read(self) -> tuple[np.ndarray, float] | None:
-        if self._closed or (self._served and not self.repeat):
-            return None
-        if self._served:
-            time.sleep(self._interval)
-        self._served = True
-        return self._rgb, time.monotonic()
-
-    def close(self) -> None:
-        self._closed = True
-
-
-def open_pose_source(spec: str, realtime: bool = True, loop: bool = True) -> FrameSource:
-    """CLI helper: a camera index ('0', '/dev/video2'), an image file, or a video file."""
-    from pcavs.alignment import read_rgb
-
-    if spec.isdigit():
-        return WebcamSource(int(spec))
-    if spec.startswith("/dev/video"):
-        return WebcamSource(spec)
-    path = Path(spec)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return StillImageSource(read_rgb(path))
-    return VideoFileSource(path, realtime=realtime, loop=loop)
-
-
 # --------------------------------------------------------------------------- smoothing
 class PoseFilter(Protocol):
     def update(self, code: np.ndarray, t: float) -> np.ndarray: ...
@@ -249,39 +211,6 @@ class EmaFilter:
         return self._y.astype(np.float32)
 
 
-class OneEuroFilter:
-    """One-Euro filter (Casiez et al. 2012), per dimension: strong smoothing when the pose is still
-    (cut-off `min_cutoff` Hz), less lag when it moves (cut-off grows by `beta`·|speed|). `beta` is in
-    the code's units per second, so tune it once real pose-code magnitudes are known."""
-
-    def __init__(self, min_cutoff: float = 1.0, beta: float = 0.5, d_cutoff: float = 1.0) -> None:
-        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
-        self.reset()
-
-    def reset(self) -> None:
-        self._x: np.ndarray | None = None
-        self._dx: np.ndarray | None = None
-        self._t: float | None = None
-
-    @staticmethod
-    def _alpha(dt: float, cutoff: np.ndarray | float) -> np.ndarray | float:
-        tau = 1.0 / (2.0 * math.pi * cutoff)
-        return 1.0 / (1.0 + tau / dt)
-
-    def update(self, code: np.ndarray, t: float) -> np.ndarray:
-        x = np.asarray(code, dtype=np.float64)
-        if self._x is None:
-            self._x, self._dx, self._t = x.copy(), np.zeros_like(x), t
-            return x.astype(np.float32)
-        dt = _dt(t, self._t)
-        a_d = self._alpha(dt, self.d_cutoff)
-        self._dx = self._dx + a_d * ((x - self._x) / dt - self._dx)
-        a = self._alpha(dt, self.min_cutoff + self.beta * np.abs(self._dx))
-        self._x = self._x + a * (x - self._x)
-        self._t = t
-        return self._x.astype(np.float32)
-
-
 def make_pose_filter(smoothing: PoseFilter | float | None) -> PoseFilter | None:
     """Config value → filter. A float s in [0, 1) is `pose.smoothing` of configs/default.toml: the
     memory of y = s·y_prev + (1−s)·x per 25 fps frame. It becomes a time-based EMA with the same
@@ -304,39 +233,24 @@ class PoseSample:
     frames_without_face: int  # consecutive processed frames without a face (0 when face_found)
 
 
-class PoseProvider(Protocol):
-    """What the render loop uses: PoseWorker, FixedPose, NoPose."""
-
-    def start(self) -> None: ...
-    def latest(self) -> PoseSample | None: ...
-    @property
-    def finished(self) -> bool: ...
-    def check(self) -> None: ...
-    def stop(self) -> None: ...
-
-
 class PoseWorker:
     """Frames → alignment → `encode` → smoothing → `latest()`, off the render loop.
 
-    Real-time sources (`source.realtime`, or `drop_stale=True`) get a reader thread that keeps only the
-    newest frame in a one-slot mailbox; the processing thread always takes the newest, so a slow
-    detector lowers the pose rate instead of adding latency. Non-real-time sources (a video file
+    Real-time sources (`source.realtime`) get a reader thread that keeps only the newest frame in a
+    one-slot mailbox (each replaced frame counts in `frames_dropped`); the processing thread always
+    takes the newest, so a slow detector lowers the pose rate instead of adding latency. Non-real-time sources (a video file
     decoded as fast as possible) are read in order by the processing thread itself, every frame used.
-    A frame without a face keeps the last code. Exceptions from any thread are kept and re-raised
-    in the owner's thread by `check()`. Published before the first face: `initial_code`, if given.
-    `smoothing`: a PoseFilter, a float (see `make_pose_filter`) or None.
+    A frame without a face keeps the last code; nothing is published before the first face (the engine
+    then uses the photo's own pose). Exceptions from any thread are kept and re-raised in the owner's
+    thread by `check()`. `smoothing`: a PoseFilter, a float (see `make_pose_filter`) or None.
     """
 
     def __init__(self, source: FrameSource, aligner: Aligner,
-                 encode: Callable[[np.ndarray], np.ndarray], smoothing: PoseFilter | float | None,
-                 initial_code: np.ndarray | None = None, drop_stale: bool | None = None,
-                 listener: Callable[[PoseSample], None] | None = None, name: str = "pose") -> None:
+                 encode: Callable[[np.ndarray], np.ndarray], smoothing: PoseFilter | float | None) -> None:
         self.source, self.aligner, self.encode = source, aligner, encode
         self.smoothing = make_pose_filter(smoothing)
-        self._listener = listener
-        self._name = name
-        self._drop_stale = getattr(source, "realtime", True) if drop_stale is None else drop_stale
-        self._last_code = None if initial_code is None else _as_code(initial_code)
+        self._drop_stale = source.realtime
+        self._last_code: np.ndarray | None = None
         self._latest: PoseSample | None = None
         self._stop = threading.Event()
         self._cond = threading.Condition()
@@ -356,17 +270,14 @@ class PoseWorker:
         if self._threads:
             raise RuntimeError("PoseWorker already started")
         if self._drop_stale:
-            self._threads.append(threading.Thread(target=self._read_loop, name=f"{self._name}-reader", daemon=True))
-        self._threads.append(threading.Thread(target=self._process_loop, name=f"{self._name}-worker", daemon=True))
+            self._threads.append(threading.Thread(target=self._read_loop, name="pose-reader", daemon=True))
+        self._threads.append(threading.Thread(target=self._process_loop, name="pose-worker", daemon=True))
         for th in self._threads:
             th.start()
 
     def latest(self) -> PoseSample | None:
-        """Newest published sample (a plain attribute read: never blocks)."""
-        sample = self._latest
-        if sample is None and self._last_code is not None:
-            return PoseSample(self._last_code, time.monotonic(), False, self._without_face)
-        return sample
+        """Newest published sample (a plain attribute read: never blocks); None before the first face."""
+        return self._latest
 
     @property
     def finished(self) -> bool:
@@ -470,10 +381,7 @@ class PoseWorker:
             self._without_face = 0
         if self._last_code is None:
             return
-        sample = PoseSample(self._last_code, captured_at, aligned is not None, self._without_face)
-        self._latest = sample
-        if self._listener is not None:
-            self._listener(sample)
+        self._latest = PoseSample(self._last_code, captured_at, aligned is not None, self._without_face)
 
 
 def _as_code(code) -> np.ndarray:
@@ -482,47 +390,3 @@ def _as_code(code) -> np.ndarray:
         raise ValueError(f"pose encoder must return {POSE_DIM} finite values, got shape {np.shape(code)}")
     arr.flags.writeable = False  # samples are shared with the render thread
     return arr
-
-
-class FixedPose:
-    """A constant pose code (e.g. a pose chosen once); same interface as PoseWorker, no thread."""
-
-    finished = False
-
-    def __init__(self, code: np.ndarray) -> None:
-        self._code = _as_code(code)
-
-    def start(self) -> None: ...
-
-    def latest(self) -> PoseSample:
-        return PoseSample(self._code, time.monotonic(), True, 0)
-
-    def check(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-class NoPose:
-    """'--pose none': `latest()` is always None, which the engine reads as "the identity photo's own
-    pose" (`Avatar.styles(mouth, None)` uses `Avatar.reference_pose`)."""
-
-    finished = False
-
-    def start(self) -> None: ...
-
-    def latest(self) -> None:
-        return None
-
-    def check(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-def network_pose_encoder(avatar) -> Callable[[np.ndarray], np.ndarray]:
-    """`encode` for PoseWorker from an engine Avatar: loader preprocessing + the pose encoder."""
-    from pcavs.preprocess import to_network_input
-
-    def encode(aligned_rgb: np.ndarray) -> np.ndarray:
-        return avatar.pose_code(to_network_input(aligned_rgb))
-
-    return encode

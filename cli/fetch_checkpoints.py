@@ -20,24 +20,18 @@ import re
 import shutil
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
+from common.download import CHUNK, DownloadError, download
 from common.errors import UserError
 from cli.errors import run_with_user_errors
 
 INFERENCE_NETS = ("G", "V", "E", "A_sync")
 CHECKPOINT_NAME = re.compile(r"latest_net_[A-Za-z0-9_]+\.pth")
 DRIVE_VIEW_URL = "https://drive.google.com/file/d/1Zehr3JLIpzdg2S5zZrhIbpYPKF-4gKU_/view"
-USER_AGENT = "pcavs-live-fetch/1.0 (+python urllib)"
-CHUNK = 1 << 20
-HTML_LIMIT = 4 << 20  # an interstitial page is small; never buffer a mislabelled multi-GB body
 
 Describe = Callable[[Path], dict[str, str]]
 
@@ -52,7 +46,7 @@ def manual_hint(dest: Path) -> str:
             f"{dest}/latest_net_G.pth exists)")
 
 
-# --------------------------------------------------------------------------- download
+# --------------------------------------------------------------------------- Google Drive links and pages
 def drive_download_url(url: str) -> str:
     """A Drive "view" link (https://drive.google.com/file/d/ID/view) → its direct-download form; other
     URLs unchanged. Users paste whichever link they have."""
@@ -96,56 +90,6 @@ def confirm_url(page: str, page_url: str) -> str | None:
     if parser.confirm_link is not None:
         return urllib.parse.urljoin(page_url, parser.confirm_link.replace("&amp;", "&"))
     return None
-
-
-def _open(url: str, timeout: float):
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    return urllib.request.urlopen(request, timeout=timeout)  # follows HTTP redirects
-
-
-def _copy_with_progress(response, out: BinaryIO, progress: bool) -> int:
-    total = int(response.headers.get("Content-Length") or 0)
-    done, last = 0, 0.0
-    tty = sys.stderr.isatty()
-    while chunk := response.read(CHUNK):
-        out.write(chunk)
-        done += len(chunk)
-        now = time.monotonic()
-        if progress and (now - last >= (0.2 if tty else 5.0)):
-            last = now
-            share = f" ({100 * done / total:.0f}% of {total / 1e6:.0f} MB)" if total else ""
-            print(f"\r  {done / 1e6:.1f} MB{share}", end="" if tty else "\n", file=sys.stderr, flush=True)
-    if progress:
-        print(f"\r  {done / 1e6:.1f} MB downloaded", file=sys.stderr, flush=True)
-    if total and done != total:
-        raise CheckpointFetchError(f"download of {response.url} was cut short ({done} of {total} bytes)")
-    return done
-
-
-def download(url: str, out: BinaryIO, progress: bool, timeout: float = 60.0) -> None:
-    """Stream `url` into `out`, passing Google Drive's confirm page once. Raises CheckpointFetchError with
-    a one-line message on network errors, HTTP errors, or an HTML answer that is not the file."""
-    url = drive_download_url(url)
-    try:
-        for _attempt in range(2):
-            with _open(url, timeout) as response:
-                ctype = response.headers.get("Content-Type", "")
-                if not ctype.startswith("text/html"):
-                    _copy_with_progress(response, out, progress)
-                    return
-                page = response.read(HTML_LIMIT).decode("utf-8", "replace")
-                next_url = confirm_url(page, response.url)
-            if next_url is None:
-                break
-            url = next_url
-    except urllib.error.HTTPError as exc:
-        raise CheckpointFetchError(f"could not download {url}: HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise CheckpointFetchError(f"could not download {url}: {exc.reason}") from None
-    except OSError as exc:  # timeouts, resets, a full disk while writing
-        raise CheckpointFetchError(f"could not download {url}: {exc}") from None
-    raise CheckpointFetchError(f"could not download {url}: the server sent a web page instead of the zip "
-                               "(Google Drive quota or sign-in page)")
 
 
 # --------------------------------------------------------------------------- unpack
@@ -227,17 +171,18 @@ def fetch_checkpoints(url: str, dest: Path, progress: bool, describe: Describe |
     if progress:
         print(f"downloading {url}", file=sys.stderr, flush=True)
     # The temporary zip sits next to the destination: same disk, and no 700 MB left in /tmp on a crash.
-    fd, tmp_name = tempfile.mkstemp(prefix=".demo-", suffix=".zip.part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", suffix=".part", dir=dest.parent))
     try:
-        with os.fdopen(fd, "wb") as out:
-            download(url, out, progress)
-        status = install_zip(tmp, dest, describe)
+        zip_path = tmp / "demo.zip"
+        download(drive_download_url(url), zip_path, progress=progress, what="zip", follow_html=confirm_url)
+        status = install_zip(zip_path, dest, describe)
+    except DownloadError as exc:
+        raise CheckpointFetchError(str(exc), hint=manual_hint(dest)) from None
     except CheckpointFetchError as exc:
         exc.hint = exc.hint or manual_hint(dest)
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"installed into {dest}:\n{report(status)}", file=sys.stderr, flush=True)
     return status

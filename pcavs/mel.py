@@ -24,14 +24,11 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from common.errors import UserError
-from pcavs.constants import (FPS, HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, SAMPLES_PER_FRAME,  # noqa: F401
-                             WINDOW_ROWS)
+from pcavs.constants import HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, WINDOW_ROWS
 
 # ---------------------------------------------------------------------------- STFT facts (spec §4)
 FRAME_LENGTH = 1280             # STFT frame = FFT size (80 ms)
@@ -171,65 +168,6 @@ def mel_window(mel: np.ndarray, k: int) -> np.ndarray:
     rows = mel[start:start + WINDOW_ROWS]
     out[0, :, :len(rows)] = rows.T
     return out
-
-
-class AudioFileError(UserError, ValueError):
-    """An audio file the user named cannot be read (missing, unsupported, no audio stream)."""
-
-
-def load_audio_16k(path: str | Path) -> np.ndarray:
-    """Decode an audio or video file to float32 mono 16 kHz, like upstream's `librosa.load(path, sr=16000)`.
-
-    soundfile handles wav/flac/ogg (16-bit PCM becomes int16/32768 exactly, as in librosa); anything else
-    (mp3, m4a, mp4, webm, …) is decoded with PyAV. Channels are averaged, then — only if the rate is not
-    16 kHz — resampled with soxr "HQ", librosa's default resampler, so non-16 kHz files give librosa's
-    samples too."""
-    p = Path(path)
-    if not p.is_file():
-        raise AudioFileError(f"audio file not found: {p}")
-    try:
-        audio, rate = _read_soundfile(p)
-    except Exception:  # not a format libsndfile knows: let FFmpeg try
-        audio, rate = _read_pyav(p)
-    mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
-    if rate != SAMPLE_RATE:
-        import soxr
-
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def _read_soundfile(p: Path) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
-    audio, rate = sf.read(str(p), dtype="float32", always_2d=True)
-    return audio, int(rate)
-
-
-def _read_pyav(p: Path) -> tuple[np.ndarray, int]:
-    import av
-
-    try:
-        with av.open(str(p)) as container:
-            if not container.streams.audio:
-                raise AudioFileError(f"no audio stream in {p}")
-            stream = container.streams.audio[0]
-            rate = stream.codec_context.sample_rate or stream.rate
-            # Only convert the sample format (planar float); keep rate and channels for the mix/resample.
-            resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
-            parts: list[np.ndarray] = []
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    parts.append(out.to_ndarray())
-            for out in resampler.resample(None):
-                parts.append(out.to_ndarray())
-    except AudioFileError:
-        raise
-    except Exception as exc:  # av.error.* (invalid data, unknown format) → one line naming the file
-        raise AudioFileError(f"cannot decode audio from {p}: {exc}") from None
-    if not parts:
-        raise AudioFileError(f"no audio samples decoded from {p}")
-    return np.concatenate(parts, axis=1).T.astype(np.float32, copy=False), int(rate)
 
 
 # ---------------------------------------------------------------------------- live gain
@@ -379,16 +317,8 @@ class StreamingMel:
         self._finished = False
 
     @property
-    def samples_pushed(self) -> int:
-        return self._samples
-
-    @property
     def rows_emitted(self) -> int:
         return self._rows
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Append samples (float mono 16 kHz); returns the (n, 80) float32 rows completed by them."""

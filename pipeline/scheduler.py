@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 PoseProvider = Callable[[], "np.ndarray | None"]
 
+# How long one loop turn waits for the first new audio chunk: short enough that a stop request and the
+# health checks are seen promptly, long enough that an idle loop does not spin.
+READ_TIMEOUT_S = 0.02
+
 
 class Renderer(Protocol):
     def render(self, mel_windows: np.ndarray, pose_codes: np.ndarray | None = None,
@@ -40,7 +44,6 @@ class Renderer(Protocol):
 class SchedulerOptions:
     realtime: bool = True
     batch_size: int = 8               # offline mode only; live mode renders one (the newest) frame
-    read_timeout_s: float = 0.02
     max_frames: int | None = None     # stop after this many output frames (tests, previews)
 
 
@@ -74,7 +77,7 @@ class Scheduler:
     # ---------------------------------------------------------------- audio
     def _pump_audio(self) -> None:
         """Take everything the source has now (waiting at most one read timeout for the first chunk)."""
-        timeout = self.options.read_timeout_s
+        timeout = READ_TIMEOUT_S
         while True:
             chunk = self.audio.read(timeout)
             if chunk is None:

@@ -13,6 +13,7 @@ import skimage.data
 import skimage.transform
 
 from pcavs import alignment as al
+from pcavs.alignment import detector as detector_module
 from pcavs.alignment import (AlignmentError, FaceAligner, FaceAlignmentDetector, FaceNotFoundError,
                              LandmarkModelUnavailable, LiveAligner, TEMPLATE)
 from pcavs.preprocess import to_network_input
@@ -302,7 +303,7 @@ def test_landmark_models_missing_and_downloads_disabled(tmp_path, monkeypatch):
 def test_landmark_model_download_failure_is_a_one_line_hint(tmp_path, monkeypatch):
     # Point the URLs at a closed local port: the real download code runs and fails the same way
     # everywhere, whether or not the test machine has internet.
-    monkeypatch.setattr(al, "LANDMARK_MODEL_FILES",
+    monkeypatch.setattr(detector_module, "LANDMARK_MODEL_FILES",
                         {k: f"http://127.0.0.1:9/{k}" for k in al.LANDMARK_MODEL_FILES})
     err = _construct_with_guard(model_dir=tmp_path / "models", download_timeout_s=5)
     assert isinstance(err, LandmarkModelUnavailable), err

@@ -15,7 +15,7 @@ import pytest
 
 from capture.audio_sources import (NO_DEVICES_MESSAGE, AudioChunk, AudioDeviceError, FileAudioSource,
                                    InputDevice, MicrophoneSource, list_input_devices)
-from pcavs.mel import AudioFileError, load_audio_16k
+from capture.audio_files import AudioFileError, load_audio_16k
 
 
 def _drain(src, until_finished: bool = True, timeout_s: float = 30.0) -> list[AudioChunk]:

@@ -291,7 +291,7 @@ def test_module_error_types_are_user_errors_collapsed_to_one_line():
     from capture.pose_sources import CameraError, VideoSourceError
     from pcavs.alignment import AlignmentError, FaceNotFoundError
     from pcavs.checkpoints import CheckpointError
-    from pcavs.mel import AudioFileError
+    from capture.audio_files import AudioFileError
     from stream.recorder import RecorderError
     from stream.sinks import SinkError
     from stream.vcam import VirtualCameraError

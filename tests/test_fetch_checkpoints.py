@@ -1,5 +1,6 @@
-"""cli.fetch_checkpoints against a local HTTP server (no internet needed): the upstream zip layout, Google
-Drive's confirm page, redirects, zip-slip archives, HTTP and network failures, and the command line."""
+"""cli.fetch_checkpoints and the shared common.download against a local HTTP server (no internet needed): the
+upstream zip layout, Google Drive's confirm page, redirects, zip-slip archives, HTTP and network failures,
+cut-short bodies, and the command line."""
 from __future__ import annotations
 
 import io
@@ -179,6 +180,25 @@ def test_html_without_confirm_form_fails_clearly(server, tmp_path):
     with pytest.raises(CheckpointFetchError, match="web page instead of the zip") as info:
         fetch_checkpoints(url, tmp_path / "demo", False, describe_stub)
     assert "by hand" in info.value.hint
+
+
+def test_shared_downloader_never_leaves_a_partial_file(server, tmp_path):
+    """common.download (also used for the face landmark weights): a body shorter than its Content-Length or
+    an HTML page keeps the old file and leaves no .part file; a whole body replaces the file."""
+    from common.download import DownloadError, download
+
+    dest = tmp_path / "weights.pth"
+    dest.write_bytes(b"old")
+    short = server.serve("/w.pth", b"x" * 1000, ctype="application/octet-stream", **{"Content-Length": "5000"})
+    page = server.serve("/login", b"<html>sign in</html>", ctype="text/html")
+    with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:\d+/w\.pth: ") as info:
+        download(short, dest, timeout_s=10)
+    assert "\n" not in str(info.value) and isinstance(info.value, UserError)
+    with pytest.raises(DownloadError, match="web page instead of the file"):
+        download(page, dest, timeout_s=10)
+    assert dest.read_bytes() == b"old" and leftovers(tmp_path) == []
+    assert download(server.serve("/ok.pth", b"new" * 10, ctype="application/octet-stream"), dest) == 30
+    assert dest.read_bytes() == b"new" * 10 and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("body, pattern", [

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import CASES_DIR, load_case
+from capture.audio_files import load_audio_16k
+from tests.conftest import load_case
 from pcavs import mel as M
+from pcavs.constants import FPS, HOP, MEL_ROWS_PER_FRAME, SAMPLE_RATE, WINDOW_ROWS
 
 lws = pytest.importorskip("lws", reason="lws not installed (build it with LWS_USE_CYTHON=1, see scripts/)")
 
@@ -25,7 +27,7 @@ def _upstream_mel(wav: np.ndarray) -> np.ndarray:
 def _test_signal(n: int, seed: int) -> np.ndarray:
     """Harmonics + noise with silent stretches: exercises loud, quiet and exactly-zero rows."""
     rng = np.random.default_rng(seed)
-    t = np.arange(n) / M.SAMPLE_RATE
+    t = np.arange(n) / SAMPLE_RATE
     x = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(n)
     x[n // 3: n // 2] = 0.0
     return x.astype(np.float32)
@@ -33,7 +35,7 @@ def _test_signal(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def speech(speech_wav_path) -> np.ndarray:
-    return M.load_audio_16k(speech_wav_path)
+    return load_audio_16k(speech_wav_path)
 
 
 # ------------------------------------------------------------------ framing and window vs lws
@@ -78,40 +80,6 @@ def test_wav_to_mel_equals_stored_upstream_mel(speech: np.ndarray) -> None:
         np.testing.assert_allclose(M.mel_window(mel, int(k)), window, atol=1e-5)
 
 
-def test_load_audio_16k_matches_librosa_for_int16_wav(speech: np.ndarray) -> None:
-    import librosa
-    import soundfile as sf
-
-    raw, rate = sf.read(str(CASES_DIR / "speech.wav"), dtype="int16")
-    assert rate == 16000 and speech.dtype == np.float32
-    np.testing.assert_array_equal(speech, raw.astype(np.float32) / 32768)
-    np.testing.assert_array_equal(speech, librosa.load(str(CASES_DIR / "speech.wav"), sr=16000)[0])
-
-
-def test_load_audio_16k_resamples_like_librosa(tmp_path) -> None:
-    import librosa
-    import soundfile as sf
-
-    t = np.arange(44100) / 44100
-    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 440 * t)], 1)
-    path = tmp_path / "tone44k.wav"
-    sf.write(str(path), stereo, 44100, subtype="FLOAT")
-    ours = M.load_audio_16k(path)
-    assert ours.dtype == np.float32 and len(ours) == 16000
-    np.testing.assert_allclose(ours, librosa.load(str(path), sr=16000)[0], atol=1e-6)
-    spectrum = np.abs(np.fft.rfft(ours * np.hanning(len(ours))))
-    assert abs(np.argmax(spectrum) * 16000 / len(ours) - 440) <= 1.0
-
-
-def test_load_audio_16k_errors_name_the_file(tmp_path) -> None:
-    with pytest.raises(M.AudioFileError, match="missing.wav"):
-        M.load_audio_16k(tmp_path / "missing.wav")
-    junk = tmp_path / "junk.mp3"
-    junk.write_bytes(b"this is not audio" * 100)
-    with pytest.raises(M.AudioFileError, match="junk.mp3"):
-        M.load_audio_16k(junk)
-
-
 # ------------------------------------------------------------------ windows and timing
 def test_mel_window_layout_and_edges() -> None:
     mel = np.arange(30 * 80, dtype=np.float32).reshape(30, 80)
@@ -125,7 +93,7 @@ def test_mel_window_layout_and_edges() -> None:
 
 
 def test_timing_facts_agree_with_streaming_rows() -> None:
-    assert (M.SAMPLE_RATE, M.HOP, M.MEL_ROWS_PER_FRAME, M.WINDOW_ROWS, M.FPS) == (16000, 160, 4, 20, 25)
+    assert (SAMPLE_RATE, HOP, MEL_ROWS_PER_FRAME, WINDOW_ROWS, FPS) == (16000, 160, 4, 20, 25)
     assert M.samples_needed_for_frame(0) == 3200                 # 200 ms of audio for frame 0
     assert M.samples_needed_for_frame(10) == 16 * (400 + 200)            # 40k + 200 ms at k = 10
     sm = M.StreamingMel(1.0)

@@ -9,9 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from capture.pose_sources import (CameraError, EmaFilter, FixedPose, NoPose, OneEuroFilter, PoseSample,
-                                  PoseWorker, StillImageSource, VideoFileSource, VideoSourceError,
-                                  WebcamSource, make_pose_filter, network_pose_encoder, open_pose_source)
+from capture.pose_sources import (CameraError, EmaFilter, PoseSample, PoseWorker, VideoFileSource, VideoSourceError,
+                                  WebcamSource, make_pose_filter)
 from pcavs.alignment import LiveAligner
 
 DEADLINE_S = 20.0  # generous upper bound for waiting on threads (never a speed assert)
@@ -93,28 +92,6 @@ def test_video_file_errors_name_the_file(tmp_path):
         VideoFileSource(bad)
 
 
-def test_still_image_source_yields_once_then_ends():
-    img = np.full((10, 12, 3), 7, np.uint8)
-    src = StillImageSource(img)
-    rgb, t = src.read()
-    assert rgb.shape == (10, 12, 3) and t <= time.monotonic()
-    assert src.read() is None
-
-
-def test_open_pose_source_dispatches_on_the_spec(tmp_path):
-    import cv2
-    still = tmp_path / "face.png"
-    cv2.imwrite(str(still), np.zeros((8, 8, 3), np.uint8))
-    assert isinstance(open_pose_source(str(still)), StillImageSource)
-    video = tmp_path / "v.mp4"
-    write_mp4(video, COLOURS[:2])
-    src = open_pose_source(str(video), realtime=False, loop=False)
-    assert isinstance(src, VideoFileSource) and not src.realtime
-    src.close()
-    with pytest.raises(CameraError):
-        open_pose_source("96")
-
-
 # --------------------------------------------------------------------------- smoothing
 def noisy_then_step(n_noise=200, n_step=40, seed=0):
     rng = np.random.default_rng(seed)
@@ -123,12 +100,9 @@ def noisy_then_step(n_noise=200, n_step=40, seed=0):
     return np.concatenate([noise, step]), np.arange(n_noise + n_step) / 25.0
 
 
-@pytest.mark.parametrize("make_filter, max_steps", [(lambda: EmaFilter(0.1), 8),
-                                                    (lambda: OneEuroFilter(1.0, 0.5), 8)],
-                         ids=["ema", "one_euro"])
-def test_filters_reduce_jitter_and_follow_a_step(make_filter, max_steps):
+def test_ema_filter_reduces_jitter_and_follows_a_step():
     codes, times = noisy_then_step()
-    f = make_filter()
+    f, max_steps = EmaFilter(0.1), 8
     out = np.array([f.update(c, t) for c, t in zip(codes, times)])
     still_in, still_out = codes[50:200], out[50:200]
     assert still_out.var(0).mean() < 0.3 * still_in.var(0).mean()
@@ -176,6 +150,37 @@ class ListSource:
         self.closed = True
 
 
+class RepeatSource:
+    """A live source showing one frame every `interval` seconds until closed (a still camera view)."""
+
+    realtime = True
+
+    def __init__(self, frame, interval=0.0):
+        self.frame, self.interval, self.closed = frame, interval, False
+
+    def read(self):
+        if self.closed:
+            return None
+        time.sleep(self.interval)
+        return self.frame, time.monotonic()
+
+    def close(self):
+        self.closed = True
+
+
+def run_recording(worker: PoseWorker, source: ListSource) -> list[PoseSample]:
+    """Run `worker` over an in-order (not real-time) ListSource to its end and return the sample published
+    after each frame: the processing thread itself reads the next frame, so at read n the worker has
+    finished frame n-1."""
+    seen: list[PoseSample | None] = []
+    source.on_read = lambda n: seen.append(worker.latest()) if n > 0 else None
+    worker.start()
+    wait_for(lambda: worker.finished, "the source to end")
+    worker.stop()
+    worker.check()
+    return seen
+
+
 def flat_frame(value: int) -> np.ndarray:
     return np.full((160, 160, 3), value, np.uint8)
 
@@ -205,14 +210,11 @@ def value_encoder(aligned: np.ndarray) -> np.ndarray:
 
 def test_worker_holds_last_pose_without_face_and_recovers(caplog):
     values = [50] * 4 + [0] * 3 + [200] * 4
-    samples: list[PoseSample] = []
-    worker = PoseWorker(ListSource([flat_frame(v) for v in values]), LiveAligner(ValueDetector()),
-                        value_encoder, smoothing=None, listener=samples.append)
+    source = ListSource([flat_frame(v) for v in values])
+    worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=None)
     with caplog.at_level(logging.INFO, logger="capture.pose_sources"):
-        worker.start()
-        wait_for(lambda: worker.finished, "the source to end")
-        worker.stop()
-    worker.check()
+        samples = run_recording(worker, source)
+    assert len(samples) == len(values)
     assert [s.face_found for s in samples] == [v != 0 for v in values]
     assert [s.frames_without_face for s in samples] == [0] * 4 + [1, 2, 3] + [0] * 4
     codes = np.array([s.code for s in samples])
@@ -224,28 +226,22 @@ def test_worker_holds_last_pose_without_face_and_recovers(caplog):
     assert worker.latest().code[0] == pytest.approx(200 / 255) and worker.finished
 
 
-def test_worker_publishes_initial_code_before_the_first_face():
-    initial = np.arange(12, dtype=np.float32)
-    samples = []
-    worker = PoseWorker(ListSource([flat_frame(0), flat_frame(90)]), LiveAligner(ValueDetector()),
-                        value_encoder, smoothing=None, initial_code=initial, listener=samples.append)
-    assert worker.latest().code.tolist() == initial.tolist() and not worker.latest().face_found
-    worker.start()
-    wait_for(lambda: worker.finished, "the source to end")
-    worker.stop()
-    assert samples[0].code.tolist() == initial.tolist() and not samples[0].face_found
-    np.testing.assert_allclose(samples[1].code, 90 / 255, atol=1e-6)
+def test_worker_publishes_nothing_before_the_first_face():
+    """Until a face is seen, latest() stays None: the engine then renders the photo's own pose."""
+    source = ListSource([flat_frame(0), flat_frame(0), flat_frame(90)])
+    worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=None)
+    assert worker.latest() is None
+    samples = run_recording(worker, source)
+    assert samples[:2] == [None, None]
+    assert samples[2].face_found and samples[2].code[0] == pytest.approx(90 / 255)
 
 
 def test_worker_applies_the_smoothing_filter():
     rng = np.random.default_rng(1)
     values = [int(v) for v in rng.integers(60, 200, 30)]
-    samples = []
-    worker = PoseWorker(ListSource([flat_frame(v) for v in values]), LiveAligner(ValueDetector()),
-                        value_encoder, smoothing=EmaFilter(0.2), listener=samples.append)
-    worker.start()
-    wait_for(lambda: worker.finished, "the source to end")
-    worker.stop()
+    source = ListSource([flat_frame(v) for v in values])
+    worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=EmaFilter(0.2))
+    samples = run_recording(worker, source)
     out = np.array([s.code[0] for s in samples])
     raw = np.array(values) / 255.0
     assert len(out) == len(raw) and out.var() < 0.5 * raw.var()
@@ -261,28 +257,30 @@ def test_worker_drops_stale_frames_from_realtime_sources():
         if n == 6:  # frames 1..5 are in the mailbox (each replacing the previous)
             all_pushed.set()
 
+    encoded = []
+
     def slow_encode(aligned):
         encoding_started.set()
         assert all_pushed.wait(DEADLINE_S)
-        return value_encoder(aligned)
+        encoded.append(value_encoder(aligned))
+        return encoded[-1]
 
-    samples = []
     source = ListSource([flat_frame(10 * (i + 1)) for i in range(6)], realtime=True, on_read=on_read)
-    worker = PoseWorker(source, LiveAligner(ValueDetector()), slow_encode, smoothing=None,
-                        listener=samples.append)
+    worker = PoseWorker(source, LiveAligner(ValueDetector()), slow_encode, smoothing=None)
     worker.start()
     wait_for(lambda: worker.finished, "the source to end")
     worker.stop()
     worker.check()
     assert worker.frames_processed == 2 and worker.frames_dropped == 4
-    np.testing.assert_allclose([s.code[0] for s in samples], [10 / 255, 60 / 255], atol=1e-6)
+    np.testing.assert_allclose([code[0] for code in encoded], [10 / 255, 60 / 255], atol=1e-6)
+    assert worker.latest().code[0] == pytest.approx(60 / 255)
 
 
 def test_worker_exception_surfaces_through_check():
     def broken_encode(aligned):
         raise RuntimeError("pose encoder exploded")
 
-    worker = PoseWorker(StillImageSource(flat_frame(80), repeat=True), LiveAligner(ValueDetector()),
+    worker = PoseWorker(RepeatSource(flat_frame(80), interval=0.01), LiveAligner(ValueDetector()),
                         broken_encode, smoothing=None)
     worker.start()
     wait_for(lambda: not worker.alive, "the worker to die")
@@ -316,7 +314,7 @@ def test_bad_encoder_output_is_reported():
 
 
 def test_stop_joins_the_threads_and_closes_the_source():
-    source = StillImageSource(flat_frame(120), repeat=True, interval=0.01)
+    source = RepeatSource(flat_frame(120), interval=0.01)
     worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=EmaFilter(0.1))
     worker.start()
     wait_for(lambda: worker.latest() is not None, "a first pose")
@@ -325,35 +323,3 @@ def test_stop_joins_the_threads_and_closes_the_source():
     assert not worker.alive and worker._threads and not any(t.is_alive() for t in worker._threads)
     assert source.read() is None  # closed
     worker.stop()  # idempotent
-
-
-def test_fixed_pose_and_no_pose():
-    code = np.linspace(-1, 1, 12)
-    fixed = FixedPose(code)
-    fixed.start()
-    sample = fixed.latest()
-    np.testing.assert_allclose(sample.code, code, atol=1e-7)
-    assert sample.face_found and not fixed.finished
-    fixed.stop()
-    none = NoPose()
-    none.start()
-    assert none.latest() is None
-    none.check()
-    none.stop()
-    with pytest.raises(ValueError):
-        FixedPose(np.zeros(3))
-
-
-def test_network_pose_encoder_feeds_the_loader_tensor():
-    import torch
-    seen = []
-
-    class FakeAvatar:
-        def pose_code(self, x):
-            seen.append(x)
-            return np.full(12, float(x.mean()), np.float32)
-
-    encode = network_pose_encoder(FakeAvatar())
-    code = encode(np.full((224, 224, 3), 255, np.uint8))
-    assert seen[0].shape == (3, 224, 224) and seen[0].dtype == torch.float32
-    np.testing.assert_allclose(code, 1.0)

@@ -1,0 +1,74 @@
+"""Audio and video files → float32 mono 16 kHz samples, decoded the way upstream's `librosa.load` does.
+
+The model was trained on audio read with `librosa.load(path, sr=16000)`; reading a file the same way
+(same int16 scaling, same channel mix, same resampler) is what lets the file path reproduce upstream's
+mel rows exactly. soundfile reads what libsndfile knows; PyAV (FFmpeg) reads the rest, including the
+audio track of a video.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+from pcavs.constants import SAMPLE_RATE
+
+
+class AudioFileError(UserError, ValueError):
+    """An audio file the user named cannot be read (missing, unsupported, no audio stream)."""
+
+
+def load_audio_16k(path: str | Path) -> np.ndarray:
+    """Decode an audio or video file to float32 mono 16 kHz, like upstream's `librosa.load(path, sr=16000)`.
+
+    soundfile handles wav/flac/ogg (16-bit PCM becomes int16/32768 exactly, as in librosa); anything else
+    (mp3, m4a, mp4, webm, …) is decoded with PyAV. Channels are averaged, then — only if the rate is not
+    16 kHz — resampled with soxr "HQ", librosa's default resampler, so non-16 kHz files give librosa's
+    samples too."""
+    p = Path(path)
+    if not p.is_file():
+        raise AudioFileError(f"audio file not found: {p}")
+    try:
+        audio, rate = _read_soundfile(p)
+    except Exception:  # not a format libsndfile knows: let FFmpeg try
+        audio, rate = _read_pyav(p)
+    mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
+    if rate != SAMPLE_RATE:
+        import soxr
+
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _read_soundfile(p: Path) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    audio, rate = sf.read(str(p), dtype="float32", always_2d=True)
+    return audio, int(rate)
+
+
+def _read_pyav(p: Path) -> tuple[np.ndarray, int]:
+    import av
+
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.audio:
+                raise AudioFileError(f"no audio stream in {p}")
+            stream = container.streams.audio[0]
+            rate = stream.codec_context.sample_rate or stream.rate
+            # Only convert the sample format (planar float); keep rate and channels for the mix/resample.
+            resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
+            parts: list[np.ndarray] = []
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray())
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray())
+    except AudioFileError:
+        raise
+    except Exception as exc:  # av.error.* (invalid data, unknown format) → one line naming the file
+        raise AudioFileError(f"cannot decode audio from {p}: {exc}") from None
+    if not parts:
+        raise AudioFileError(f"no audio samples decoded from {p}")
+    return np.concatenate(parts, axis=1).T.astype(np.float32, copy=False), int(rate)

@@ -1,0 +1,16 @@
+"""What can go wrong while aligning a face: one-line user errors, all catchable as `AlignmentError`."""
+from __future__ import annotations
+
+from common.errors import UserError
+
+
+class AlignmentError(UserError):
+    """A user-fixable alignment problem; the message is one actionable line."""
+
+
+class FaceNotFoundError(AlignmentError):
+    """No face in a photo that must contain one."""
+
+
+class LandmarkModelUnavailable(AlignmentError):
+    """The landmark detector's weights are missing and could not be fetched."""
