@@ -38,6 +38,8 @@ def load_audio_16k(path: str | Path) -> np.ndarray:
         import soxr
 
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    if len(mono) == 0:  # a valid header with no samples: nothing to animate, and no file to write
+        raise AudioFileError(f"audio file {p} holds no samples", hint="record or pick a file with speech in it")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

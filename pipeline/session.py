@@ -23,7 +23,8 @@ from common.errors import UserError
 from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
-from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, sidecar_path
+from pcavs.alignment import (FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, load_landmark_sidecar,
+                             read_rgb, sidecar_path)
 from pcavs.checkpoints import load_networks
 from pcavs.engine import Avatar, EngineOptions, resolve_device
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
@@ -95,9 +96,12 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     photo = Path(config.identity.photo)
     if not photo.is_file():
         raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
+    rgb = read_rgb(photo)  # a damaged photo is named as such, before any model is loaded
     networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
-    aligner = FaceAligner(None if sidecar_path(photo).is_file() else detector())  # a sidecar needs none
-    aligned = aligner.align_photo_file(photo).image
+    side = sidecar_path(photo)
+    aligner = FaceAligner(None if side.is_file() else detector())  # a sidecar needs no detector
+    landmarks = load_landmark_sidecar(side) if side.is_file() else None
+    aligned = aligner.align_photo(rgb, name=str(photo), landmarks=landmarks).image
     options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,
                             noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
     return Avatar(networks, to_network_input(aligned), options), aligned

@@ -20,8 +20,27 @@ def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Image file → RGB uint8."""
+    """Image file → RGB uint8, decoded by OpenCV like upstream's `cv2.imread`.
+
+    Pillow checks the file first: OpenCV's PNG/JPEG decoders print their own lines (`libpng error: ...`)
+    straight to the process's stderr for a damaged file, where the user is promised one `error:` line.
+    Pillow raises instead, so a truncated or corrupt image is refused before OpenCV ever sees it."""
+    _check_decodable(path)
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise AlignmentError(f"cannot read image file {path} (missing or not an image)")
     return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def _check_decodable(path: str | os.PathLike) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes every pixel: a truncated file fails here
+    except FileNotFoundError:
+        raise AlignmentError(f"image file {path} not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise AlignmentError(f"cannot read image file {path}: {reason}",
+                             hint="use an undamaged JPEG or PNG photo") from None
