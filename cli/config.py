@@ -106,6 +106,11 @@ class ServerConfig:
     host: str = _spec(nonempty=True)
     port: int = _spec(min=0, max=65535)
     token: str = _spec()
+    ice_host_addresses: tuple[str, ...] = _spec()
+    stun_url: str = _spec(pattern=r"(stuns?:.+)?", expect="'' or a 'stun:HOST[:PORT]' URL")
+    turn_url: str = _spec(pattern=r"(turns?:.+)?", expect="'' or a 'turn:HOST[:PORT][?transport=udp|tcp]' URL")
+    turn_username: str = _spec()
+    turn_credential: str = _spec()
 
 
 @dataclass(frozen=True)
