@@ -134,6 +134,11 @@ class ServerConfig:
     host: str = _spec(nonempty=True, flag="--host", help="WebRTC viewer address")
     port: int = _spec(min=0, max=65535, flag="--port", help="WebRTC viewer port (0: any free port)")
     token: str | None = _spec(flag="--token", help="viewer token (required when --host is not loopback)")
+    ice_host_addresses: tuple[str, ...] = _spec()
+    stun_url: str | None = _spec(pattern=r"stuns?:.+", expect="'' or a 'stun:HOST[:PORT]' URL")
+    turn_url: str | None = _spec(pattern=r"turns?:.+", expect="'' or a 'turn:HOST[:PORT][?transport=udp|tcp]' URL")
+    turn_username: str | None = _spec()
+    turn_credential: str | None = _spec()
 
 
 @dataclass(frozen=True)

@@ -178,16 +178,25 @@ class LiveSession:
                 from stream.vcam import VirtualCameraSink
                 sinks.append(VirtualCameraSink(device=self.config.vcam.device, backend=self.config.vcam.backend))
             elif target == "webrtc":
-                from stream.webrtc import WebRTCServer, WebRTCSink
-                s = self.config.server
-                server = WebRTCServer(host=s.host, port=s.port, token=s.token,
-                                      stats=self.metrics.snapshot,
-                                      ice_host_addresses=self.run_options.ice_host_addresses)
-                server.start()
-                self._stack.callback(server.stop)
-                self.server = server
-                sinks.append(WebRTCSink(server))
+                from stream.webrtc import WebRTCSink
+                self.start_server()
+                sinks.append(WebRTCSink(self.server))
         return FanOutSink(sinks)
+
+    def start_server(self) -> None:
+        """Bind and start the viewer server when "webrtc" is an output (once). `run` calls it first, so
+        that a port in use is reported at once, not after the networks have been loaded."""
+        if "webrtc" not in self.config.output.targets or self.server is not None:
+            return
+        from stream.webrtc import WebRTCServer, ice_servers
+        s = self.config.server
+        hosts = self.run_options.ice_host_addresses
+        server = WebRTCServer(host=s.host, port=s.port, token=s.token, stats=self.metrics.snapshot,
+                              ice_servers=ice_servers(s.stun_url, s.turn_url, s.turn_username, s.turn_credential),
+                              ice_host_addresses=s.ice_host_addresses if hosts is None else hosts)
+        server.start()
+        self._stack.callback(server.stop)
+        self.server = server
 
     def _pose(self, avatar: Avatar) -> tuple[Callable[[], np.ndarray | None] | None,
                                                                      list[Callable[[], None]]]:
@@ -218,6 +227,7 @@ class LiveSession:
         return latest, [worker.check]
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
+        self.start_server()
         avatar, aligned = build_avatar(
             self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
         source, mel = build_audio(self.config, self.realtime)

@@ -27,6 +27,16 @@ function waitForIceGathering(conn, ms) {
   });
 }
 
+async function iceServers() {
+  // The STUN/TURN servers configured on the server (server.stun_url, server.turn_*), so that a viewer
+  // behind NAT gathers the same kinds of candidates; none when the request fails.
+  try {
+    const resp = await fetch("ice" + (token ? "?token=" + encodeURIComponent(token) : ""), { cache: "no-store" });
+    if (resp.ok) return (await resp.json()).iceServers || [];
+  } catch (err) { /* server restarting: host candidates only */ }
+  return [];
+}
+
 function scheduleReconnect(why) {
   setStatus(why + " — reconnecting in 3 s", true);
   if (retryTimer === null) retryTimer = setTimeout(() => { retryTimer = null; connect(); }, 3000);
@@ -35,7 +45,7 @@ function scheduleReconnect(why) {
 async function connect() {
   if (pc) { try { pc.close(); } catch (e) { /* already closed */ } }
   setStatus("connecting…");
-  const conn = new RTCPeerConnection({ iceServers: [] });
+  const conn = new RTCPeerConnection({ iceServers: await iceServers() });
   pc = conn;
   conn.addTransceiver("video", { direction: "recvonly" });
   conn.addTransceiver("audio", { direction: "recvonly" });

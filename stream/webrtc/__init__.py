@@ -10,10 +10,11 @@ and returns, so a slow network or a stuck browser can never hold up the render l
 
 The buffers feed one video and one audio *source track* (tracks.py: frame-index timestamps, audio
 Opus-encoded once); every viewer gets proxies of them. `use_host_addresses` (ice.py) lets viewers on
-the same machine connect over loopback. Nothing in this package can grow without bound.
+the same machine connect over loopback; `ice_servers` (ice.py) turns the config's STUN/TURN keys into
+the servers used for viewers behind NAT. Nothing in this package can grow without bound.
 """
-from stream.webrtc.ice import use_host_addresses
+from stream.webrtc.ice import ice_servers, use_host_addresses
 from stream.webrtc.server import ServerError, WebRTCServer
 from stream.webrtc.sink import WebRTCSink
 
-__all__ = ["ServerError", "WebRTCServer", "WebRTCSink", "use_host_addresses"]
+__all__ = ["ServerError", "WebRTCServer", "WebRTCSink", "ice_servers", "use_host_addresses"]

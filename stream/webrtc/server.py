@@ -1,19 +1,24 @@
 """The viewer server: one thread and event loop owning the aiohttp app and every viewer's peer.
 
 `WebRTCServer` owns one thread running one asyncio loop; aiohttp serves the page (`stream/web/`),
-`POST /offer` (SDP offer in, answer out), `GET /stats` and `GET /health` on it, and every viewer's
-RTCPeerConnection lives there too. Frames come in from the sink's thread through `push`, which only
+`POST /offer` (SDP offer in, answer out), `GET /ice` (the STUN/TURN servers, for the page's own
+peer connection), `GET /stats` and `GET /health` on it, and every viewer's RTCPeerConnection lives
+there too. Frames come in from the sink's thread through `push`, which only
 puts them into two small bounded buffers (buffer.py) and returns.
 
 One source, many viewers: the buffers feed one video and one audio *source track* (tracks.py); every
 viewer gets `MediaRelay` proxies of them (`buffered=False`: a proxy holds at most the latest item, so
 a slow viewer loses frames instead of growing a queue). Nothing here can grow without bound: the
-sink-side buffers drop their oldest item, viewers are capped by `max_viewers`, and a peer that never
-connects is dropped after `connect_timeout_s`.
+sink-side buffers drop their oldest item, viewers are capped by `max_viewers` (an offer takes its
+slot before negotiating, so concurrent offers cannot overshoot), request bodies are capped at
+`MAX_OFFER_BYTES`, and a peer that never connects is dropped after `connect_timeout_s`.
+
+Whatever a client sends gets a status and a one-line reason (`{"error": ...}`), never a traceback.
 """
 from __future__ import annotations
 
 import asyncio
+import codecs
 import concurrent.futures
 import errno
 import ipaddress
@@ -33,12 +38,15 @@ from aiortc.contrib.media import MediaRelay
 
 from common.errors import UserError
 from stream.webrtc.buffer import LatestBuffer
-from stream.webrtc.ice import use_host_addresses
+from stream.webrtc.ice import (ice_server_as_json, unusable_host_address, unusable_ice_server,
+                               use_host_addresses)
 from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+# An SDP offer with its candidates is a few KiB; anything far larger is not an offer.
+MAX_OFFER_BYTES = 64 * 1024
 
 
 class ServerError(UserError):
@@ -60,11 +68,13 @@ class WebRTCServer:
     `token`: shared secret a viewer must send with its offer (and /stats). Required for any
     non-loopback `host`: when missing there, one is generated and logged with the URL to open.
     `stats`: called (on the server thread) for `GET /stats`; should be cheap and thread-safe.
-    `ice_servers`: STUN URLs (or aiortc RTCIceServer objects, for TURN credentials) for viewers
-    behind NAT; default none (LAN/loopback viewing, and no
-    outgoing STUN queries on offline machines).
+    `ice_servers`: STUN URLs (or aiortc RTCIceServer objects, for TURN credentials; see
+    `ice.ice_servers`) for viewers behind NAT, at most one STUN and one TURN server (all aiortc uses);
+    default none (LAN/loopback viewing, and no outgoing STUN queries on offline machines). The page
+    is given the same servers (`GET /ice`) for its own side of the connection.
     `ice_host_addresses`: gather ICE host candidates on exactly these addresses (see
     `use_host_addresses`); ["127.0.0.1"] makes same-machine viewing work without any LAN interface.
+    Unusable ICE settings are a `ServerError` from `start()`, not offers that fail later.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
@@ -92,6 +102,7 @@ class WebRTCServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._peers: set[RTCPeerConnection] = set()
+        self._negotiating = 0       # offers holding a viewer slot while their answer is being made
         self._relay: MediaRelay | None = None
         self._video_buf: LatestBuffer | None = None
         self._audio_buf: LatestBuffer | None = None
@@ -122,6 +133,7 @@ class WebRTCServer:
             raise RuntimeError("WebRTCServer.start called twice")
         if not (self.web_root / "index.html").is_file():
             raise ServerError(f"viewer page {self.web_root / 'index.html'} is missing; reinstall pcavs-live")
+        self._check_ice_settings()
         sock = self._bind()
         self._port = sock.getsockname()[1]
         loop = asyncio.new_event_loop()
@@ -141,6 +153,21 @@ class WebRTCServer:
                         "this session; pass --token to choose one)", self.url, anywhere)
         else:
             log.info("viewer: open %s", self.url)
+
+    def _check_ice_settings(self) -> None:
+        for address in self.ice_host_addresses or []:
+            reason = unusable_host_address(address)
+            if reason:
+                raise ServerError(reason, hint="set server.ice_host_addresses to addresses of this machine, "
+                                  'e.g. ["127.0.0.1"], or to [] for every non-loopback interface')
+        for server in self._ice_servers:
+            reason = unusable_ice_server(server)
+            if reason:
+                raise ServerError(reason, hint="fix server.stun_url / server.turn_url in your config")
+        for scheme in ("stun", "turn"):
+            urls = [u for s in self._ice_servers for u in ice_server_as_json(s)["urls"] if u.startswith(scheme)]
+            if len(urls) > 1:
+                raise ServerError(f"aiortc uses one {scheme.upper()} server, got {len(urls)}: {', '.join(urls)}")
 
     def _bind(self) -> socket.socket:
         port = self._requested_port
@@ -216,9 +243,10 @@ class WebRTCServer:
         self._video = LiveVideoTrack(self._video_buf)
         self._audio = LiveAudioTrack(self._audio_buf)
         self._relay = MediaRelay()
-        app = web.Application(client_max_size=256 * 1024)
+        app = web.Application(client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self._handle_index)
         app.router.add_post("/offer", self._handle_offer)
+        app.router.add_get("/ice", self._handle_ice)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_get("/health", self._handle_health)
         app.router.add_static("/static/", self.web_root)
@@ -267,6 +295,7 @@ class WebRTCServer:
 
     @property
     def peer_count(self) -> int:
+        """Viewers answered and not yet gone (connected, or still connecting)."""
         return len(self._peers)
 
     # ------------------------------------------------------------------ HTTP
@@ -294,11 +323,43 @@ class WebRTCServer:
         return web.Response(text=json.dumps(snap, default=_jsonable), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
-    async def _handle_offer(self, request: web.Request) -> web.Response:
+    async def _handle_ice(self, request: web.Request) -> web.Response:
+        token = request.query.get("token") or request.headers.get("X-Token")
+        if not self._authorised(token):            # TURN credentials are as private as the stream
+            return _error(403, "missing or wrong token")
+        return web.json_response({"iceServers": [ice_server_as_json(s) for s in self._ice_servers]},
+                                 headers={"Cache-Control": "no-store"})
+
+    async def _read_json(self, request: web.Request) -> object:
+        """The request body as JSON, or the error response saying why not (size, charset, syntax)."""
+        too_large = _error(413, f"request body is larger than {MAX_OFFER_BYTES // 1024} KiB; "
+                                "an offer is a few KiB of SDP")
+        if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
+            return too_large
         try:
-            body = json.loads(await request.text())
-        except (ValueError, UnicodeDecodeError) as exc:
+            raw = await request.read()             # also stops a chunked body at client_max_size
+        except web.HTTPRequestEntityTooLarge:
+            return too_large
+        charset = request.charset or "utf-8"
+        try:
+            codec = codecs.lookup(charset).name
+        except LookupError:
+            codec = None
+        if codec not in ("utf-8", "ascii"):
+            return _error(400, f"unsupported charset {charset[:40]!r} in Content-Type; send UTF-8 JSON")
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return _error(400, "request body is not UTF-8 text")
+        except RecursionError:
+            return _error(400, "request body is JSON nested too deeply; send {sdp, type, token}")
+        except ValueError as exc:
             return _error(400, f"request body is not JSON: {exc}")
+
+    async def _handle_offer(self, request: web.Request) -> web.Response:
+        body = await self._read_json(request)
+        if isinstance(body, web.Response):
+            return body
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object {sdp, type, token}")
         if not self._authorised(body.get("token")):
@@ -308,21 +369,33 @@ class WebRTCServer:
             return _error(400, "'sdp' (the offer's SDP text) is missing")
         if kind != "offer":
             return _error(400, f"'type' must be \"offer\", got {kind!r}")
-        if len(self._peers) >= self.max_viewers:
+        # The slot is taken before the first await and given back in `finally`; `_watch` counts the
+        # peer in the same step (no await in between), so answered + negotiating never exceeds the cap.
+        if len(self._peers) + self._negotiating >= self.max_viewers:
             return _error(503, f"too many viewers (max {self.max_viewers})")
-
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        self._negotiating += 1
         try:
-            answer = await asyncio.wait_for(self._negotiate(pc, sdp), 20)
-        except Exception as exc:
-            await pc.close()
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            if "send parameters" in reason:   # aiortc's words for "no codec in common"
-                reason += " (this server sends VP8 or H.264 video and Opus audio)"
-            log.info("rejected offer from %s: %s", request.remote, reason)
-            return _error(400, f"cannot use this offer: {reason}")
+            pc = RTCPeerConnection(self.rtc_configuration())
+            try:
+                answer = await asyncio.wait_for(self._negotiate(pc, sdp), 20)
+            except Exception as exc:
+                await pc.close()
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                if "send parameters" in reason:   # aiortc's words for "no codec in common"
+                    reason += " (this server sends VP8 or H.264 video and Opus audio)"
+                log.info("rejected offer from %s: %s", request.remote, reason)
+                return _error(400, f"cannot use this offer: {reason}")
+            except BaseException:                 # cancelled (the server is stopping): no stray peer
+                await pc.close()
+                raise
+        finally:
+            self._negotiating -= 1
         self._watch(pc)
         return web.json_response({"sdp": answer.sdp, "type": answer.type})
+
+    def rtc_configuration(self) -> RTCConfiguration:
+        """What every viewer's RTCPeerConnection is made with (the configured STUN/TURN servers)."""
+        return RTCConfiguration(iceServers=list(self._ice_servers))
 
     async def _negotiate(self, pc: RTCPeerConnection, sdp: str) -> RTCSessionDescription:
         assert self._relay is not None and self._video is not None and self._audio is not None
