@@ -39,7 +39,7 @@ def _check_decodable(path: str | os.PathLike) -> None:
         with Image.open(path) as img:
             img.load()  # decodes every pixel: a truncated file fails here
     except FileNotFoundError:
-        raise AlignmentError(f"image file {path} not found") from None
+        raise AlignmentError(f"cannot read image file {path}: not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise AlignmentError(f"cannot read image file {path}: {reason}",
