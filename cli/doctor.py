@@ -172,6 +172,18 @@ def microphone_fix(system: str) -> str:
     return "sudo apt-get install libportaudio2, then connect a microphone (check: pactl list short sources)"
 
 
+def _matching_device(labels: list[str], wanted: str) -> str | None:
+    """The listed device --audio-device names, as the microphone source picks it: a number is an index,
+    anything else part of a name. Labels read "index: name (host API, channels, rate)"."""
+    w = wanted.strip().lower()
+    for label in labels:
+        index, _, rest = label.partition(": ")
+        name = rest.rsplit(" (", 1)[0].lower()
+        if (w.isdigit() and index == w) or (not w.isdigit() and w in name):
+            return label
+    return None
+
+
 def check_microphones(probe: Callable[[], list[str]], config: Config, system: str) -> Row:
     needed = config.audio.is_mic
     try:
@@ -182,8 +194,7 @@ def check_microphones(probe: Callable[[], list[str]], config: Config, system: st
         return Row("microphone", False, "no audio input devices", microphone_fix(system), needed)
     wanted = config.audio.device
     if wanted is not None:
-        w = wanted.strip().lower()
-        match = next((d for d in devices if d.split(":", 1)[0] == w or w in d.split(":", 1)[-1].lower()), None)
+        match = _matching_device(devices, wanted)
         if match is None:
             return Row("microphone", False, f"no input device matches --audio-device {wanted!r} "
                                             f"({len(devices)} found)",
