@@ -17,6 +17,8 @@ import sys
 
 from cli.main import LIVE_TARGETS, build_run_parser, main as _main, overrides_from_args  # noqa: F401
 
+__all__ = ["LIVE_TARGETS", "build_parser", "main", "overrides_from_args", "parse_args"]
+
 PROG = "run_live.py"
 
 

@@ -160,8 +160,8 @@ def build_fetch_parser(prog: str) -> argparse.ArgumentParser:
     checkpoints = next(o for o in cli_options() if o.key == "model.checkpoint_dir")
     p.add_argument(checkpoints.flag, dest=checkpoints.dest, metavar=checkpoints.metavar, help=checkpoints.help)
     p.add_argument("--landmark-dir", type=Path, metavar="DIR",
-                   help="folder for the face-alignment weights (default: the one the program reads, "
-                        "$TORCH_HOME/hub/checkpoints)")
+                   help="folder for the face-alignment weights (default: the one the program reads them from, "
+                        "$TORCH_HOME/hub/checkpoints; set TORCH_HOME to move both)")
     p.add_argument("--zip", type=Path, metavar="FILE", help="install the checkpoints from a demo.zip downloaded by hand")
     p.add_argument("--force", action="store_true", help="download the checkpoints even if they verify already")
     _add_config_files(p)

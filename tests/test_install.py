@@ -205,6 +205,9 @@ def test_fetch_command_uses_the_config_and_the_folder_the_program_reads(tmp_path
     from pcavs.alignment import LANDMARK_MODEL_FILES, default_landmark_model_dir
 
     assert fetch.landmark_files() == LANDMARK_MODEL_FILES
+    assert set(fetch.KNOWN_SHA256) == set(LANDMARK_MODEL_FILES)  # every file the program loads is pinned...
+    for name, digest in fetch.KNOWN_SHA256.items():                # ...consistently with its own name
+        assert len(digest) == 64 and digest.startswith(fetch.expected_hash_prefix(name)), name
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert fetch.default_landmark_dir() == default_landmark_model_dir() == tmp_path / "torch" / "hub" / "checkpoints"
 
@@ -215,6 +218,56 @@ def test_fetch_command_uses_the_config_and_the_folder_the_program_reads(tmp_path
     assert code == 0, capsys.readouterr()
     assert present(tmp_path / "ck") == {net: "present" for net in NETS}
     assert fetch.landmark_status(tmp_path / "torch" / "hub" / "checkpoints", files) == {n: "ok" for n in files}
+
+
+# --------------------------------------------------------------------------- the commands
+def test_the_command_comes_first_and_run_is_the_default():
+    from cli.main import split_command
+    assert split_command([]) == ("run", [])
+    assert split_command(["--out", "x.mp4"]) == ("run", ["--out", "x.mp4"])
+    assert split_command(["doctor", "--out", "vcam"]) == ("doctor", ["--out", "vcam"])
+    assert split_command(["--port", "1", "doctor"]) == ("run", ["--port", "1", "doctor"])  # not a command there
+
+
+def test_serve_adds_the_viewer_to_the_outputs(capsys):
+    from cli.main import main
+    assert main(["serve", "--print-config"]) == 0
+    assert 'targets = ["webrtc"]' in capsys.readouterr().out
+    assert main(["serve", "--out", "x.mp4", "--print-config"]) == 0
+    assert 'targets = ["file", "webrtc"]' in capsys.readouterr().out
+    assert main(["run", "--out", "x.mp4", "--print-config"]) == 0
+    assert 'targets = ["file"]' in capsys.readouterr().out
+
+
+def test_serve_prints_the_viewer_url_once_the_server_listens(capsys):
+    """The session starts its server inside run(); the announcer waits for it, prints the URL once, and
+    is stopped (joined) by the command."""
+    from cli.main import _ViewerAnnouncer
+
+    class Server:
+        running = True
+        url = "http://127.0.0.1:9999/?token=t"
+
+    class Session:
+        server = None
+
+    session = Session()
+    announcer = _ViewerAnnouncer(session, poll_s=0.01)
+    threading.Event().wait(0.05)
+    assert capsys.readouterr().out == ""  # no server yet: nothing printed
+    session.server = Server()
+    announcer._thread.join(5)  # it ends by itself once it has printed
+    announcer.stop()
+    assert capsys.readouterr().out == "viewer: http://127.0.0.1:9999/?token=t\n"
+    assert not announcer._thread.is_alive()
+
+
+def test_devices_lists_three_sections(capsys):
+    from cli.main import main
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    for title in ("microphones (", "cameras (", "audio outputs:"):
+        assert sum(line.startswith(title) for line in out.splitlines()) == 1, out
 
 
 # --------------------------------------------------------------------------- the wheel in a fresh venv
