@@ -25,8 +25,10 @@ skipped, so argparse defaults can be passed as they are). String override values
 key's type ("9000" → 9000, "webrtc,file" → ["webrtc", "file"]); values from files must have the right
 TOML type already.
 
-Relative paths in files are relative to the project root; relative paths in overrides are relative to the
-current directory (that is what a user typing `--identity me.jpg` means). Loaded configs hold absolute paths.
+Relative paths in files are relative to the project root (`cli.paths.HOME_DIR`: the checkout, or a per-user
+folder for an installed package, where a path that is not there falls back to the bundled file of that name);
+relative paths in overrides are relative to the current directory (that is what a user typing
+`--identity me.jpg` means). Loaded configs hold absolute paths.
 """
 from __future__ import annotations
 
@@ -43,9 +45,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from cli.paths import BUNDLED_ROOT, HOME_DIR
 from common.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = BUNDLED_ROOT  # the folder holding configs/ and assets/: the checkout, or the installed packages'
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.toml"
 SAMPLE_DIR = PROJECT_ROOT / "assets" / "sample"
 SAMPLE_PHOTO = SAMPLE_DIR / "astronaut.png"
@@ -297,9 +300,12 @@ def _check_type(key: str, hint: Any, raw: _Value) -> Any:
     return value
 
 
-def _resolve_path(text: str, base_dir: Path) -> Path:
+def _resolve_path(text: str, base_dir: Path, bundled_fallback: bool = False) -> Path:
     path = Path(text).expanduser()
-    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+    resolved = Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+    if bundled_fallback and not path.is_absolute() and not resolved.exists() and (BUNDLED_ROOT / path).exists():
+        return Path(os.path.normpath(BUNDLED_ROOT / path))  # e.g. the installed sample photo (see cli.paths)
+    return resolved
 
 
 def _quoted(words: Iterable[str]) -> str:
@@ -317,7 +323,7 @@ def _validate(key: str, value: Any, kind: _Kind, rules: dict[str, Any], raw: _Va
             if not value.strip():
                 words = ", ".join(repr(w) for w in kind.words)
                 raise ConfigError(f"{where}: expected {words} or a file path, got an empty string")
-            return _resolve_path(value, raw.base_dir)
+            return _resolve_path(value, raw.base_dir, not raw.from_override)
         allowed = _quoted(("",) + kind.words if kind.optional else kind.words)
         raise ConfigError(f"{where}: expected one of {allowed}, got {value!r}")
     if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
@@ -336,7 +342,7 @@ def _validate(key: str, value: Any, kind: _Kind, rules: dict[str, Any], raw: _Va
                 raise ConfigError(f"{where}: unknown entry {item!r}; expected any of {_quoted(kind.words)}")
         value = tuple(dict.fromkeys(value))
     if kind.base is Path:
-        value = _resolve_path(value, raw.base_dir)
+        value = _resolve_path(value, raw.base_dir, not raw.from_override)
     return value
 
 
@@ -422,9 +428,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     outside a key's allowed set.
     """
     layers: dict[str, dict[str, _Value]] = {section: {} for section in SECTIONS}
-    _merge_file(layers, _read_toml(Path(default_path)), str(default_path), PROJECT_ROOT)
+    _merge_file(layers, _read_toml(Path(default_path)), str(default_path), HOME_DIR)
     if path is not None:
-        _merge_file(layers, _read_toml(Path(path)), str(path), PROJECT_ROOT)
+        _merge_file(layers, _read_toml(Path(path)), str(path), HOME_DIR)
     _merge_overrides(layers, dict(overrides or {}), Path(cwd) if cwd is not None else Path.cwd())
     return _build(layers)
 

@@ -37,7 +37,7 @@ def setup_repo(tmp_path):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy2(SETUP, repo / "scripts" / "setup.sh")
-    for name in ("requirements.txt", "requirements-dev.txt"):
+    for name in ("requirements.txt", "requirements-dev.txt", "pyproject.toml"):
         shutil.copy2(PROJECT_ROOT / name, repo / name)
     log = tmp_path / "calls.log"
     stub(repo / ".venv" / "bin" / "python",
@@ -65,6 +65,7 @@ def test_setup_without_apt_prints_packages_and_is_idempotent(setup_repo):
     pip_calls = [c for c in calls(log) if "-m pip install" in c]
     assert any(c.endswith("-r requirements.txt") for c in pip_calls)
     assert any(c.endswith("-r requirements-dev.txt") for c in pip_calls)
+    assert any("--no-deps" in c and c.endswith("-e .") for c in pip_calls)  # registers .venv/bin/pcavs-live
     assert not any(c.startswith("apt-get") for c in calls(log))
     assert "setup complete." in first.stdout
 
