@@ -23,10 +23,10 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from cli.fetch_checkpoints import (DRIVE_VIEW_URL, INFERENCE_NETS, USABLE, CheckpointFetchError, download,
+from cli.fetch_checkpoints import (DRIVE_VIEW_URL, INFERENCE_NETS, USABLE, CheckpointFetchError,
                                    fetch_checkpoints, install_zip)
+from common.download import download as download_file
 from common.errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's check_hash convention: name-<sha256 prefix>.ext
@@ -38,7 +38,12 @@ KNOWN_SHA256 = {
 }
 CHUNK = 1 << 20
 
-Download = Callable[[str, BinaryIO, bool], None]      # (url, out, progress), raises UserError
+Download = Callable[[str, Path, bool], None]      # (url, destination, progress), raises UserError
+
+
+def download(url: str, dest: Path, progress: bool) -> None:
+    """The project's one downloader (common.download) in the shape `fetch_weight_file` injects."""
+    download_file(url, dest, progress=progress, what=dest.name)
 Describe = Callable[[Path], dict[str, str]]           # checkpoint folder → {network: "present"|"missing"|...}
 
 
@@ -114,14 +119,14 @@ def fetch_weight_file(name: str, url: str, folder: Path, progress: bool, fetch: 
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+        os.close(fd)
     except OSError as exc:
         return Outcome(name, False, f"cannot write into {folder}: {exc.strerror or exc}", manual_line(url, dest))
     tmp = Path(tmp_name)
     try:
         if progress:
             print(f"downloading {url}", file=sys.stderr, flush=True)
-        with os.fdopen(fd, "wb") as out:
-            fetch(url, out, progress)
+        fetch(url, tmp, progress)
         verdict = verify_weight_file(tmp, name)
         if verdict != "ok":
             return Outcome(name, False, f"the download from {url} is {verdict}", manual_line(url, dest))
