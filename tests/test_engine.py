@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pcavs.checkpoints import load_networks
+from pcavs.constants import ID_DIM
 from pcavs.engine import Avatar, EngineOptions, SessionRequest, render_sessions
 from tests.conftest import load_case, parity_weights_dir
 
@@ -40,7 +41,8 @@ def test_driven_frames_match_the_original_output(seed0):
     np.testing.assert_allclose(codes, case["pose_code"][:, 0], rtol=1e-4, atol=1e-5)
     mouth = avatar.mouth_codes(case["mel_input"])
     np.testing.assert_allclose(mouth.numpy(), case["mouth_embed"][:, 0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(avatar.styles(mouth, codes).numpy(), case["style_driven"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(avatar.frame_style(mouth, codes).numpy(), case["style_driven"][:, ID_DIM:],
+                               rtol=1e-4, atol=1e-5)
     frames = avatar.render(case["mel_input"], codes, noise=stored_noise(case))
     diff = np.abs(frames.astype(int) - case["out_driven_uint8"].astype(int))
     # Truncation to uint8 turns float noise of ~1e-6 into an occasional ±1 step; nothing larger.
@@ -52,7 +54,8 @@ def test_reference_pose_when_no_pose_is_given(seed0):
     nets, case = seed0
     avatar = Avatar(nets, torch.from_numpy(case["identity_input"]))
     mouth = avatar.mouth_codes(case["mel_input"])
-    np.testing.assert_allclose(avatar.styles(mouth, None).numpy(), case["style_ref"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(avatar.frame_style(mouth, None).numpy(), case["style_ref"][:, ID_DIM:],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_noise_policies(seed0):
