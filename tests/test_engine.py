@@ -7,7 +7,7 @@ import torch
 
 from pcavs.checkpoints import load_networks
 from pcavs.constants import ID_DIM
-from pcavs.engine import Avatar, EngineOptions, SessionRequest, render_sessions
+from pcavs.engine import Avatar, EngineOptions, SessionRequest, render_sessions, to_uint8_frames
 from tests.conftest import load_case, parity_weights_dir
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,30 @@ def test_driven_frames_match_the_original_output(seed0):
     # Truncation to uint8 turns float noise of ~1e-6 into an occasional ±1 step; nothing larger.
     assert diff.max() <= 1
     assert (diff > 0).mean() < 1e-3
+
+
+def test_identity_part_of_the_style_is_computed_once_per_photo(seed0, monkeypatch):
+    """Frames (alone or batched across sessions) reuse the avatar's cached identity style: the generator
+    never runs the full 2560-wide modulation, and precompute_style runs once per photo."""
+    nets, case = seed0
+    calls = {"precompute_style": 0, "modulations": 0}
+    for name in calls:
+        real = getattr(nets.generator, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(nets.generator, name, counted)
+    avatar = Avatar(nets, torch.from_numpy(case["identity_input"]), EngineOptions(noise="zero"))
+    assert calls == {"precompute_style": 1, "modulations": 0}
+    frame = avatar.render(case["mel_input"][:1])
+    render_sessions([SessionRequest(avatar, case["mel_input"][0])])
+    assert calls == {"precompute_style": 1, "modulations": 0}
+    # The cached path is the full style's maths: same frame as one forward() on [id | mouth | pose].
+    style = torch.cat([avatar.id_feature[None], avatar.frame_style(avatar.mouth_codes(case["mel_input"][:1]), None)], 1)
+    with torch.inference_mode():
+        full = nets.generator(style, avatar.id_map[None], None)
+    assert np.abs(frame.astype(int) - to_uint8_frames(full).astype(int)).max() <= 1
 
 
 def test_reference_pose_when_no_pose_is_given(seed0):
