@@ -315,6 +315,18 @@ def test_half_precision_close_to_float32(dtype: torch.dtype) -> None:
     assert value > HALF_MIN_PSNR_DB
 
 
+@pytest.mark.parametrize("shared_weight", [True, False], ids=["shared", "grouped"])
+def test_gradients_flow_through_both_formulations(shared_weight: bool) -> None:
+    """The in-place elementwise steps must not break autograd (inference is not the only user of a module)."""
+    net = _random_generator(4, size=14)
+    net.shared_weight = shared_weight
+    net.requires_grad_(True)
+    out = net(torch.randn(2, 2560), torch.randn(2, 512, 7, 7), [torch.randn(shape) for shape in net.noise_shapes()])
+    out.square().mean().backward()
+    for layer in (net.conv1.activate.bias, net.conv1.noise.weight, net.convs[0].conv.weight, net.to_rgbs[0].bias):
+        assert layer.grad is not None and float(layer.grad.abs().sum()) > 0
+
+
 def test_bad_inputs_raise_clear_errors(random_setup) -> None:
     net, style, start, noise, _ = random_setup
     with pytest.raises(ValueError, match="style must be"):

@@ -281,8 +281,9 @@ class FusedLeakyReLU(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, channel, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In place on the fresh sum: one temporary instead of three.
-        return F.leaky_relu_(x + self.bias, _LRELU_SLOPE).mul_(_LRELU_GAIN)
+        # Upstream's order of operations (so the grouped path stays bit-equal to the oracle); the gain
+        # goes in place on leaky_relu's fresh output, which its backward does not need.
+        return F.leaky_relu(x + self.bias, _LRELU_SLOPE).mul_(_LRELU_GAIN)
 
 
 class StyledConv(nn.Module):
