@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from pcavs.checkpoints import PcavsNetworks, load_networks
-from pcavs.engine import resolve_device
+from pcavs.device import resolve_device
 
 
 def add_network_args(ap: argparse.ArgumentParser) -> None:
@@ -23,8 +23,8 @@ def add_network_args(ap: argparse.ArgumentParser) -> None:
 
 
 def load_for_bench(args: argparse.Namespace) -> tuple[PcavsNetworks, str, torch.dtype]:
-    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
+    device = resolve_device(args.device, dtype)
     return load_networks(Path(args.checkpoints), device=device, dtype=dtype), device, dtype
 
 

@@ -42,9 +42,8 @@ def main() -> int:
         poses_in = torch.from_numpy(rng.uniform(-1, 1, (b, 3, 224, 224)).astype(np.float32)).to(device, dtype)
         mels = rng.uniform(0, 1, (b, 1, 80, 20)).astype(np.float32)
         codes = rng.normal(size=(b, 12)).astype(np.float32)
-        mouth = avatar.mouth_codes(mels)
-        style = avatar.styles(mouth, codes)
-        start = avatar.id_map.expand(b, -1, -1, -1)
+        rest = avatar.frame_style(avatar.mouth_codes(mels), codes)
+        start = avatar.id_map[None]
         noise = avatar.noise.for_batch(b)
 
         def pose_stage() -> object:
@@ -53,7 +52,7 @@ def main() -> int:
 
         def gen_stage() -> object:
             with torch.inference_mode():
-                return nets.generator(style, start, noise)
+                return nets.generator.forward_cached(avatar.identity_style, rest, start, noise)
 
         pose = median_ms(pose_stage, args.runs, args.warmup, device) / b
         audio = median_ms(lambda: avatar.mouth_codes(mels), args.runs, args.warmup, device) / b
@@ -64,8 +63,8 @@ def main() -> int:
     # The straightforward fp32 eager path (upstream's grouped-conv generator, NCHW, whole batch), same run:
     # what the speed work is measured against (issue "Speed": live path <= 0.25x of this).
     g = nets.generator
-    saved = (g.fused_modulation, g.channels_last, g.max_batch)
-    g.fused_modulation, g.channels_last, g.max_batch = False, False, None
+    saved = (g.shared_weight, g.channels_last, g.max_batch)
+    g.shared_weight, g.channels_last, g.max_batch = False, False, None
     mels1 = rng.uniform(0, 1, (1, 1, 80, 20)).astype(np.float32)
     pose1 = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)).to(device, dtype)
     codes1 = rng.normal(size=(1, 12)).astype(np.float32)
@@ -76,7 +75,7 @@ def main() -> int:
         return avatar.render(mels1, codes1)
 
     reference = median_ms(reference_frame, args.runs, args.warmup, device)
-    g.fused_modulation, g.channels_last, g.max_batch = saved
+    g.shared_weight, g.channels_last, g.max_batch = saved
 
     print(f"\npcavs-live engine bench — device {device}, dtype {args.dtype}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, medians of {args.runs} runs after {args.warmup} warm-ups")

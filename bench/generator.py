@@ -6,13 +6,15 @@ over --runs after --warmup, the ratio to the upstream grouped-conv fp32 formulat
 run, and the output's agreement with it (max |Δ|, PSNR with peak-to-peak 2).
 
 Variants:
-  grouped fp32          upstream formulation: per-sample weights, one grouped conv (groups=B), native blur
-  fused fp32 nchw       shared-weight conv between input/output channel scalings, whole batch, NCHW
-  fused fp32 nhwc       the same in channels_last
-  fused fp32 nhwc b1    the same, run one sample at a time (max_batch=1: the CPU default, "auto")
-  fused fp32 nhwc(b1)+id  the default + identity part of the styles precomputed (precompute_style)
-  fused bf16 nhwc     the module cast to bfloat16 (batch 1 only, --bf16-runs runs: CPUs without native
-                      bf16 run reference kernels, ~50x slower)
+  grouped fp32          upstream formulation (rosinality's fused=True): per-sample weights, one grouped
+                        conv (groups=B)
+  shared fp32 nchw      shared-weight conv between input/output channel scalings, whole batch, NCHW
+  shared fp32 nhwc      the same in channels_last
+  shared fp32 nhwc b1   the same, run one sample at a time (max_batch=1: the CPU default, "auto")
+  shared fp32 nhwc(b1)+id  the default + identity part of the styles precomputed (precompute_style →
+                        forward_cached: what the app's Avatar runs)
+  shared bf16 nhwc      the module cast to bfloat16 (batch 1 only, --bf16-runs runs: CPUs without native
+                        bf16 run reference kernels, far slower)
 The modulation stage alone (full 2560-wide style vs identity cache) is timed separately.
 
 Usage: python bench/generator.py [--checkpoints DIR] [--batches 1,16] [--runs 5] [--warmup 1]
@@ -61,9 +63,9 @@ def inputs(batch: int, net: ModulatedGenerator) -> tuple[torch.Tensor, torch.Ten
             [torch.randn((batch, *s[1:]), generator=g) for s in net.noise_shapes()])
 
 
-def configure(net: ModulatedGenerator, fused: bool, channels_last: bool,
+def configure(net: ModulatedGenerator, shared_weight: bool, channels_last: bool,
               max_batch: int | str | None = None) -> ModulatedGenerator:
-    net.fused_modulation, net.channels_last, net.max_batch = fused, channels_last, max_batch
+    net.shared_weight, net.channels_last, net.max_batch = shared_weight, channels_last, max_batch
     return net
 
 
@@ -108,15 +110,16 @@ def main() -> int:
             rest = style[:, ID_DIM:]
             fns = {
                 "grouped fp32": lambda: configure(net, False, False)(style, start, noise),
-                "fused fp32 nchw": lambda: configure(net, True, False)(style, start, noise),
-                "fused fp32 nhwc": lambda: configure(net, True, True)(style, start, noise),
-                "fused fp32 nhwc b1": lambda: configure(net, True, True, 1)(style, start, noise),
-                "fused fp32 nhwc b1+id": lambda: configure(net, True, True, 1).forward_cached(cache, rest, start,
-                                                                                             noise),
+                "shared fp32 nchw": lambda: configure(net, True, False)(style, start, noise),
+                "shared fp32 nhwc": lambda: configure(net, True, True)(style, start, noise),
+                "shared fp32 nhwc b1": lambda: configure(net, True, True, 1)(style, start, noise),
+                "shared fp32 nhwc b1+id": lambda: configure(net, True, True, 1).forward_cached(cache, rest, start,
+                                                                                              noise),
             }
             if batch == 1:  # chunking is a no-op
-                del fns["fused fp32 nhwc b1"], fns["fused fp32 nhwc b1+id"]
-                fns["fused fp32 nhwc+id"] = lambda: configure(net, True, True).forward_cached(cache, rest, start, noise)
+                del fns["shared fp32 nhwc b1"], fns["shared fp32 nhwc b1+id"]
+                fns["shared fp32 nhwc+id"] = lambda: configure(net, True, True).forward_cached(cache, rest, start,
+                                                                                            noise)
             ref = fns["grouped fp32"]()
             outs = {k: fn() for k, fn in fns.items()}
             times = round_robin(fns, args.runs, args.warmup)
@@ -137,18 +140,18 @@ def main() -> int:
                 fn16 = lambda: net16(style, start, noise)  # noqa: E731
                 out16 = fn16().float()
                 t16 = round_robin({"bf16": fn16}, args.bf16_runs, 0)["bf16"]
-                rows.append(("fused bf16 nhwc", 1, t16, t16 / times["grouped fp32"],
+                rows.append(("shared bf16 nhwc", 1, t16, t16 / times["grouped fp32"],
                              float((out16 - ref).abs().max()), psnr(out16, ref)))
                 del net16
 
     print()
-    print(f"{'variant':<21} | {'batch':>5} | {'ms/frame':>9} | {'vs grouped':>10} | {'upstream':>8} | "
+    print(f"{'variant':<22} | {'batch':>5} | {'ms/frame':>9} | {'vs grouped':>10} | {'upstream':>8} | "
           f"{'max|Δ| vs grouped':>17} | {'PSNR dB':>7}")
-    print("-" * 97)
+    print("-" * 98)
     for name, batch, ms, ratio, diff, p in rows:
         up = f"{UPSTREAM_MS[batch] / ms:7.2f}x" if batch in UPSTREAM_MS else f"{'-':>8}"
         ps = "inf" if math.isinf(p) else f"{p:.1f}"
-        print(f"{name:<21} | {batch:>5} | {ms:9.1f} | {ratio:10.3f} | {up} | {diff:17.2e} | {ps:>7}")
+        print(f"{name:<22} | {batch:>5} | {ms:9.1f} | {ratio:10.3f} | {up} | {diff:17.2e} | {ps:>7}")
     print("\n(vs grouped: time ratio to the upstream formulation in this run, < 1 is faster; upstream: "
           "README's upstream ms/frame divided by ours, > 1 is faster; bf16 = median of --bf16-runs)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

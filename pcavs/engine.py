@@ -3,7 +3,9 @@
 The upstream `inference()` re-encodes the identity for every batch and runs the generator twice (the
 reference-pose output is computed and thrown away). A live avatar only needs, per frame, the audio
 encoder on a 20-row mel window, a 12-d pose code (computed by the pose worker at its own rate), and
-one generator pass. Everything that depends on the photo alone is computed in `Avatar.__init__`.
+one generator pass. Everything that depends on the photo alone is computed in `Avatar.__init__`:
+the identity feature, the generator's start map, the photo's own pose, and the identity part of every
+generator layer's style modulation (so a frame only pays for its 512 mouth/pose style columns).
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from common.errors import UserError
 from pcavs.checkpoints import PcavsNetworks
-from pcavs.constants import ID_DIM, MOUTH_DIM, POSE_DIM
+from pcavs.constants import MOUTH_DIM, POSE_DIM
+from pcavs.networks.generator import IdentityStyle
 
 NoiseMode = Literal["fixed", "random", "zero"]
 DEFAULT_MOUTH_WEIGHT = 1.2  # hard-coded default of upstream inference(), spec §3.5
@@ -42,15 +44,6 @@ class StageTimes:
     audio_ms: float = 0.0
     generator_ms: float = 0.0
     convert_ms: float = 0.0
-
-
-def resolve_device(name: str) -> str:
-    """'auto' picks CUDA when present; an explicit 'cuda' on a machine without one is a user error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but PyTorch sees no usable CUDA GPU", hint="use --device cpu (or auto)")
-    return name
 
 
 def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
@@ -101,6 +94,7 @@ class Avatar:
             self.id_feature = id_feature[0]          # (2048,)
             self.id_map = id_map[0]                  # (512,7,7) generator start tensor
             self.reference_pose = networks.pose.pose_code(img)[0]  # (12,) the photo's own head pose
+            self.identity_style: IdentityStyle = networks.generator.precompute_style(id_feature)
         self.noise = NoiseBank(networks.generator.noise_shapes(), options.noise, options.noise_seed,
                                self.device, self.dtype)
 
@@ -118,15 +112,17 @@ class Avatar:
         audio_feature = self.networks.audio(mels)
         return self.networks.pose.mouth_code(audio_feature * self.options.mouth_weight)
 
-    def styles(self, mouth: torch.Tensor, pose_codes: torch.Tensor | np.ndarray | None) -> torch.Tensor:
-        """[identity 2048 | mouth 500 | pose 12] per frame (spec §3.5); no pose → the photo's own pose."""
+    def frame_style(self, mouth: torch.Tensor, pose_codes: torch.Tensor | np.ndarray | None) -> torch.Tensor:
+        """The per-frame part of the style, [mouth 500 | pose 12] (B, 512): the full style of spec §3.5
+        is [identity 2048 | this], and the identity part is already in `identity_style`. No pose → the
+        photo's own pose."""
         batch = mouth.shape[0]
         if pose_codes is None:
             pose = self.reference_pose.expand(batch, POSE_DIM)
         else:
             pose = torch.as_tensor(np.asarray(pose_codes, dtype=np.float32)).reshape(batch, POSE_DIM)
             pose = pose.to(self.device, self.dtype)
-        return torch.cat([self.id_feature.expand(batch, ID_DIM), mouth.reshape(batch, MOUTH_DIM), pose], dim=1)
+        return torch.cat([mouth.reshape(batch, MOUTH_DIM), pose], dim=1)
 
     # ----------------------------------------------------------------- whole frames
     @torch.inference_mode()
@@ -138,14 +134,13 @@ class Avatar:
         `noise` overrides the session's noise policy (11 tensors, see ModulatedGenerator.noise_shapes);
         it exists so the engine can be checked against the oracle's recorded noise."""
         t0 = time.perf_counter()
-        mouth = self.mouth_codes(mel_windows)
-        style = self.styles(mouth, pose_codes)
+        rest = self.frame_style(self.mouth_codes(mel_windows), pose_codes)
         t1 = time.perf_counter()
         if noise is None:
-            noise = self.noise.for_batch(style.shape[0])
+            noise = self.noise.for_batch(rest.shape[0])
         else:
             noise = [torch.as_tensor(n).to(self.device, self.dtype) for n in noise]
-        images = generate(self.networks, style, self.id_map.expand(style.shape[0], -1, -1, -1), noise)
+        images = generate(self.networks, self.identity_style, rest, self.id_map[None], noise)
         t2 = time.perf_counter()
         frames = to_uint8_frames(images)
         if times is not None:
@@ -156,13 +151,14 @@ class Avatar:
 
 
 @torch.inference_mode()
-def generate(networks: PcavsNetworks, style: torch.Tensor, start: torch.Tensor,
+def generate(networks: PcavsNetworks, identity_style: IdentityStyle, rest: torch.Tensor, start: torch.Tensor,
              noise: Sequence[torch.Tensor] | None) -> torch.Tensor:
-    """One generator pass for any mix of frames: rows of `style`/`start` may come from different
-    avatars, which is how several sessions share one GPU step (see `render_sessions`)."""
-    out = networks.generator(style, start, noise)
-    if style.device.type == "cuda":
-        torch.cuda.synchronize(style.device)
+    """One generator pass for any mix of frames: rows of `identity_style`/`rest`/`start` may come from
+    different avatars, which is how several sessions share one GPU step (see `render_sessions`); a
+    batch of 1 in the identity parts broadcasts over the frames."""
+    out = networks.generator.forward_cached(identity_style, rest, start, noise)
+    if rest.device.type == "cuda":
+        torch.cuda.synchronize(rest.device)
     return out
 
 
@@ -185,19 +181,20 @@ def render_sessions(requests: Sequence[SessionRequest]) -> list[np.ndarray]:
     networks = requests[0].avatar.networks
     if any(r.avatar.networks is not networks for r in requests):
         raise ValueError("render_sessions: all avatars must share one PcavsNetworks instance")
-    styles, starts, noises = [], [], []
+    rests, starts, noises = [], [], []
     for r in requests:
         mouth = r.avatar.mouth_codes(np.asarray(r.mel_window)[None])
-        styles.append(r.avatar.styles(mouth, None if r.pose_code is None else r.pose_code[None]))
+        rests.append(r.avatar.frame_style(mouth, None if r.pose_code is None else r.pose_code[None]))
         starts.append(r.avatar.id_map[None])
         noises.append(r.avatar.noise.for_batch(1))
+    identity_style = IdentityStyle.stack([r.avatar.identity_style for r in requests])
     if all(n is None for n in noises):
         noise = None
     else:
         ref = next(n for n in noises if n is not None)
         noise = [torch.cat([(n[i] if n is not None else torch.zeros_like(ref[i])) for n in noises])
                  for i in range(len(ref))]
-    frames = to_uint8_frames(generate(networks, torch.cat(styles), torch.cat(starts), noise))
+    frames = to_uint8_frames(generate(networks, identity_style, torch.cat(rests), torch.cat(starts), noise))
     for r, f in zip(requests, frames):
         r.result = f
     return list(frames)

@@ -26,7 +26,8 @@ from cli.config import Config
 from pcavs.alignment import (FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, load_landmark_sidecar,
                              read_rgb, sidecar_path)
 from pcavs.checkpoints import load_networks
-from pcavs.engine import Avatar, EngineOptions, resolve_device
+from pcavs.device import resolve_device
+from pcavs.engine import Avatar, EngineOptions
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
 from pcavs.preprocess import to_network_input
 from pipeline.metrics import LiveMetrics, format_status_line
@@ -88,8 +89,8 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     """Load the networks and encode the identity once. Returns the avatar and the aligned photo (224²
     RGB uint8), which doubles as the placeholder frame before the first generated one. `detector` is
     only called when the photo has no landmark sidecar."""
-    device = resolve_device(config.model.device)
     dtype = getattr(torch, config.model.dtype)
+    device = resolve_device(config.model.device, dtype)  # before any checkpoint is read
     if dtype != torch.float32 and device == "cpu":
         log.warning("%s on the CPU runs on PyTorch's reference kernels (~35x slower than float32 on CPUs "
                     "without native half-precision convolutions); it is meant for GPUs", config.model.dtype)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pcavs.checkpoints import load_networks
-from pcavs.engine import Avatar, EngineOptions, SessionRequest, render_sessions
+from pcavs.constants import ID_DIM
+from pcavs.engine import Avatar, EngineOptions, SessionRequest, render_sessions, to_uint8_frames
 from tests.conftest import load_case, parity_weights_dir
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,8 @@ def test_driven_frames_match_the_original_output(seed0):
     np.testing.assert_allclose(codes, case["pose_code"][:, 0], rtol=1e-4, atol=1e-5)
     mouth = avatar.mouth_codes(case["mel_input"])
     np.testing.assert_allclose(mouth.numpy(), case["mouth_embed"][:, 0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(avatar.styles(mouth, codes).numpy(), case["style_driven"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(avatar.frame_style(mouth, codes).numpy(), case["style_driven"][:, ID_DIM:],
+                               rtol=1e-4, atol=1e-5)
     frames = avatar.render(case["mel_input"], codes, noise=stored_noise(case))
     diff = np.abs(frames.astype(int) - case["out_driven_uint8"].astype(int))
     # Truncation to uint8 turns float noise of ~1e-6 into an occasional ±1 step; nothing larger.
@@ -48,11 +50,36 @@ def test_driven_frames_match_the_original_output(seed0):
     assert (diff > 0).mean() < 1e-3
 
 
+def test_identity_part_of_the_style_is_computed_once_per_photo(seed0, monkeypatch):
+    """Frames (alone or batched across sessions) reuse the avatar's cached identity style: the generator
+    never runs the full 2560-wide modulation, and precompute_style runs once per photo."""
+    nets, case = seed0
+    calls = {"precompute_style": 0, "modulations": 0}
+    for name in calls:
+        real = getattr(nets.generator, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(nets.generator, name, counted)
+    avatar = Avatar(nets, torch.from_numpy(case["identity_input"]), EngineOptions(noise="zero"))
+    assert calls == {"precompute_style": 1, "modulations": 0}
+    frame = avatar.render(case["mel_input"][:1])
+    render_sessions([SessionRequest(avatar, case["mel_input"][0])])
+    assert calls == {"precompute_style": 1, "modulations": 0}
+    # The cached path is the full style's maths: same frame as one forward() on [id | mouth | pose].
+    style = torch.cat([avatar.id_feature[None], avatar.frame_style(avatar.mouth_codes(case["mel_input"][:1]), None)], 1)
+    with torch.inference_mode():
+        full = nets.generator(style, avatar.id_map[None], None)
+    assert np.abs(frame.astype(int) - to_uint8_frames(full).astype(int)).max() <= 1
+
+
 def test_reference_pose_when_no_pose_is_given(seed0):
     nets, case = seed0
     avatar = Avatar(nets, torch.from_numpy(case["identity_input"]))
     mouth = avatar.mouth_codes(case["mel_input"])
-    np.testing.assert_allclose(avatar.styles(mouth, None).numpy(), case["style_ref"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(avatar.frame_style(mouth, None).numpy(), case["style_ref"][:, ID_DIM:],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_noise_policies(seed0):

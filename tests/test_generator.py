@@ -1,4 +1,4 @@
-"""ModulatedGenerator (G): exact parity with the upstream oracle, and the fast formulation's equivalence.
+"""ModulatedGenerator (G): exact parity with the upstream oracle, and the shared-weight formulation's equivalence.
 
 Parity weights come from shared/parity/make_weights.py through our checkpoint loader; G's file is
 359 MB, so it is loaded once per seed (module-scoped fixture). The oracle's own float noise is ~2e-6
@@ -17,7 +17,7 @@ import torch
 from tests.conftest import PARITY_DIR, load_case, parity_weights_dir
 from pcavs.checkpoints import IGNORABLE_PREFIXES, NETWORK_FILES, load_network
 from pcavs.constants import ID_DIM
-from pcavs.networks.generator import ModulatedGenerator
+from pcavs.networks.generator import IdentityStyle, ModulatedGenerator
 
 PARITY_ATOL = 1e-4
 FORMULATION_ATOL = 1e-5
@@ -62,7 +62,7 @@ def stored_noise(case) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def driven(case, generator, stored_noise) -> torch.Tensor:
-    """G on style_driven with the default (fused) formulation, shared by several tests."""
+    """G on style_driven with the default (shared-weight) formulation, shared by several tests."""
     with torch.inference_mode():
         return generator(torch.from_numpy(case["style_driven"]), torch.from_numpy(case["id_map"]), stored_noise)
 
@@ -102,7 +102,7 @@ def test_mapping_mlp_is_never_run() -> None:
 def test_driven_matches_oracle(parity_seed: int, case, driven, record_property) -> None:
     diff = _max_diff(driven, case["out_driven"])
     record_property(f"max_abs_diff_seed{parity_seed}_out_driven", diff)
-    print(f"\nseed{parity_seed} out_driven   fused   max|diff| {diff:.3e}")
+    print(f"\nseed{parity_seed} out_driven   shared  max|diff| {diff:.3e}")
     assert diff < PARITY_ATOL
 
 
@@ -112,7 +112,7 @@ def test_ref_pose_matches_oracle(parity_seed: int, case, generator, stored_noise
         out = generator(torch.from_numpy(case["style_ref"]), torch.from_numpy(case["id_map"]), stored_noise)
     diff = _max_diff(out, case["out_ref_pose"])
     record_property(f"max_abs_diff_seed{parity_seed}_out_ref_pose", diff)
-    print(f"\nseed{parity_seed} out_ref_pose fused   max|diff| {diff:.3e}")
+    print(f"\nseed{parity_seed} out_ref_pose shared  max|diff| {diff:.3e}")
     assert diff < PARITY_ATOL
 
 
@@ -134,12 +134,12 @@ def test_driven_uint8_matches_oracle(parity_seed: int, case, driven, record_prop
 @pytest.mark.slow
 def test_grouped_reference_matches_oracle(parity_seed: int, case, generator, stored_noise,
                                           record_property) -> None:
-    generator.fused_modulation, generator.max_batch = False, None  # upstream: one grouped conv, groups=B
+    generator.shared_weight, generator.max_batch = False, None  # upstream: one grouped conv, groups=B
     try:
         with torch.inference_mode():
             out = generator(torch.from_numpy(case["style_driven"]), torch.from_numpy(case["id_map"]), stored_noise)
     finally:
-        generator.fused_modulation, generator.max_batch = True, "auto"
+        generator.shared_weight, generator.max_batch = True, "auto"
     diff = _max_diff(out, case["out_driven"])
     record_property(f"max_abs_diff_seed{parity_seed}_out_driven_grouped", diff)
     print(f"\nseed{parity_seed} out_driven   grouped max|diff| {diff:.3e}")
@@ -200,31 +200,31 @@ def random_setup():
     start = torch.randn(b, 512, 7, 7, generator=g)
     # per-sample noise for some slots, shared (batch 1) for others: both shapes are legal
     noise = [torch.randn((b if i % 2 else 1, 1, s, s), generator=g) for i, s in enumerate(NOISE_SIZES)]
-    net.fused_modulation, net.max_batch = False, None  # the upstream formulation: groups = B = 3
+    net.shared_weight, net.max_batch = False, None  # the upstream formulation: groups = B = 3
     with torch.inference_mode():
         grouped = net(style, start, noise)
-    net.fused_modulation, net.max_batch = True, "auto"
+    net.shared_weight, net.max_batch = True, "auto"
     assert float((grouped.abs() > 0.99).float().mean()) < 0.01, "tanh saturated: comparison would be vacuous"
     assert float(grouped.std()) > 0.1
     return net, style, start, noise, grouped
 
 
-def test_fused_equals_grouped_batched(random_setup) -> None:
+def test_shared_weight_equals_grouped_batched(random_setup) -> None:
     """One pass over the whole batch: style on the activations, shared-weight conv, demodulation after."""
     net, style, start, noise, grouped = random_setup
     net.max_batch = None
     try:
         with torch.inference_mode():
-            fused = net(style, start, noise)
+            shared = net(style, start, noise)
     finally:
         net.max_batch = "auto"
-    diff = float((fused - grouped).abs().max())
-    print(f"\nfused vs grouped, B=3, random weights: max|diff| {diff:.2e}")
+    diff = float((shared - grouped).abs().max())
+    print(f"\nshared-weight vs grouped, B=3, random weights: max|diff| {diff:.2e}")
     assert diff < FORMULATION_ATOL
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
-def test_fused_batch1_chunks_equal_grouped(random_setup, channels_last: bool) -> None:
+def test_shared_weight_batch1_chunks_equal_grouped(random_setup, channels_last: bool) -> None:
     """The CPU default runs the batch one sample at a time (max_batch "auto"), which scales the weights
     instead of the activations on the large layers and slices per-sample vs shared noise."""
     net, style, start, noise, grouped = random_setup
@@ -246,10 +246,10 @@ def test_weight_cache_follows_load_state_dict(random_setup) -> None:
         small(style[:1], start[:1])  # fills the caches
     small.load_state_dict(_random_generator(2, size=14).state_dict())
     with torch.inference_mode():
-        fused = small(style[:1], start[:1], [n[:1] for n in noise[:3]])
-        small.fused_modulation = False
+        shared = small(style[:1], start[:1], [n[:1] for n in noise[:3]])
+        small.shared_weight = False
         grouped = small(style[:1], start[:1], [n[:1] for n in noise[:3]])
-    assert float((fused - grouped).abs().max()) < FORMULATION_ATOL
+    assert float((shared - grouped).abs().max()) < FORMULATION_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +283,18 @@ def test_cached_style_equals_full(random_setup) -> None:
     assert max(float((a - b).abs().max()) for a, b in zip(full, cached)) < 1e-5
 
 
+def test_stacked_identity_styles_equal_full(random_setup) -> None:
+    """Each identity cached on its own (one per session), stacked into one batch: row i keeps its own
+    identity (what cross-session rendering relies on)."""
+    net, style, _, _, _ = random_setup
+    with torch.inference_mode():
+        full = net.modulations(style)
+        stacked = IdentityStyle.stack([net.precompute_style(style[i:i + 1, :ID_DIM]) for i in range(len(style))])
+        cached = net.modulations_from_cache(stacked, style[:, ID_DIM:])
+    assert all(t.shape[0] == len(style) for t in stacked.terms)
+    assert max(float((a - b).abs().max()) for a, b in zip(full, cached)) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_close_to_float32(dtype: torch.dtype) -> None:
     """The caller may cast the module. CPU half-precision convs are emulated on this AVX2 machine
@@ -301,6 +313,18 @@ def test_half_precision_close_to_float32(dtype: torch.dtype) -> None:
     value = psnr(half.float(), ref)
     print(f"\n{dtype} vs float32 PSNR {value:.1f} dB (28² generator)")
     assert value > HALF_MIN_PSNR_DB
+
+
+@pytest.mark.parametrize("shared_weight", [True, False], ids=["shared", "grouped"])
+def test_gradients_flow_through_both_formulations(shared_weight: bool) -> None:
+    """The in-place elementwise steps must not break autograd (inference is not the only user of a module)."""
+    net = _random_generator(4, size=14)
+    net.shared_weight = shared_weight
+    net.requires_grad_(True)
+    out = net(torch.randn(2, 2560), torch.randn(2, 512, 7, 7), [torch.randn(shape) for shape in net.noise_shapes()])
+    out.square().mean().backward()
+    for layer in (net.conv1.activate.bias, net.conv1.noise.weight, net.convs[0].conv.weight, net.to_rgbs[0].bias):
+        assert layer.grad is not None and float(layer.grad.abs().sum()) > 0
 
 
 def test_bad_inputs_raise_clear_errors(random_setup) -> None:

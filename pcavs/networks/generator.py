@@ -1,27 +1,28 @@
 """PC-AVS generator G: the StyleGAN2-style modulated generator (spec §3.4), parity-exact and fast.
 
-Two formulations of every modulated convolution are kept, selected by `fused_modulation`:
+Two formulations of every modulated convolution are kept, selected by `shared_weight`:
 
-* reference (`False`): the upstream one — build a per-sample modulated (and demodulated) weight and
-  run one grouped conv with groups = B. It is the formulation the oracle ran, so it is the yardstick.
-* fused (`True`, default): scale the input channels by the style, run ONE conv with the shared weight
-  over the whole batch, scale the output channels by the demodulation coefficients, which are computed
-  from the style alone as rsqrt(s² · Σ_k W² + eps). Mathematically identical, but it never builds B
-  weight copies and it uses PyTorch's dense (not grouped) conv kernels: at batch 16 on the 2-core CPU
-  it costs 531 ms/frame against 1267 for the grouped form (which gets slower per frame with B).
+* grouped (`False`): the upstream one, and rosinality's `fused=True` — build a per-sample modulated
+  (and demodulated) weight and run one grouped conv with groups = B. It is the formulation the oracle
+  ran, so it is the yardstick.
+* shared-weight (`True`, default; rosinality's `fused=False`): scale the input channels by the style,
+  run ONE conv with the shared weight over the whole batch, scale the output channels by the
+  demodulation coefficients, which come from the style alone as rsqrt(s² · Σ_k W² + eps).
+  Mathematically identical, but it never builds B weight copies and it runs on the dense (not
+  grouped) conv kernels, which stay fast as the batch grows.
 
-Other inference-only levers (each measured in bench/generator.py):
-* the identity part of every layer's modulation can be computed once per identity
-  (`precompute_style` → `forward_cached`); per frame only the 512 mouth/pose columns remain;
-* `channels_last` memory format (default on: oneDNN's transposed conv and the depthwise blur are much
+Other inference-only levers (each timed by bench/generator.py):
+* the identity part of every layer's modulation is computed once per identity (`precompute_style` →
+  `forward_cached`, what `pcavs.engine.Avatar` runs); per frame only the 512 mouth/pose columns remain;
+* `channels_last` memory format (default on: oneDNN's transposed conv and the depthwise blur are
   faster in NHWC on CPU);
 * weight-derived tensors (Σ_k W², the NHWC and transposed up-conv weights) are cached per weight
-  version (~150 MB extra for the NHWC copies);
-* `max_batch` ("auto" = 1 on CPU): on this 2-core CPU batch-1 passes beat big batches per frame
-  (memory-bound elementwise work, and at batch 1 the style scales go on the weights, which are smaller
-  than the activations from 56² up). GPUs get the whole batch in one pass.
-bf16/fp16 work (the caller casts the module) but are ~35x slower on CPUs without native bf16/fp16
-convolutions (PyTorch falls back to reference kernels); they are for GPUs.
+  version (the NHWC copies roughly double the conv weights' memory);
+* `max_batch` ("auto" = 1 on CPU): on small CPUs batch-1 passes beat big batches per frame (the
+  elementwise work is memory-bound, and at batch 1 the style scales go on the weights, which are
+  smaller than the activations from 56² up). GPUs get the whole batch in one pass.
+bf16/fp16 work (the caller casts the module); on CPUs without native half-precision convolutions
+PyTorch falls back to slow reference kernels, so they are for GPUs.
 
 The 8-layer mapping MLP `style.*`, the learned constant `input.input` and the `noises.*` buffers exist
 only so the upstream checkpoint loads with identical keys; inference never runs them (`input_is_latent`,
@@ -115,7 +116,10 @@ class _ConstantInput(nn.Module):
 
 
 class Blur(nn.Module):
-    """FIR low-pass after the stride-2 transposed conv (kernel gain 4, pad (1,1): output exactly 2x)."""
+    """FIR low-pass after the stride-2 transposed conv (kernel gain 4, pad (1,1): output exactly 2x).
+
+    The symmetric padding it is built with makes upfirdn2d(up 1) a plain depthwise conv, which keeps
+    the NHWC layout instead of reshaping to one channel (same filter, same result)."""
 
     def __init__(self, pad: tuple[int, int], gain: float) -> None:
         super().__init__()
@@ -123,16 +127,11 @@ class Blur(nn.Module):
         self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upfirdn2d(x, self.kernel, pad=self.pad)
-
-    def fast(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The same filter as a depthwise conv (plus an optional per-channel bias, for free): keeps the
-        NHWC layout and runs several times faster on CPU than the reshape-to-one-channel native form."""
         if self.pad[0] != self.pad[1]:
-            return upfirdn2d(x, self.kernel, pad=self.pad) + (0 if bias is None else bias[None, :, None, None])
+            return upfirdn2d(x, self.kernel, pad=self.pad)
         c = x.shape[1]
         k = torch.flip(self.kernel, (0, 1)).to(x.dtype).expand(c, 1, *self.kernel.shape)
-        return F.conv2d(x, k, bias=bias, padding=self.pad[0], groups=c)
+        return F.conv2d(x, k, padding=self.pad[0], groups=c)
 
 
 class Upsample(nn.Module):
@@ -150,8 +149,9 @@ class Upsample(nn.Module):
 
 
 class ModulatedConv2d(nn.Module):
-    """Style-modulated conv; takes the per-sample modulation s (B, in) already computed (see `modulate`)
-    so the generator can produce s either from the full style or from a cached identity term."""
+    """Style-modulated conv. It takes the per-sample input scales s (B, in) already computed from its
+    `modulation` layer, so the generator can produce s either from the full style or from a cached
+    identity term (`ModulatedGenerator.precompute_style`)."""
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
                  demodulate: bool = True, upsample: bool = False) -> None:
@@ -203,21 +203,15 @@ class ModulatedConv2d(nn.Module):
         return self._cached("w_cl", lambda w: w[0].contiguous(memory_format=torch.channels_last))
 
     def _transposed_weight(self, channels_last: bool) -> torch.Tensor:
-        """(in, out, k, k) weight for conv_transpose2d, cached (a copy per call costs ~1-10 ms)."""
+        """(in, out, k, k) weight for conv_transpose2d, cached: the transposing copy is a full pass over
+        the weight, paid once instead of every frame."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return self._cached(f"wT_{channels_last}", lambda w: w[0].transpose(0, 1).contiguous(memory_format=fmt))
 
     # ---------------------------------------------------------------------------------- forward
-    def modulate(self, style: torch.Tensor, exact: bool = True) -> torch.Tensor:
-        """Per-sample input-channel scales s = EqualLinear(style), (B, in). `exact=False` folds the
-        equalised-lr scale into the GEMM instead of materialising weight·scale (same value ±1 ulp)."""
-        if exact:
-            return self.modulation(style)
-        m = self.modulation
-        return torch.addmm(m.bias * m.lr_mul, style, m.weight.t(), alpha=m.scale)
-
-    def forward(self, x: torch.Tensor, s: torch.Tensor, fused: bool = True) -> torch.Tensor:
-        return self.forward_fused(x, s) if fused else self.forward_grouped(x, s)
+    def forward(self, x: torch.Tensor, s: torch.Tensor, shared_weight: bool = True) -> torch.Tensor:
+        """Modulated conv of x (B, in, H, W) with per-sample input scales s (B, in)."""
+        return self.forward_shared_weight(x, s) if shared_weight else self.forward_grouped(x, s)
 
     def forward_grouped(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The upstream formulation: per-sample weights, grouped conv (groups = B)."""
@@ -236,52 +230,34 @@ class ModulatedConv2d(nn.Module):
         out = F.conv2d(x, weight.view(b * cout, cin, k, k), padding=self.padding, groups=b)
         return out.view(b, cout, out.shape[-2], out.shape[-1])
 
-    def forward_fused(self, x: torch.Tensor, s: torch.Tensor, gain: float = 1.0,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-        """gain · d ⊙ conv(x ⊙ s, W) + bias with the shared weight W, d = rsqrt(Σ_in s²·Σ_k W² + eps).
+    def forward_shared_weight(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """d ⊙ conv(x ⊙ s, W) with the shared weight W, d = rsqrt(Σ_in s²·Σ_k W² + eps) (1 without
+        demodulation): equal to the grouped formulation.
 
-        Equal to the grouped formulation (times `gain`, plus the per-channel `bias`). Where a sample's
-        weight is smaller than its activations (batch 1 at 56² and above) the scales go on the weight
-        instead: same maths, two fewer passes over the activations, and the bias rides in the conv.
+        Where a sample's weight is smaller than its activations (batch 1 at 56² and above) the scales
+        go on the weight instead: same maths, two fewer passes over the activations.
         """
         b = x.shape[0]
         s = s * self.scale
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        if self.demodulate:
-            d = torch.rsqrt(F.linear(s.float().pow(2), self._weight_sq()) + _DEMOD_EPS)
-            d = (d * gain).to(x.dtype)
-        else:
-            d = torch.full((b, self.out_channel), gain, dtype=x.dtype, device=x.device)
+        d = (torch.rsqrt(F.linear(s.float().pow(2), self._weight_sq()) + _DEMOD_EPS).to(x.dtype)
+             if self.demodulate else None)
         s = s.to(x.dtype)
-        bias_vec = None if bias is None else bias.reshape(-1).to(x.dtype)
         out_numel = x.numel() * self.out_channel // self.in_channel * (4 if self.upsample else 1)
         if b == 1 and self.weight.numel() < x.numel() + out_numel:
             if self.upsample:  # (in, out, k, k): in-scale on dim 0, out-scale on dim 1
-                w = self._transposed_weight(cl) * (s[0][:, None] * d[0][None, :])[:, :, None, None]
-                out = F.conv_transpose2d(x, w, stride=2, padding=0)
-                return self.blur.fast(out, bias=bias_vec)
-            w = self._dense_weight(cl) * (d[0][:, None] * s[0][None, :])[:, :, None, None]
-            return F.conv2d(x, w, bias=bias_vec, padding=self.padding)
+                scale = s[0][:, None] if d is None else s[0][:, None] * d[0][None, :]
+                w = self._transposed_weight(cl) * scale[:, :, None, None]
+                return self.blur(F.conv_transpose2d(x, w, stride=2, padding=0))
+            scale = s[0][None, :] if d is None else d[0][:, None] * s[0][None, :]
+            w = self._dense_weight(cl) * scale[:, :, None, None]
+            return F.conv2d(x, w, padding=self.padding)
         x = x * s[:, :, None, None]
         if self.upsample:
-            out = self.blur.fast(F.conv_transpose2d(x, self._transposed_weight(cl), stride=2, padding=0))
+            out = self.blur(F.conv_transpose2d(x, self._transposed_weight(cl), stride=2, padding=0))
         else:
             out = F.conv2d(x, self._dense_weight(cl), padding=self.padding)
-        if bias_vec is None:
-            return out.mul_(d[:, :, None, None])
-        return torch.addcmul(bias_vec[None, :, None, None], out, d[:, :, None, None])
-
-    def rgb_fused(self, x: torch.Tensor, s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """1x1 un-demodulated conv to few channels as a batched matmul with per-sample weights
-        (B, out, in): never materialises the style-scaled activations."""
-        b, cin, h, w = x.shape
-        wm = self.weight.view(1, self.out_channel, cin).to(x.dtype) * (s * self.scale).to(x.dtype)[:, None, :]
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            xf = x.permute(0, 2, 3, 1).reshape(b, h * w, cin)  # a view in NHWC
-            out = torch.baddbmm(bias.reshape(1, 1, -1).to(x.dtype), xf, wm.transpose(1, 2))
-            return out.view(b, h, w, self.out_channel).permute(0, 3, 1, 2)
-        out = torch.baddbmm(bias.reshape(1, -1, 1).to(x.dtype), wm, x.reshape(b, cin, h * w))
-        return out.view(b, self.out_channel, h, w)
+        return out if d is None else out.mul_(d[:, :, None, None])
 
 
 class NoiseInjection(nn.Module):
@@ -305,10 +281,14 @@ class FusedLeakyReLU(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, channel, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(x + self.bias, _LRELU_SLOPE) * _LRELU_GAIN
+        # Upstream's order of operations (so the grouped path stays bit-equal to the oracle); the gain
+        # goes in place on leaky_relu's fresh output, which its backward does not need.
+        return F.leaky_relu(x + self.bias, _LRELU_SLOPE).mul_(_LRELU_GAIN)
 
 
 class StyledConv(nn.Module):
+    """Modulated conv → noise injection → biased leaky ReLU (rosinality's StyledConv)."""
+
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
                  upsample: bool = False) -> None:
         super().__init__()
@@ -317,18 +297,13 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_channel)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, noise: torch.Tensor | None,
-                fused: bool = True) -> torch.Tensor:
-        if not fused:
-            return self.activate(self.noise(self.conv(x, s, fused=False), noise))
-        # leaky_relu(y)·√2 = leaky_relu(√2·y): the gain folds into the demodulation scale, the bias and
-        # the noise weight, so the activation costs three passes over the output instead of five.
-        out = self.conv.forward_fused(x, s, gain=_LRELU_GAIN, bias=self.activate.bias * _LRELU_GAIN)
-        if noise is not None:
-            out.add_(noise * (self.noise.weight * _LRELU_GAIN).to(out.dtype))
-        return F.leaky_relu_(out, _LRELU_SLOPE)
+                shared_weight: bool = True) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, s, shared_weight), noise))
 
 
 class ToRGB(nn.Module):
+    """Un-demodulated 1x1 modulated conv to RGB plus bias, added to the upsampled skip image."""
+
     def __init__(self, in_channel: int, style_dim: int, upsample: bool = True) -> None:
         super().__init__()
         if upsample:  # registered before `conv`: the upstream state_dict order
@@ -337,11 +312,8 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, skip: torch.Tensor | None,
-                fused: bool = True) -> torch.Tensor:
-        if fused:
-            out = self.conv.rgb_fused(x, s, self.bias)
-        else:
-            out = self.conv(x, s, fused=False) + self.bias
+                shared_weight: bool = True) -> torch.Tensor:
+        out = self.conv(x, s, shared_weight) + self.bias
         if skip is not None:
             out = out + self.upsample(skip)
         return out
@@ -354,23 +326,29 @@ class IdentityStyle:
 
     terms: tuple[torch.Tensor, ...]
 
+    @staticmethod
+    def stack(styles: Sequence["IdentityStyle"]) -> "IdentityStyle":
+        """Several identities' terms as one batch (row i of the result = styles[i]), so frames of
+        different identities share one generator pass."""
+        return IdentityStyle(tuple(torch.cat(layer) for layer in zip(*(st.terms for st in styles), strict=True)))
+
 
 class ModulatedGenerator(nn.Module):
     """PC-AVS G: (style (B,2560), identity map (B,512,7,7), noise) → image (B,3,224,224) in (-1,1).
 
     State-dict keys and shapes equal the upstream `ModulateGenerator` file exactly.
-    Attributes `fused_modulation`, `channels_last` and `max_batch` select the formulation, memory format
+    Attributes `shared_weight`, `channels_last` and `max_batch` select the formulation, memory format
     and largest batch per pass at run time (none changes the result beyond float rounding, ~1e-6).
     """
 
     checkpoint_role = "generator"
 
     def __init__(self, size: int = SIZE, style_dim: int = STYLE_DIM, channel_multiplier: int = 2,
-                 fused_modulation: bool = True, channels_last: bool = True,
+                 shared_weight: bool = True, channels_last: bool = True,
                  max_batch: int | Literal["auto"] | None = "auto") -> None:
         super().__init__()
         self.size, self.style_dim = size, style_dim
-        self.fused_modulation = fused_modulation
+        self.shared_weight = shared_weight
         self.channels_last = channels_last
         self.max_batch = max_batch
         init = 7
@@ -411,10 +389,10 @@ class ModulatedGenerator(nn.Module):
         return layers
 
     def _chunk_size(self, device: torch.device) -> int | None:
-        """Largest batch run in one pass. "auto": 1 on CPU, unlimited elsewhere. On the 2-core CPU a
-        batch-8 pass costs ~20 % more per frame than eight batch-1 passes (activations leave the cache,
-        the elementwise passes become memory-bound, and batch 1 allows scaling the weights instead of
-        the activations); GPUs need the batch to fill up."""
+        """Largest batch run in one pass. "auto": 1 on CPU, unlimited elsewhere. On a CPU, batch-1
+        passes cost less per frame than one big pass (the activations stay in cache, the elementwise
+        passes are memory-bound, and batch 1 allows scaling the weights instead of the activations;
+        bench/generator.py compares them); GPUs need the batch to fill up."""
         if self.max_batch == "auto":
             return 1 if device.type == "cpu" else None
         return self.max_batch
@@ -428,8 +406,7 @@ class ModulatedGenerator(nn.Module):
         if style.dim() != 2 or style.shape[1] != self.style_dim:
             raise ValueError(f"style must be (B,{self.style_dim}), got {tuple(style.shape)}")
         style = style.to(self._param_dtype())
-        exact = not self.fused_modulation
-        return [layer.modulate(style, exact=exact) for layer in self.modulated_convs()]
+        return [layer.modulation(style) for layer in self.modulated_convs()]
 
     def precompute_style(self, identity_part: torch.Tensor) -> IdentityStyle:
         """The identity-dependent part of every layer's modulation, computed once per identity.
@@ -513,14 +490,14 @@ class ModulatedGenerator(nn.Module):
 
     def _synthesize(self, mods: Sequence[torch.Tensor], x: torch.Tensor,
                     noise_list: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        fused = self.fused_modulation
-        if fused and self.channels_last:
+        shared = self.shared_weight
+        if shared and self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         it = iter(mods)
-        x = self.conv1(x, next(it), noise_list[0], fused)
-        skip = self.to_rgb1(x, next(it), None, fused)
+        x = self.conv1(x, next(it), noise_list[0], shared)
+        skip = self.to_rgb1(x, next(it), None, shared)
         for i, to_rgb in enumerate(self.to_rgbs):
-            x = self.convs[2 * i](x, next(it), noise_list[2 * i + 1], fused)
-            x = self.convs[2 * i + 1](x, next(it), noise_list[2 * i + 2], fused)
-            skip = to_rgb(x, next(it), skip, fused)
+            x = self.convs[2 * i](x, next(it), noise_list[2 * i + 1], shared)
+            x = self.convs[2 * i + 1](x, next(it), noise_list[2 * i + 2], shared)
+            skip = to_rgb(x, next(it), skip, shared)
         return torch.tanh(skip).contiguous()

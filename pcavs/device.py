@@ -1,0 +1,74 @@
+"""Choosing the torch device: every problem a user can cause is one `DeviceError` line, found before
+any checkpoint is read (the four files are ~600 MB; a bad `--device` should not cost that wait).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+
+from common.errors import UserError
+
+_DEVICE = re.compile(r"cpu|mps|cuda(?::(\d+))?")
+_BF16_MIN_CAPABILITY = (8, 0)  # bfloat16 tensor-core kernels start with Ampere (sm_80)
+
+
+class DeviceError(UserError):
+    """The requested device (or dtype on that device) cannot run here."""
+
+
+def _cuda_available() -> tuple[bool, str]:
+    """(usable, why not): torch reports an unusable driver as a warning, which becomes our reason."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    reason = next((str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()), "")
+    return available, reason
+
+
+def _no_cuda(name: str, reason: str) -> DeviceError:
+    built_for = torch.version.cuda
+    if built_for is None:
+        return DeviceError(f"device {name!r} requested but this PyTorch build has no CUDA support",
+                           hint="install the CUDA build of torch pinned in requirements.txt, or use --device cpu")
+    detail = f" ({reason.rstrip('.')})" if reason else ""
+    major = built_for.split(".")[0]
+    return DeviceError(
+        f"device {name!r} requested but PyTorch sees no usable CUDA GPU{detail}",
+        hint=f"the pinned torch wheel is built for CUDA {built_for} and needs an NVIDIA GPU with a driver "
+             f"for CUDA {major} or newer (check `nvidia-smi`); or use --device cpu")
+
+
+def resolve_device(name: str, dtype: torch.dtype | None = None) -> str:
+    """The torch device string for `name` ("auto", "cpu", "cuda", "cuda:N", "mps"), checked to be usable
+    here with `dtype` (None: no dtype check). "auto" picks CUDA when usable, else the CPU."""
+    if name == "auto":
+        name = "cuda" if _cuda_available()[0] else "cpu"
+    match = _DEVICE.fullmatch(name)
+    if match is None:
+        raise DeviceError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda"):
+        _check_cuda(name, match.group(1), dtype)
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device 'mps' requested but PyTorch sees no usable Apple GPU (MPS)",
+                          hint="MPS needs Apple silicon with macOS 12.3 or newer; use --device cpu")
+    return name
+
+
+def _check_cuda(name: str, index_text: str | None, dtype: torch.dtype | None) -> None:
+    available, reason = _cuda_available()
+    if not available:
+        raise _no_cuda(name, reason)
+    index = int(index_text) if index_text is not None else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeviceError(f"device {name!r} requested but only {count} CUDA GPU(s) are visible "
+                          f"(cuda:0 to cuda:{count - 1})",
+                          hint="pick a smaller index, or check CUDA_VISIBLE_DEVICES")
+    if dtype == torch.bfloat16:
+        capability = tuple(torch.cuda.get_device_capability(index))
+        if capability < _BF16_MIN_CAPABILITY:
+            major, minor = capability
+            raise DeviceError(f"bfloat16 needs a CUDA GPU of compute capability 8.0 (Ampere) or newer; "
+                              f"{name} is sm_{major}{minor}", hint="use --dtype float16 or float32")
