@@ -148,6 +148,11 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class TimingConfig:
+    upstream_frame_numbering: bool = _spec()
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig
     audio: AudioConfig
@@ -156,6 +161,7 @@ class Config:
     server: ServerConfig
     vcam: VcamConfig
     identity: IdentityConfig
+    timing: TimingConfig
 
 
 _SECTION_TYPES = typing.get_type_hints(Config)
