@@ -1,6 +1,6 @@
-"""The audio timeline that clocks the live loop: raw samples and mel rows on one absolute index.
+"""The audio timeline that clocks the live and offline loops: raw samples and mel rows on one absolute index.
 
-When each frame is shown (spec §4). The model was trained to pair video frame i with the mel window of
+Which frame each slot shows (spec §4): the model was trained to pair video frame i with the mel window of
 the 5-frame clip centred on it, rows [4(i−2), 4(i−2)+20), i.e. audio [40i−150, 40i+120) ms. By default
 slot t (shown during [40t, 40t+40) ms) shows the model's frame i = t: its window starts at row 4(t−2),
 rows before 0 are zeros (the mel of silence), and the frame can be made once audio up to 40t+120 ms
