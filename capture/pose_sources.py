@@ -1,8 +1,14 @@
-"""Pose frame sources (webcam, video file) and the worker that turns frames into pose codes.
+"""Pose frame sources (webcam, video file), the live worker that turns frames into pose codes, and the
+offline pose sequence of a whole video.
 
-The generator runs at the audio clock; head pose comes from a separate, slower path (landmarks +
+Live, the generator runs at the audio clock; head pose comes from a separate, slower path (landmarks +
 alignment + the pose encoder). `PoseWorker` runs that path on its own thread(s) and publishes only its
 latest result, so the render loop never waits for a face detector: `latest()` is a plain read.
+
+Offline (a file rendered to a file), every output frame gets its own pose-video frame, as in upstream's
+loader: `encode_pose_video` finds the landmarks of every frame, aligns them all with the clip's mean
+transform (`ClipAligner`) and encodes them in batches into a `PoseSequence`; the model's frame i then
+uses pose frame `ping_pong_index(i, n)`.
 
 Timing: every frame carries `captured_at` on the `time.monotonic()` clock. Live sources stamp the read
 time; a video file stamps `start + media time` (in real-time mode it also sleeps until then), so the
@@ -17,13 +23,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import cv2
 import numpy as np
 
 from common.errors import UserError
-from pcavs.alignment import AlignedFace
+from pcavs.alignment import AlignedFace, ClipAligner, LandmarkDetector, largest_face
 from pcavs.constants import FPS, POSE_DIM
 
 log = logging.getLogger(__name__)
@@ -97,27 +103,47 @@ class WebcamSource:
             self._cap = None
 
 
-class VideoFileSource:
-    """Decodes a video file with PyAV. `loop=True` restarts at the end (plain loop, continuous
-    timestamps); otherwise `read()` returns None after the last frame."""
+def ping_pong_index(i: int, n: int) -> int:
+    """Pose-video frame used for the model's frame i when the video has n frames: upstream's loader plays
+    the video back and forth with each end shown twice, 0, 1, …, n−1, n−1, …, 1, 0, 0, 1, … (spec §5;
+    `calc_loop_idx` in upstream's util.py)."""
+    if n < 1:
+        raise ValueError("a pose video needs at least one frame")
+    lap, pos = divmod(i, n)
+    return pos if lap % 2 == 0 else n - 1 - pos
 
-    def __init__(self, path: str | Path, realtime: bool = True, loop: bool = False) -> None:
+
+class VideoFileSource:
+    """Decodes a video file with PyAV. `ping_pong=True` plays it back and forth forever in upstream's order
+    (`ping_pong_index`) on one continuous clock, so the head never jumps at the loop point; otherwise
+    `read()` returns None after the last frame.
+
+    A codec only decodes forwards, so a backward pass goes in chunks of at most `reverse_chunk_bytes` of
+    frames: seek to the keyframe before a chunk, decode forward to its end, hand it out in reverse. Memory
+    stays bounded at one chunk, at the price of decoding from that keyframe again.
+    """
+
+    def __init__(self, path: str | Path, realtime: bool = True, ping_pong: bool = False,
+                 reverse_chunk_bytes: int = 64 << 20) -> None:
         self.path = Path(path)
         self.realtime = realtime
-        self.loop = loop
+        self.ping_pong = ping_pong
+        self._chunk_bytes = reverse_chunk_bytes
         if not self.path.is_file():
             raise VideoSourceError(f"pose video not found: {self.path}")
         self._container = None
-        self._frames = None
         self._clock_origin: float | None = None  # monotonic time of media time 0
-        self._offset = 0.0      # media time added by completed loops
-        self._last_t = 0.0      # media time of the last frame returned (without the offset)
-        self._pass_count = 0    # frames returned in the current pass
+        self._media_t = 0.0                      # media time of the last frame returned, across passes
+        self._last_index: int | None = None      # index of the last frame returned
+        self._times: list[float] = []            # media time of each frame (first pass)
+        self._pts: list[int | None] = []         # pts of each frame (first pass), for seeking back
         self._open()
+        self._play = self._frames()
 
     def _open(self) -> None:
         import av
 
+        self.close()
         try:
             self._container = av.open(str(self.path))
             if not self._container.streams.video:
@@ -126,49 +152,101 @@ class VideoFileSource:
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate
             self._interval = 1.0 / float(rate) if rate else _FALLBACK_DT
-            self._frames = self._container.decode(stream)
         except av.FFmpegError as exc:
             self.close()
             raise VideoSourceError(f"cannot open pose video {self.path}: {exc}") from None
-        self._first_t: float | None = None
-        self._pass_count = 0
+
+    def _decode(self):
+        return self._container.decode(self._container.streams.video[0])
+
+    def _frames(self):
+        """(index, rgb) in playing order."""
+        for i, frame in enumerate(self._decode()):
+            t = frame.time if frame.time is not None else i * self._interval
+            self._times.append(t)
+            self._pts.append(frame.pts)
+            yield i, frame.to_ndarray(format="rgb24")
+        n = len(self._times)
+        if not self.ping_pong or n == 0:
+            return
+        while True:
+            hi = n - 1
+            while hi >= 0:
+                lo = max(0, hi - self._chunk_frames() + 1)
+                chunk = self._decode_range(lo, hi)
+                for i in range(hi, lo - 1, -1):
+                    yield i, chunk[i - lo]
+                hi = lo - 1
+            self._open()
+            for i, frame in enumerate(self._decode()):
+                if i >= n:
+                    break
+                yield i, frame.to_ndarray(format="rgb24")
+
+    def _chunk_frames(self) -> int:
+        stream = self._container.streams.video[0]
+        frame_bytes = max(1, stream.codec_context.width * stream.codec_context.height * 3)
+        return max(1, self._chunk_bytes // frame_bytes)
+
+    def _decode_range(self, lo: int, hi: int) -> list[np.ndarray]:
+        """Frames lo..hi, decoded from the keyframe before `lo` (found by seeking to its pts), or from the
+        start of the file when the frames carry no usable timestamps or the seek landed too late."""
+        if lo > 0 and None not in self._pts and len(set(self._pts)) == len(self._pts):
+            by_pts = {p: i for i, p in enumerate(self._pts)}
+            self._container.seek(self._pts[lo], stream=self._container.streams.video[0], backward=True)
+            chunk = _collect(lo, hi, ((by_pts.get(f.pts), f) for f in self._decode()))
+            if chunk is not None:
+                return chunk
+        self._open()
+        chunk = _collect(lo, hi, enumerate(self._decode()))
+        if chunk is None:
+            raise VideoSourceError(f"pose video {self.path} has fewer frames on a second pass")
+        return chunk
 
     def read(self) -> tuple[np.ndarray, float] | None:
         import av
 
-        while self._frames is not None:
-            try:
-                frame = next(self._frames)
-            except StopIteration:
-                if not self.loop or self._pass_count == 0:
-                    self.close()
-                    return None
-                self._offset += self._last_t + self._interval
-                self.close()
-                self._open()
-                continue
-            except av.FFmpegError as exc:
-                raise VideoSourceError(f"cannot decode pose video {self.path}: {exc}") from None
-            t = frame.time if frame.time is not None else self._pass_count * self._interval
-            if self._first_t is None:
-                self._first_t = t
-            self._last_t = t - self._first_t
-            self._pass_count += 1
-            media_t = self._offset + self._last_t
-            now = time.monotonic()
-            if self._clock_origin is None:
-                self._clock_origin = now - media_t
-            captured_at = self._clock_origin + media_t
-            if self.realtime and captured_at > now:
-                time.sleep(captured_at - now)
-            return frame.to_ndarray(format="rgb24"), captured_at
-        return None
+        if self._container is None:
+            return None
+        try:
+            item = next(self._play, None)
+        except av.FFmpegError as exc:
+            raise VideoSourceError(f"cannot decode pose video {self.path}: {exc}") from None
+        if item is None:
+            self.close()
+            return None
+        index, rgb = item
+        if self._last_index is not None:
+            step = abs(self._times[index] - self._times[self._last_index])
+            self._media_t += step if step > 0 else self._interval  # an end shown twice lasts one frame
+        self._last_index = index
+        now = time.monotonic()
+        if self._clock_origin is None:
+            self._clock_origin = now - self._media_t
+        captured_at = self._clock_origin + self._media_t
+        if self.realtime and captured_at > now:
+            time.sleep(captured_at - now)
+        return rgb, captured_at
 
     def close(self) -> None:
         if self._container is not None:
             self._container.close()
         self._container = None
-        self._frames = None
+
+
+def _collect(lo: int, hi: int, indexed) -> list[np.ndarray] | None:
+    """Frames lo..hi as RGB from (index, av frame) pairs in decoding order; None if one is missing (index
+    None: a frame the first pass did not see)."""
+    out: list[np.ndarray] = []
+    for i, frame in indexed:
+        if i is None or i < lo:
+            continue
+        if i != lo + len(out):
+            return None
+        out.append(frame.to_ndarray(format="rgb24"))
+        if i >= hi:
+            break
+    return out if len(out) == hi - lo + 1 else None
 
 
 # --------------------------------------------------------------------------- smoothing
@@ -390,3 +468,103 @@ def _as_code(code) -> np.ndarray:
         raise ValueError(f"pose encoder must return {POSE_DIM} finite values, got shape {np.shape(code)}")
     arr.flags.writeable = False  # samples are shared with the render thread
     return arr
+
+
+# --------------------------------------------------------------------------- offline: one code per frame
+@dataclass(frozen=True)
+class PoseSequence:
+    """The pose code of every frame of a pose video, for offline rendering. The model's frame i uses
+    frame `ping_pong_index(i, n)`, so the result does not depend on timing: the same on every run."""
+
+    codes: np.ndarray               # (n, POSE_DIM) float32; a frame without a face holds a neighbour's code
+    face_found: np.ndarray          # (n,) bool, per frame
+    frames_without_face: np.ndarray  # (n,) int: consecutive faceless frames up to and including this one
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def index(self, frame: int) -> int:
+        """The pose-video frame used for the model's frame `frame`."""
+        return ping_pong_index(frame, len(self.codes))
+
+    def codes_for(self, frames: Sequence[int]) -> np.ndarray:
+        """(len(frames), POSE_DIM) codes for the model's frames `frames`."""
+        return self.codes[[self.index(i) for i in frames]]
+
+
+def encode_pose_video(path: str | Path, detector: LandmarkDetector,
+                      encode: Callable[[np.ndarray], np.ndarray], batch_size: int = 16,
+                      frames_needed: int | None = None) -> PoseSequence:
+    """Two passes over the file, bounded memory: the landmarks of every frame (upstream's align_68 needs
+    the whole clip's mean before the first crop), then the crops of the frames that are used, encoded
+    `batch_size` at a time by `encode` ((B,224,224,3) uint8 RGB crops → (B, POSE_DIM) codes).
+
+    `frames_needed`: how many of the model's frames will be rendered (None: all); later video frames are
+    aligned for the mean but not encoded. A frame without a face holds the code of the nearest earlier
+    frame with one (the first such frame for the frames before it); a video without any face is a
+    `FaceNotFoundError` naming it. Unlike live, no smoothing: frame t is exactly pose frame t.
+    """
+    landmarks: list[np.ndarray | None] = []
+    several_faces = False
+    source = VideoFileSource(path, realtime=False)
+    try:
+        while (item := source.read()) is not None:
+            faces = detector.detect(item[0])
+            if len(faces) > 1 and not several_faces:
+                log.warning("pose video %s: %d faces in frame %d; following the largest", path, len(faces),
+                            len(landmarks))
+                several_faces = True
+            landmarks.append(largest_face(faces) if faces else None)
+    finally:
+        source.close()
+    if not landmarks:
+        raise VideoSourceError(f"pose video {path} has no frames")
+    aligner = ClipAligner(landmarks, name=f"pose video {path}")
+    n = len(landmarks)
+    found = np.array([lm is not None for lm in landmarks])
+    first_face = int(np.argmax(found))
+    used = n if frames_needed is None else min(n, max(frames_needed, first_face + 1))
+
+    codes = np.zeros((n, POSE_DIM), np.float32)
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        out = np.asarray(encode(np.stack([crop for _, crop in pending])), dtype=np.float32)
+        if out.shape != (len(pending), POSE_DIM) or not np.all(np.isfinite(out)):
+            raise ValueError(f"pose encoder must return ({len(pending)}, {POSE_DIM}) finite values, "
+                             f"got shape {out.shape}")
+        codes[[i for i, _ in pending]] = out
+        pending.clear()
+
+    source = VideoFileSource(path, realtime=False)
+    try:
+        for i in range(used):
+            item = source.read()
+            if item is None:
+                raise VideoSourceError(f"pose video {path} has fewer frames on a second pass")
+            face = aligner.align(i, item[0])
+            if face is not None:
+                pending.append((i, face.image))
+                if len(pending) == batch_size:
+                    flush()
+        flush()
+    finally:
+        source.close()
+
+    run = np.zeros(n, np.int64)
+    for i in range(n):
+        if found[i]:
+            continue
+        run[i] = run[i - 1] + 1 if i else 1
+        if i < used:
+            codes[i] = codes[i - 1] if i > first_face else codes[first_face]
+    missing = int((~found).sum())
+    if missing:
+        log.warning("pose video %s: no face in %d of %d frames; they hold a neighbouring frame's pose",
+                    path, missing, n)
+    log.info("pose video %s: %d frames aligned to the clip's mean, %d encoded", path, n, used)
+    for arr in (codes, found, run):
+        arr.flags.writeable = False
+    return PoseSequence(codes, found, run)

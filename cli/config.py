@@ -156,6 +156,11 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class TimingConfig:
+    upstream_frame_numbering: bool = _spec()
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig
     audio: AudioConfig
@@ -164,6 +169,7 @@ class Config:
     server: ServerConfig
     vcam: VcamConfig
     identity: IdentityConfig
+    timing: TimingConfig
 
 
 _SECTION_TYPES = typing.get_type_hints(Config)

@@ -11,8 +11,9 @@ Upstream (`config/AudioConfig.py`, spec §4) computes, for 16 kHz mono audio:
 
 The STFT is re-implemented here in numpy (lws is only the test oracle) because lws can only transform a
 whole signal, while the live path needs rows as soon as their audio exists: row m covers samples
-[160m − 1120, 160m + 160), so it is complete once 160(m+1) samples have arrived, and a window of 20 rows
-for output frame k is complete at sample 160(4k + 20), i.e. 40k + 200 ms (spec §4).
+[160m − 1120, 160m + 160), so it is complete once 160(m+1) samples have arrived, and window k (rows
+[4k, 4k+20), upstream's output frame k) is complete at sample 160(4k + 20). Which window a displayed slot
+uses is `pipeline.timeline`'s business (by default slot t shows window t−2: audio up to 40t+120 ms).
 
 The one thing a live stream cannot reproduce is the whole-file RMS normalisation. `StreamingMel` takes
 either a fixed gain (bit-for-bit the file-mode rows when it equals the file's gain) or a
@@ -45,8 +46,9 @@ _BLOCK_ROWS = 2048              # file mode transforms this many rows at a time 
 
 
 def samples_needed_for_frame(k: int) -> int:
-    """Audio samples (from the start of the source) needed before output frame k can be generated:
-    its window ends with row 4k+19, which is complete at sample 160·(4k+20), i.e. at 40k + 200 ms."""
+    """Audio samples (from the start of the source) needed before window k — rows [4k, 4k+20), upstream's
+    output frame k, which may be negative — can be rendered: its last row 4k+19 is complete at sample
+    160·(4k+20), i.e. at 40k + 200 ms."""
     return HOP * (MEL_ROWS_PER_FRAME * k + WINDOW_ROWS)
 
 

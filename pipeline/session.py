@@ -1,8 +1,10 @@
-"""Wiring one live session from a Config: sources → features → engine → sinks.
+"""Wiring one session from a Config: sources → features → engine → sinks.
 
 `LiveSession` owns every resource it opens (audio source, pose worker and its camera, sinks, web server)
-and closes them in reverse order, whatever fails in between. `run_live.py` only parses arguments,
-builds a Config, and runs a `LiveSession`.
+and closes them in reverse order, whatever fails in between. A real-time run goes through the live
+`Scheduler`; a file rendered to files (not real time) through `OfflineRenderer`, where a pose video is
+encoded frame by frame up front (`encode_pose_video`). `run_live.py` only parses arguments, builds a
+Config, and runs a `LiveSession`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,9 +33,13 @@ from pcavs.engine import Avatar, EngineOptions
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
 from pcavs.preprocess import to_network_input
 from pipeline.metrics import LiveMetrics, format_status_line
+from pipeline.offline import OfflineOptions, OfflineRenderer, SlotPose, sequence_pose
 from pipeline.scheduler import RunSummary, Scheduler, SchedulerOptions
 from pcavs.constants import FPS
-from pipeline.timeline import AudioTimeline
+from pipeline.timeline import AudioTimeline, model_frame_index
+
+if TYPE_CHECKING:
+    from capture.pose_sources import PoseWorker
 
 log = logging.getLogger(__name__)
 
@@ -199,16 +205,17 @@ class LiveSession:
         self._stack.callback(server.stop)
         self.server = server
 
-    def _pose(self, avatar: Avatar) -> tuple[Callable[[], np.ndarray | None] | None,
-                                                                     list[Callable[[], None]]]:
+    def _pose_worker(self, avatar: Avatar) -> PoseWorker | None:
+        """The live pose path (webcam, or a video played in real time back and forth), or None for the
+        photo's own pose."""
         source_kind = self.config.pose.source
         if source_kind in ("still", "none"):
-            return None, []  # the photo's own head pose (reference pose)
+            return None  # the photo's own head pose (reference pose)
         from capture.pose_sources import PoseWorker, VideoFileSource, WebcamSource
         if source_kind == "webcam":
             frames = WebcamSource(self.config.pose.webcam_index)
         else:
-            frames = VideoFileSource(self.config.pose.video_path, realtime=self.realtime, loop=True)
+            frames = VideoFileSource(self.config.pose.video_path, realtime=True, ping_pong=True)
         self._stack.callback(frames.close)
         # SFD at full size costs ~4 s per webcam frame on a CPU; 320 px is plenty for one close face.
         worker = PoseWorker(frames, LiveAligner(self._detector(avatar.device, detect_max_side=320)),
@@ -216,34 +223,73 @@ class LiveSession:
                             smoothing=self.config.pose.smoothing)
         worker.start()
         self._stack.callback(worker.stop)
+        return worker
 
-        def latest() -> np.ndarray | None:
-            sample = worker.latest()
-            if sample is None:
-                return None
-            self.metrics.set_pose_status(pose_face_found=sample.face_found,
-                                         pose_frames_without_face=sample.frames_without_face)
-            return sample.code
+    def _latest_pose(self, worker: PoseWorker) -> np.ndarray | None:
+        sample = worker.latest()
+        if sample is None:
+            return None
+        self.metrics.set_pose_status(pose_face_found=sample.face_found,
+                                     pose_frames_without_face=sample.frames_without_face)
+        return sample.code
 
-        return latest, [worker.check]
+    def _pose_sequence(self, avatar: Avatar, slots: int | None) -> SlotPose:
+        """Offline pose from a video: every frame's code up front (`slots`: how many will be rendered, if
+        known), slot t → the model's frame t's code."""
+        from capture.pose_sources import encode_pose_video
+        numbering = self.config.timing.upstream_frame_numbering
+        sequence = encode_pose_video(
+            self.config.pose.video_path, self._detector(avatar.device, detect_max_side=320),
+            encode=lambda crops: encode_pose_batch(avatar, crops),
+            frames_needed=None if slots is None else model_frame_index(slots, numbering))
+        return sequence_pose(sequence, numbering, self.metrics)
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
         self.start_server()
         avatar, aligned = build_avatar(
             self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
         source, mel = build_audio(self.config, self.realtime)
-        pose, checks = self._pose(avatar)
-        sink = self._sinks()
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
         duration = getattr(source, "duration_s", None)
         total = None if self.realtime or duration is None else math.ceil(duration * FPS)
         if total is not None and max_frames is not None:
             total = min(total, max_frames)
-        checks = checks + [getattr(source, "check_health", lambda: None)]
-        scheduler = Scheduler(source, AudioTimeline(mel), avatar, sink, placeholder=aligned, pose=pose,
-                              metrics=self.metrics,
-                              options=SchedulerOptions(realtime=self.realtime, max_frames=max_frames),
-                              health_checks=checks,
-                              on_frame=StatusPrinter(self.metrics, self.run_options.status_interval_s,
-                                                     total_frames=total))
-        return scheduler.run(stop)
+        timeline = AudioTimeline(mel, upstream_frame_numbering=self.config.timing.upstream_frame_numbering)
+        checks = [getattr(source, "check_health", lambda: None)]
+        on_frame = StatusPrinter(self.metrics, self.run_options.status_interval_s, total_frames=total)
+
+        if self.realtime:
+            worker = self._pose_worker(avatar)
+            pose = None if worker is None else lambda: self._latest_pose(worker)
+            checks = ([] if worker is None else [worker.check]) + checks
+            scheduler = Scheduler(source, timeline, avatar, self._sinks(), placeholder=aligned, pose=pose,
+                                  metrics=self.metrics,
+                                  options=SchedulerOptions(realtime=True, max_frames=max_frames),
+                                  health_checks=checks, on_frame=on_frame)
+            return scheduler.run(stop)
+
+        if self.config.pose.video_path is not None:
+            slot_pose: SlotPose | None = self._pose_sequence(avatar, total)
+        else:
+            worker = self._pose_worker(avatar)  # a webcam (or none) feeding a file
+            slot_pose = None if worker is None else self._repeat_latest(worker)
+            checks = ([] if worker is None else [worker.check]) + checks
+        renderer = OfflineRenderer(source, timeline, avatar, self._sinks(),
+                                   frame_size=(aligned.shape[1], aligned.shape[0]), pose=slot_pose,
+                                   metrics=self.metrics, options=OfflineOptions(max_frames=max_frames),
+                                   health_checks=checks, on_frame=on_frame)
+        return renderer.run(stop)
+
+    def _repeat_latest(self, worker: PoseWorker) -> SlotPose:
+        """A live pose source (webcam) feeding an offline render: its latest code for every slot."""
+        def codes(slots: Sequence[int]) -> np.ndarray | None:
+            code = self._latest_pose(worker)
+            return None if code is None else np.repeat(np.asarray(code, np.float32)[None], len(slots), 0)
+        return codes
+
+
+def encode_pose_batch(avatar: Avatar, crops: np.ndarray) -> np.ndarray:
+    """(B,224,224,3) aligned uint8 crops → (B, POSE_DIM) pose codes in one pose-encoder pass."""
+    batch = torch.stack([to_network_input(c) for c in crops]).to(avatar.device, avatar.dtype)
+    with torch.inference_mode():
+        return avatar.networks.pose.pose_code(batch).float().cpu().numpy()

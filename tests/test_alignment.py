@@ -14,7 +14,7 @@ import skimage.transform
 
 from pcavs import alignment as al
 from pcavs.alignment import detector as detector_module
-from pcavs.alignment import (AlignmentError, FaceAligner, FaceAlignmentDetector, FaceNotFoundError,
+from pcavs.alignment import (AlignmentError, ClipAligner, FaceAligner, FaceAlignmentDetector, FaceNotFoundError,
                              LandmarkModelUnavailable, LiveAligner, TEMPLATE)
 from pcavs.preprocess import to_network_input
 from tests.conftest import load_case
@@ -267,6 +267,68 @@ def test_live_aligner_without_face_returns_none_and_keeps_state():
     first = live.align(img)
     assert live.align(img) is None
     np.testing.assert_allclose(live.align(img).matrix, first.matrix, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- whole-clip alignment
+def align_68_folder_crops(frames: list[np.ndarray], landmarks: list[np.ndarray]) -> list[np.ndarray]:
+    """The spec's align_68 rule for a folder (§5), written from the spec with skimage and cv2: eye/eye/inner
+    mouth means; ONE similarity (skimage, float32 template as upstream) from the folder-average points;
+    per frame in order, bias = (112,120) − mapped mouth, smoothed 0.2·previous + 0.8·current; warp."""
+    points = [np.stack([lm[36:42].mean(0), lm[42:48].mean(0), lm[60:68].mean(0)]) for lm in landmarks]
+    average = sum(points) / len(points)
+    template = np.array([[87, 59], [137, 59], [112, 120]], np.float32)
+    m = skimage.transform.SimilarityTransform.from_estimate(average, template).params[:2]
+    crops, previous = [], None
+    for img, p in zip(frames, points):
+        bias = np.array([112, 120]) - np.append(p[2], 1.0) @ m.T
+        if previous is not None:
+            bias = previous * 0.2 + bias * 0.8
+        previous = bias
+        m_i = m.copy()
+        m_i[:, 2] += bias
+        crops.append(cv2.warpAffine(img, m_i, (224, 224), borderValue=0))
+    return crops
+
+
+def moving_head(n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """n frames of the astronaut rolling, nodding and drifting, with their (exactly transformed) landmarks."""
+    photo, lm = skimage.data.astronaut(), synthetic_landmarks(ASTRONAUT_ANCHORS)
+    frames, marks = [], []
+    for i in range(n):
+        ang, shift = 8.0 * np.sin(i / 2.0), np.array([6.0 * np.cos(i / 3.0), 4.0 * i / n])
+        m = cv2.getRotationMatrix2D(tuple(ASTRONAUT_ANCHORS[2]), ang, 1.0 + 0.05 * np.sin(i))
+        m[:, 2] += shift
+        frames.append(cv2.warpAffine(photo, m, (photo.shape[1], photo.shape[0])))
+        marks.append(lm @ m[:, :2].T + m[:, 2])
+    return frames, marks
+
+
+def assert_same_crop(got: np.ndarray, expected: np.ndarray) -> None:
+    diff = np.abs(got.astype(int) - expected.astype(int))  # float rounding of M: see assert_reproduces_identity
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_clip_aligner_crops_are_align_68_folder_mean_crops():
+    frames, marks = moving_head(6)
+    expected = align_68_folder_crops(frames, marks)
+    clip = ClipAligner(marks)
+    np.testing.assert_allclose(clip.mean_anchors, np.mean([al.anchor_points(m) for m in marks], 0), atol=1e-9)
+    for i, (img, want) in enumerate(zip(frames, expected)):
+        assert_same_crop(clip.align(i, img).image, want)
+    # the causal running mean (live) sees only frame 0 at frame 0: a visibly different crop
+    first_live = LiveAligner(FakeDetector([marks[0]])).align(frames[0]).image
+    assert np.abs(first_live.astype(int) - expected[0].astype(int)).mean() > 1.0
+
+
+def test_clip_aligner_skips_frames_without_a_face():
+    frames, marks = moving_head(5)
+    clip = ClipAligner([marks[0], None, marks[1], marks[2], None])
+    assert len(clip) == 5 and clip.align(1, frames[0]) is None and clip.align(4, frames[0]) is None
+    expected = align_68_folder_crops(frames[:3], marks[:3])  # mean and bias chain over the faces only
+    for i, j in ((0, 0), (2, 1), (3, 2)):
+        assert_same_crop(clip.align(i, frames[j]).image, expected[j])
+    with pytest.raises(FaceNotFoundError, match="no face found in any frame of clip.mp4"):
+        ClipAligner([None, None], name="clip.mp4")
 
 
 # --------------------------------------------------------------------------- face_alignment wrapper

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from capture.pose_sources import (CameraError, EmaFilter, PoseSample, PoseWorker, VideoFileSource, VideoSourceError,
-                                  WebcamSource, make_pose_filter)
+                                  WebcamSource, encode_pose_video, make_pose_filter, ping_pong_index)
 from pcavs.alignment import LiveAligner
 
 DEADLINE_S = 20.0  # generous upper bound for waiting on threads (never a speed assert)
@@ -30,11 +30,13 @@ def test_webcam_that_does_not_exist_raises_camera_error():
     assert "\n" not in str(e.value)
 
 
-def write_mp4(path, colours, size=(64, 48), fps=25) -> None:
+def write_mp4(path, colours, size=(64, 48), fps=25, gop: int | None = None) -> None:
     with av.open(str(path), "w") as out:
         stream = out.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         stream.options = {"qscale": "2"}
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         for c in colours:
             img = np.empty((size[1], size[0], 3), np.uint8)
             img[:] = c
@@ -50,7 +52,7 @@ COLOURS = [(20 * i + 10, 200 - 15 * i, 120) for i in range(8)]
 def test_video_file_source_yields_every_frame_then_none(tmp_path):
     path = tmp_path / "pose.mp4"
     write_mp4(path, COLOURS)
-    src = VideoFileSource(path, realtime=False, loop=False)
+    src = VideoFileSource(path, realtime=False, ping_pong=False)
     frames = []
     while (item := src.read()) is not None:
         frames.append(item)
@@ -63,15 +65,38 @@ def test_video_file_source_yields_every_frame_then_none(tmp_path):
     np.testing.assert_allclose(steps, 1 / 25, atol=1e-6)  # media-time stamps even when decoding fast
 
 
-def test_video_file_source_loops_with_continuous_timestamps(tmp_path):
+# upstream's calc_loop_idx(i, n) for i = 0..13, as printed by running upstream's util.py
+UPSTREAM_LOOP_IDX = {1: [0] * 14,
+                     2: [0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1],
+                     3: [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0, 0, 1],
+                     5: [0, 1, 2, 3, 4, 4, 3, 2, 1, 0, 0, 1, 2, 3]}
+
+
+def test_ping_pong_index_is_upstreams_loop_index():
+    for n, expected in UPSTREAM_LOOP_IDX.items():
+        assert [ping_pong_index(i, n) for i in range(14)] == expected, n
+    for n, length in ((4, 30), (7, 25), (10, 64), (25, 200)):  # spec §5: 0…n−1, n−1…0, 0…n−1, …
+        lap = list(range(n)) + list(range(n - 1, -1, -1))
+        assert [ping_pong_index(i, n) for i in range(length)] == (lap * length)[:length], n
+
+
+def colour_index(rgb: np.ndarray, colours) -> int:
+    return int(np.argmin([np.abs(rgb.reshape(-1, 3).mean(0) - c).sum() for c in colours]))
+
+
+@pytest.mark.parametrize("gop, chunk_frames", [(3, 2), (100, 3), (100, 1000)])
+def test_video_file_source_ping_pongs_with_continuous_timestamps(tmp_path, gop, chunk_frames):
+    """Back and forth in upstream's order on one clock (the end frames shown twice, one interval each),
+    whatever the keyframe spacing and the size of the chunks a backward pass decodes."""
     path = tmp_path / "pose.mp4"
-    write_mp4(path, COLOURS)
-    src = VideoFileSource(path, realtime=False, loop=True)
-    items = [src.read() for _ in range(3 * len(COLOURS) + 2)]
+    write_mp4(path, COLOURS, gop=gop)
+    src = VideoFileSource(path, realtime=False, ping_pong=True, reverse_chunk_bytes=chunk_frames * 64 * 48 * 3)
+    items = [src.read() for _ in range(3 * len(COLOURS) + 5)]
     src.close()
-    assert all(i is not None for i in items)
+    assert [colour_index(rgb, COLOURS) for rgb, _ in items] == \
+        [ping_pong_index(i, len(COLOURS)) for i in range(len(items))]
     np.testing.assert_allclose(np.diff([t for _, t in items]), 1 / 25, atol=1e-6)
-    np.testing.assert_array_equal(items[0][0], items[len(COLOURS)][0])  # back at frame 0
+    np.testing.assert_array_equal(items[7][0], items[8][0])  # the last frame twice, decoded alike
 
 
 def test_video_file_source_realtime_never_returns_a_frame_early(tmp_path):
@@ -323,3 +348,39 @@ def test_stop_joins_the_threads_and_closes_the_source():
     assert not worker.alive and worker._threads and not any(t.is_alive() for t in worker._threads)
     assert source.read() is None  # closed
     worker.stop()  # idempotent
+
+
+# --------------------------------------------------------------------------- offline pose sequence
+def test_offline_crops_of_a_pose_video_are_align_68_folder_mean_crops(tmp_path):
+    """The crops `encode_pose_video` encodes are upstream's align_68 crops of the whole clip (one transform
+    from the folder-mean anchors, smoothed mouth bias), computed independently from the same landmarks."""
+    from tests.test_alignment import align_68_folder_crops, assert_same_crop, moving_head
+    frames, marks = moving_head(6)
+    path = tmp_path / "head.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
+        stream.options = {"qscale": "2"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    src = VideoFileSource(path, realtime=False)
+    decoded = [item[0] for item in iter(src.read, None)]  # what the pose path sees of the file
+    landmarks = iter(marks)
+
+    class InOrder:
+        def detect(self, rgb):
+            return [next(landmarks)]
+
+    crops: list[np.ndarray] = []
+
+    def encoder(batch):
+        crops.extend(batch)
+        return np.zeros((len(batch), 12), np.float32)
+
+    sequence = encode_pose_video(path, InOrder(), encoder, batch_size=4)
+    assert len(sequence) == len(crops) == 6 and sequence.face_found.all()
+    for got, want in zip(crops, align_68_folder_crops(decoded, marks)):
+        assert_same_crop(got, want)

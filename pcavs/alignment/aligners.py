@@ -1,16 +1,17 @@
-"""The two aligners: a photo aligned once (the identity), and live pose frames aligned against their average.
+"""The aligners: a photo aligned once (the identity), and pose frames aligned against their clip's average.
 
 Upstream aligns a whole pose video with ONE transform estimated from the folder-average anchors and a
 per-frame, smoothed mouth bias. The pose encoder therefore learned to read head rotation and scale
-*relative to the clip's average* from the crop. `LiveAligner` reproduces that online with a running
-average, so live head motion turns into pose the way it did in training.
+*relative to the clip's average* from the crop. `ClipAligner` does exactly that for a video file (all
+landmarks first, then every frame); `LiveAligner` approximates it online with a running average, so live
+head motion turns into pose the way it did in training.
 """
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -77,14 +78,62 @@ class FaceAligner:
         return self.align_photo(rgb, name=str(path), landmarks=landmarks)
 
 
+class ClipAligner:
+    """Upstream's align_68 rule for a whole clip (spec §5), as it aligned a pose-video folder.
+
+    ONE similarity M from the mean anchors of every frame with a face, then, frame by frame in order, the
+    translation corrected by that frame's mouth bias smoothed as 0.2·previous + 0.8·current. It needs
+    all landmarks before the first crop (one detector pass over the file), which only a file allows; live
+    frames use `LiveAligner`. Frames without a face (upstream refused such a folder) get no matrix and
+    take no part in the mean or in the bias smoothing.
+    """
+
+    def __init__(self, landmarks: Sequence[np.ndarray | None], name: str = "pose video") -> None:
+        anchors = [None if pts is None else anchor_points(pts) for pts in landmarks]
+        found = [a for a in anchors if a is not None]
+        if not found:
+            raise FaceNotFoundError(f"no face found in any frame of {name}; use a video of one visible face")
+        # Summed in frame order and divided once, as align_68.py does.
+        self.mean_anchors: np.ndarray = sum(found[1:], found[0].copy()) / len(found)
+        self.matrix: np.ndarray = similarity_matrix(self.mean_anchors)
+        self.matrices: list[np.ndarray | None] = []
+        self.landmarks = [None if pts is None else np.asarray(pts, dtype=np.float64) for pts in landmarks]
+        self.anchors = anchors
+        bias: np.ndarray | None = None
+        memory = UPSTREAM_BIAS_MEMORY
+        for a in anchors:
+            if a is None:
+                self.matrices.append(None)
+                continue
+            raw = mouth_bias(self.matrix, a)
+            bias = raw if bias is None else memory * bias + (1 - memory) * raw
+            m = self.matrix.copy()
+            m[:, 2] += bias
+            self.matrices.append(m)
+
+    def __len__(self) -> int:
+        return len(self.matrices)
+
+    def align(self, index: int, rgb: np.ndarray) -> AlignedFace | None:
+        """Frame `index` of the clip → its crop, or None when that frame had no face."""
+        m = self.matrices[index]
+        if m is None:
+            return None
+        pts = self.landmarks[index]
+        return AlignedFace(warp_to_crop(as_rgb_uint8(rgb, "pose frame"), m), m, self.anchors[index],
+                           pts if pts is not None and pts.shape[0] == 68 else None)
+
+
 class LiveAligner:
-    """Online version of upstream's per-folder alignment for pose frames.
+    """Online approximation of upstream's per-folder alignment, for pose frames arriving live.
 
     Upstream: one similarity M from the average anchors of the whole clip + a per-frame mouth bias
     smoothed as 0.2·previous + 0.8·current. Live we cannot see the future, so the average is a running
-    one: the cumulative mean over the first `average_window` frames (identical to upstream's folder
-    average for a clip that short), then an exponential average with the same weight 1/average_window,
-    so a user who settles into a new position is re-centred over ~window frames instead of never.
+    one: the cumulative mean of the frames seen so far (for the first `average_window` frames), then an
+    exponential average with the same weight 1/average_window, so a user who settles into a new position
+    is re-centred over ~window frames instead of never. This is NOT upstream's crop: frame t is aligned
+    with the mean of frames 0..t, which equals the clip's mean only at the clip's last frame, so early
+    crops (and their pose codes) differ. A video file is aligned with `ClipAligner` instead.
     The anchor POINTS are averaged (as upstream does), not the transform parameters.
     Not thread-safe: one owner (the pose worker) calls `align`.
     """
