@@ -17,20 +17,18 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from common.errors import UserError
 from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
-from pcavs.alignment import (FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, load_landmark_sidecar,
-                             read_rgb, sidecar_path)
-from pcavs.checkpoints import load_networks
-from pcavs.engine import Avatar, EngineOptions, resolve_device
+from pcavs.alignment import FaceAlignmentDetector, LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
+from pcavs.engine import Avatar, resolve_device
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
-from pcavs.preprocess import to_network_input
+from pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, engine_options, load_engine, make_scheduler,
+                               pose_provider, start_pose_worker)
 from pipeline.metrics import LiveMetrics, format_status_line
-from pipeline.scheduler import RunSummary, Scheduler, SchedulerOptions
+from pipeline.scheduler import RunSummary, SchedulerOptions
 from pcavs.constants import FPS
 from pipeline.timeline import AudioTimeline
 
@@ -88,23 +86,16 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     """Load the networks and encode the identity once. Returns the avatar and the aligned photo (224²
     RGB uint8), which doubles as the placeholder frame before the first generated one. `detector` is
     only called when the photo has no landmark sidecar."""
-    device = resolve_device(config.model.device)
-    dtype = getattr(torch, config.model.dtype)
-    if dtype != torch.float32 and device == "cpu":
-        log.warning("%s on the CPU runs on PyTorch's reference kernels (~35x slower than float32 on CPUs "
-                    "without native half-precision convolutions); it is meant for GPUs", config.model.dtype)
+    m = config.model
+    options = engine_options(m.device, m.dtype, m.noise, m.noise_seed, m.mouth_weight)
     photo = Path(config.identity.photo)
     if not photo.is_file():
         raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
     rgb = read_rgb(photo)  # a damaged photo is named as such, before any model is loaded
-    networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
+    networks = load_engine(m.checkpoint_dir, options)
     side = sidecar_path(photo)
-    aligner = FaceAligner(None if side.is_file() else detector())  # a sidecar needs no detector
-    landmarks = load_landmark_sidecar(side) if side.is_file() else None
-    aligned = aligner.align_photo(rgb, name=str(photo), landmarks=landmarks).image
-    options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,
-                            noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
-    return Avatar(networks, to_network_input(aligned), options), aligned
+    landmarks = load_landmark_sidecar(side) if side.is_file() else None  # a sidecar needs no detector
+    return encode_identity(networks, options, rgb, str(photo), landmarks, detector)
 
 
 def build_audio(config: Config, realtime: bool):
@@ -203,27 +194,16 @@ class LiveSession:
         source_kind = self.config.pose.source
         if source_kind in ("still", "none"):
             return None, []  # the photo's own head pose (reference pose)
-        from capture.pose_sources import PoseWorker, VideoFileSource, WebcamSource
+        from capture.pose_sources import VideoFileSource, WebcamSource
         if source_kind == "webcam":
             frames = WebcamSource(self.config.pose.webcam_index)
         else:
             frames = VideoFileSource(self.config.pose.video_path, realtime=self.realtime, loop=True)
         self._stack.callback(frames.close)
-        # SFD at full size costs ~4 s per webcam frame on a CPU; 320 px is plenty for one close face.
-        worker = PoseWorker(frames, LiveAligner(self._detector(avatar.device, detect_max_side=320)),
-                            encode=lambda crop: avatar.pose_code(to_network_input(crop)),
-                            smoothing=self.config.pose.smoothing)
-        worker.start()
+        worker = start_pose_worker(frames, avatar, self._detector(avatar.device, POSE_DETECT_MAX_SIDE),
+                                   self.config.pose.smoothing)
         self._stack.callback(worker.stop)
-
-        def latest() -> np.ndarray | None:
-            sample = worker.latest()
-            if sample is None:
-                return None
-            self.metrics.set_pose_status(pose_face_found=sample.face_found,
-                                         pose_frames_without_face=sample.frames_without_face)
-            return sample.code
-
+        latest = pose_provider(worker, self.metrics)
         return latest, [worker.check]
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
@@ -239,10 +219,10 @@ class LiveSession:
         if total is not None and max_frames is not None:
             total = min(total, max_frames)
         checks = checks + [getattr(source, "check_health", lambda: None)]
-        scheduler = Scheduler(source, AudioTimeline(mel), avatar, sink, placeholder=aligned, pose=pose,
-                              metrics=self.metrics,
-                              options=SchedulerOptions(realtime=self.realtime, max_frames=max_frames),
-                              health_checks=checks,
-                              on_frame=StatusPrinter(self.metrics, self.run_options.status_interval_s,
-                                                     total_frames=total))
+        scheduler = make_scheduler(source, AudioTimeline(mel), avatar, sink, placeholder=aligned, pose=pose,
+                                   metrics=self.metrics,
+                                   options=SchedulerOptions(realtime=self.realtime, max_frames=max_frames),
+                                   health_checks=checks,
+                                   on_frame=StatusPrinter(self.metrics, self.run_options.status_interval_s,
+                                                          total_frames=total))
         return scheduler.run(stop)
