@@ -92,6 +92,7 @@ class BrowserAudioSource(_TrackReader):
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._next_sample = 0
         self.frames_received = 0
+        self.last_frame_at: float | None = None   # monotonic time of the newest frame (liveness)
 
     @property
     def dropped_chunks(self) -> int:
@@ -100,6 +101,7 @@ class BrowserAudioSource(_TrackReader):
     def _on_frame(self, frame: av.AudioFrame) -> None:
         self.frames_received += 1
         now = time.monotonic()
+        self.last_frame_at = now
         for out in self._resampler.resample(frame):
             samples = out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
             if not len(samples):
