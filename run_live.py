@@ -5,6 +5,7 @@
     python run_live.py --out out/sample.mp4              # bundled sample → mp4 file
     python run_live.py --identity me.jpg --audio mic --pose webcam --out vcam --out webrtc
     python run_live.py --fetch-checkpoints               # download the authors' demo checkpoints
+    python run_live.py serve                             # the studio: each browser drives its own avatar
 
 Options override configs/default.toml (and --config FILE); --print-config shows the result.
 """
@@ -82,6 +83,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:            # the studio server: many browser sessions (cli/serve.py)
+        from cli.serve import main as serve_main
+        return serve_main(argv[1:])
     args = parse_args(argv)
     # OpenCV prints its own ERROR lines when a camera index is absent; our one-line CameraError says it
     # better. Set before cv2 is first imported (this process only; an explicit user setting wins).
