@@ -11,8 +11,9 @@ identity map, identity style part and noise), and wakes each session with its ro
 Guarantees the studio relies on:
 * newest wins — a session holds at most one pending request; a newer one replaces it (the replaced
   caller gets the newer request's frames, counted in `superseded`), so no session builds a backlog;
-* no waiting on sessions — a batch is whatever is pending when the thread wakes, so a session that is
-  slow to ask (or stuck) never delays the others: a request waits at most for the batch in flight;
+* bounded waiting — a batch is what is pending when the thread wakes, held open only until every
+  recently active session has asked and never longer than one batch (`_gather`), so a slow or stuck
+  session delays the others by at most one batch;
 * closing a handle drops its pending request and wakes its caller with `RendererClosed`;
 * batching has a price, the time a request waits for the batch in flight: measured per request
   (`wait_ms`) and exposed by `stats()` and `SessionHandle.stats()`.
@@ -33,6 +34,9 @@ import numpy as np
 from pcavs.engine import SessionRequest, StageTimes, render_sessions
 
 log = logging.getLogger(__name__)
+
+# A session that asked within this many seconds is expected to ask again soon (see SharedRenderer._gather).
+ACTIVE_S = 0.5
 
 RenderRows = Callable[[Sequence[SessionRequest]], Sequence[np.ndarray]]
 
@@ -87,6 +91,7 @@ class SessionHandle:
         self._owner, self.avatar, self.name = owner, avatar, name
         self.closed = False
         self.frames_rendered = 0
+        self.last_submit: float | None = None
         self._wait = _Recent()
 
     def submit(self, mel_windows: np.ndarray, pose_codes: np.ndarray | None = None) -> _Pending:
@@ -140,8 +145,10 @@ class SharedRenderer:
     is `pcavs.engine.render_sessions` (all avatars must share one `PcavsNetworks`)."""
 
     def __init__(self, render_rows: RenderRows = render_sessions, name: str = "shared-renderer",
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, gather_max_s: float = 0.04) -> None:
         self._render_rows = render_rows
+        self.gather_max_s = gather_max_s
+        self._last_batch_s = 0.0
         self._name = name
         self._on_batch = on_batch
         self._cond = threading.Condition()
@@ -209,6 +216,7 @@ class SharedRenderer:
         with self._cond:
             if handle.closed or self._stopping:
                 raise RendererClosed(f"session {handle.name} is closed")
+            handle.last_submit = p.enqueued_at
             old = self._pending.get(handle)
             if old is not None:               # newest wins: the older caller gets these frames
                 old.replaced_by = p
@@ -234,11 +242,34 @@ class SharedRenderer:
             with self._cond:
                 while not self._pending and not self._stopping:
                     self._cond.wait()
+                if not self._stopping:
+                    self._gather()
                 if self._stopping:
                     return
                 batch = list(self._pending.values())
                 self._pending.clear()
-            self._render(batch)
+            if batch:
+                self._render(batch)
+
+    def _gather(self) -> None:
+        """Hold the batch open briefly for active sessions that have not asked yet (lock held).
+
+        Without this, sessions settle into taking turns: each request arrives while another session's
+        batch runs, so every batch has one row and N sessions cost N passes. Waiting until every
+        session that asked within `ACTIVE_S` has a request pending, but never longer than one batch
+        (`gather_max_s`, and the last batch's duration), lets them share one pass. A session that
+        stops asking is no longer waited for after `ACTIVE_S`; the wait it costs is in `batch_wait_ms`.
+        """
+        if not self._pending:
+            return
+        first = min(p.enqueued_at for p in self._pending.values())
+        deadline = first + min(self.gather_max_s, self._last_batch_s)
+        while not self._stopping:
+            now = time.monotonic()
+            active = {h for h in self._handles if h.last_submit is not None and now - h.last_submit < ACTIVE_S}
+            if now >= deadline or not self._pending or active <= self._pending.keys():
+                return
+            self._cond.wait(deadline - now)
 
     def _render(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
@@ -252,6 +283,7 @@ class SharedRenderer:
         ended = time.monotonic()
         batch_ms = (ended - started) * 1e3
         with self._cond:
+            self._last_batch_s = batch_ms / 1e3
             self.batches += 1
             self.rows += len(rows)
             self._batch_sizes.add(len(rows))
