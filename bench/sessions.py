@@ -34,7 +34,7 @@ from pcavs.mel import StreamingGain, StreamingMel  # noqa: E402
 from pipeline.builders import make_scheduler  # noqa: E402
 from pipeline.metrics import FrameRecord, LiveMetrics  # noqa: E402
 from pipeline.scheduler import SchedulerOptions  # noqa: E402
-from pipeline.shared_renderer import SharedRenderer  # noqa: E402
+from pipeline.shared_renderer import RendererClosed, SharedRenderer  # noqa: E402
 from pipeline.timeline import AudioTimeline  # noqa: E402
 
 SPEECH = Path(__file__).resolve().parent.parent / "assets" / "sample" / "speech.wav"
@@ -72,6 +72,13 @@ def peak_memory_mb(device: str) -> float:
     return float("nan")
 
 
+def _run_until_closed(scheduler, stop: threading.Event) -> None:
+    try:
+        scheduler.run(stop)
+    except RendererClosed:
+        pass
+
+
 def run_sessions(n: int, avatars: list[Avatar], speech: np.ndarray, seconds: float, device: str) -> dict:
     renderer = SharedRenderer(render_sessions).start()
     stop = threading.Event()
@@ -87,7 +94,7 @@ def run_sessions(n: int, avatars: list[Avatar], speech: np.ndarray, seconds: flo
         sched = make_scheduler(source, AudioTimeline(StreamingMel(StreamingGain())),
                                renderer.handle(avatars[i % len(avatars)]), NullSink(),
                                np.zeros((224, 224, 3), np.uint8), None, m, SchedulerOptions(realtime=True))
-        th = threading.Thread(target=sched.run, args=(stop,), daemon=True)
+        th = threading.Thread(target=_run_until_closed, args=(sched, stop), daemon=True)
         metrics.append(m)
         threads.append(th)
     t0 = time.monotonic()
@@ -96,7 +103,7 @@ def run_sessions(n: int, avatars: list[Avatar], speech: np.ndarray, seconds: flo
     time.sleep(seconds)
     stop.set()
     elapsed = time.monotonic() - t0
-    renderer.stop()
+    renderer.stop()                 # a session waiting for its batch ends with RendererClosed
     for th in threads:
         th.join(30)
     lat = sorted(x for m in metrics for x in m.latencies)

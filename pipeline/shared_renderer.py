@@ -262,8 +262,7 @@ class SharedRenderer:
         """
         if not self._pending:
             return
-        first = min(p.enqueued_at for p in self._pending.values())
-        deadline = first + min(self.gather_max_s, self._last_batch_s)
+        deadline = time.monotonic() + min(self.gather_max_s, self._last_batch_s)
         while not self._stopping:
             now = time.monotonic()
             active = {h for h in self._handles if h.last_submit is not None and now - h.last_submit < ACTIVE_S}

@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from common.errors import UserError
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs.mel import StreamingGain, StreamingMel
@@ -62,6 +63,8 @@ class IdentityEncoder:
         self._lock = threading.Lock()    # one detector and one identity pass at a time
 
     def __call__(self, photo: np.ndarray | None, name: str):
+        if self.networks is None:
+            raise UserError("the studio is still loading its networks; try again in a few seconds")
         with self._lock:
             if photo is None:
                 side = sidecar_path(self.sample_photo)

@@ -251,3 +251,34 @@ def test_100_create_stop_cycles_leave_rss_flat(studio):
           f"(growth {(after - before) / 2**20:+.1f} MiB)")
     assert srv.session_count == 0
     assert after - before < 20 * 2**20
+
+
+def test_serve_wires_the_studio_from_the_config_with_real_networks():
+    """`run_live.py serve`'s body: stand-in weights loaded once, the sample session encoded by the real
+    identity encoder, admission from server.max_sessions, and a clean stop."""
+    import threading
+
+    from cli.config import load_config
+    from pipeline.studio import ServeOptions, serve
+    from tests.conftest import parity_weights_dir
+
+    config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "model.device": "cpu",
+                                "server.port": 0, "server.max_sessions": 1})
+    stop, ready = threading.Event(), []
+    th = threading.Thread(target=serve, args=(config, ServeOptions(ice_host_addresses=tuple(LOOPBACK)), stop),
+                          kwargs={"ready": ready.append}, daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        srv = ready[0]
+        status, body = run(http("POST", base(srv) + "sessions?sample=1"))
+        assert status == 201, body
+        session = srv._sessions[body["id"]].runtime
+        assert session.avatar.id_map.shape == (512, 7, 7)             # a real Avatar on the loaded networks
+        assert run(http("POST", base(srv) + "sessions?sample=1"))[0] == 503
+    finally:
+        stop.set()
+        th.join(30)
+    assert not th.is_alive()
