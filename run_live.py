@@ -5,6 +5,7 @@
     python run_live.py --out out/sample.mp4              # bundled sample → mp4 file
     python run_live.py --identity me.jpg --audio mic --pose webcam --out vcam --out webrtc
     python run_live.py --fetch-checkpoints               # download the authors' demo checkpoints
+    python run_live.py serve                             # the studio: each browser drives its own avatar
     python run_live.py doctor                            # what this machine lacks, and how to get it
 
 The entry point from a source checkout; an installed package runs the same program as `pcavs-live`

@@ -142,6 +142,7 @@ class ServerConfig:
     turn_url: str | None = _spec(pattern=r"turns?:.+", expect="'' or a 'turn:HOST[:PORT][?transport=udp|tcp]' URL")
     turn_username: str | None = _spec()
     turn_credential: str | None = _spec()
+    max_sessions: int = _spec(min=1)  # the studio (run_live.py serve --max-sessions)
 
 
 @dataclass(frozen=True)

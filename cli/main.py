@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ LIVE_TARGETS = tuple(t for t in OUTPUT_TARGETS if t != "file")  # --out words; a
 
 COMMANDS: dict[str, str] = {
     "run": "animate the photo and stream it (the default: `{cmd} [options]` is `{cmd} run [options]`)",
-    "serve": "run with the browser viewer as an output and print its URL",
+    "serve": "the studio: a web page where each browser drives its own avatar (many sessions, one generator)",
     "fetch": "download and verify the checkpoints and the face-alignment weights; later runs need no network",
     "devices": "list microphones, cameras and audio outputs",
     "doctor": "check this machine for what the configured run needs; each missing thing comes with its fix",
@@ -62,14 +61,6 @@ def _examples(cmd: str) -> str:
         line = f"{cmd} {args}".rstrip()
         lines.append(f"    {line:<{width}}  # {comment}" if comment else f"    {line}")
     return "\n".join(lines)
-
-
-SERVE_DESCRIPTION = """\
-{prog}: run with the browser viewer (WebRTC) as an output, added to any --out, and print the viewer's URL.
-
-For now this is `{cmd} run` with the viewer switched on: one session, one photo, shared by every viewer.
-A later version makes `serve` a multi-session studio; its options then grow, these stay.
-"""
 
 
 def command_line(prog: str) -> str:
@@ -191,15 +182,12 @@ def build_doctor_parser(prog: str) -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- commands
-def _run(argv: list[str], prog: str, serve: bool = False) -> int:
-    parser = build_run_parser(f"{prog} serve", SERVE_DESCRIPTION) if serve else build_run_parser(prog)
-    args = parser.parse_args(argv)
+def _run(argv: list[str], prog: str) -> int:
+    args = build_run_parser(prog).parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
 
     def body() -> int:
         config = load_config(args.config, overrides_from_args(args))
-        if serve and "webrtc" not in config.output.targets:
-            config = replace(config, output=replace(config.output, targets=(*config.output.targets, "webrtc")))
         if args.print_config:
             sys.stdout.write(config_to_toml(config))
             return 0
@@ -219,12 +207,7 @@ def _run(argv: list[str], prog: str, serve: bool = False) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with LiveSession(config, RunOptions(realtime=args.realtime, max_seconds=args.max_seconds,
                                             status_interval_s=0 if args.quiet else 1.0)) as session:
-            announcer = _ViewerAnnouncer(session) if serve else None
-            try:
-                summary = session.run(stop)
-            finally:
-                if announcer is not None:
-                    announcer.stop()
+            summary = session.run(stop)
             snap = session.metrics.snapshot()
         print(f"\n{summary.frames_out} frames out ({summary.frames_generated} generated, "
               f"{summary.frames_dropped} repeated) in {summary.wall_s:.1f} s", file=sys.stderr)
@@ -237,28 +220,6 @@ def _run(argv: list[str], prog: str, serve: bool = False) -> int:
         return 0
 
     return run_with_user_errors(body, debug=args.debug)
-
-
-class _ViewerAnnouncer:
-    """Prints the viewer's URL on stdout once the session's server listens (the session starts it inside
-    `run`). A thread of its own, stopped by the command that made it."""
-
-    def __init__(self, session: Any, poll_s: float = 0.1) -> None:
-        self._session, self._poll = session, poll_s
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="viewer-url", daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._done.wait(self._poll):
-            server = getattr(self._session, "server", None)
-            if server is not None and getattr(server, "running", False):
-                print(f"viewer: {server.url}", flush=True)
-                return
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 def _fetch(argv: list[str], prog: str) -> int:
@@ -323,9 +284,14 @@ def _doctor(argv: list[str], prog: str) -> int:
     return run_with_user_errors(body, debug=args.debug)
 
 
+def _serve(argv: list[str], prog: str) -> int:
+    from cli.serve import main as serve_main
+    return serve_main(argv, prog=f"{prog} serve")
+
+
 HANDLERS: dict[str, Callable[[list[str], str], int]] = {
     "run": _run,
-    "serve": lambda argv, prog: _run(argv, prog, serve=True),
+    "serve": _serve,
     "fetch": _fetch,
     "devices": _devices,
     "doctor": _doctor,

@@ -19,23 +19,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 
 from common.errors import UserError
 from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
-from pcavs.alignment import (FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, load_landmark_sidecar,
-                             read_rgb, sidecar_path)
-from pcavs.checkpoints import load_networks
+from pcavs.alignment import FaceAlignmentDetector, LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
+from pcavs.constants import FPS
 from pcavs.device import resolve_device
-from pcavs.engine import Avatar, EngineOptions
+from pcavs.engine import Avatar
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
-from pcavs.preprocess import to_network_input
+from pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, encode_pose_batch, engine_options, load_engine,
+                               make_scheduler, pose_provider, start_pose_worker)
 from pipeline.metrics import LiveMetrics, format_status_line
 from pipeline.offline import OfflineOptions, OfflineRenderer, SlotPose, sequence_pose
-from pipeline.scheduler import RunSummary, Scheduler, SchedulerOptions
-from pcavs.constants import FPS
+from pipeline.scheduler import RunSummary, SchedulerOptions
 from pipeline.timeline import AudioTimeline, model_frame_index
 
 if TYPE_CHECKING:
@@ -95,23 +93,16 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     """Load the networks and encode the identity once. Returns the avatar and the aligned photo (224²
     RGB uint8), which doubles as the placeholder frame before the first generated one. `detector` is
     only called when the photo has no landmark sidecar."""
-    dtype = getattr(torch, config.model.dtype)
-    device = resolve_device(config.model.device, dtype)  # before any checkpoint is read
-    if dtype != torch.float32 and device == "cpu":
-        log.warning("%s on the CPU runs on PyTorch's reference kernels (~35x slower than float32 on CPUs "
-                    "without native half-precision convolutions); it is meant for GPUs", config.model.dtype)
+    m = config.model
+    options = engine_options(m.device, m.dtype, m.noise, m.noise_seed, m.mouth_weight)  # device checked here
     photo = Path(config.identity.photo)
     if not photo.is_file():
         raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
     rgb = read_rgb(photo)  # a damaged photo is named as such, before any model is loaded
-    networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
+    networks = load_engine(m.checkpoint_dir, options)
     side = sidecar_path(photo)
-    aligner = FaceAligner(None if side.is_file() else detector())  # a sidecar needs no detector
-    landmarks = load_landmark_sidecar(side) if side.is_file() else None
-    aligned = aligner.align_photo(rgb, name=str(photo), landmarks=landmarks).image
-    options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,
-                            noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
-    return Avatar(networks, to_network_input(aligned), options), aligned
+    landmarks = load_landmark_sidecar(side) if side.is_file() else None  # a sidecar needs no detector
+    return encode_identity(networks, options, rgb, str(photo), landmarks, detector)
 
 
 def build_audio(config: Config, realtime: bool):
@@ -211,27 +202,16 @@ class LiveSession:
         source_kind = self.config.pose.source
         if source_kind in ("still", "none"):
             return None  # the photo's own head pose (reference pose)
-        from capture.pose_sources import PoseWorker, VideoFileSource, WebcamSource
+        from capture.pose_sources import VideoFileSource, WebcamSource
         if source_kind == "webcam":
             frames = WebcamSource(self.config.pose.webcam_index)
         else:
             frames = VideoFileSource(self.config.pose.video_path, realtime=True, ping_pong=True)
         self._stack.callback(frames.close)
-        # SFD at full size costs ~4 s per webcam frame on a CPU; 320 px is plenty for one close face.
-        worker = PoseWorker(frames, LiveAligner(self._detector(avatar.device, detect_max_side=320)),
-                            encode=lambda crop: avatar.pose_code(to_network_input(crop)),
-                            smoothing=self.config.pose.smoothing)
-        worker.start()
+        worker = start_pose_worker(frames, avatar, self._detector(avatar.device, POSE_DETECT_MAX_SIDE),
+                                   self.config.pose.smoothing)
         self._stack.callback(worker.stop)
         return worker
-
-    def _latest_pose(self, worker: PoseWorker) -> np.ndarray | None:
-        sample = worker.latest()
-        if sample is None:
-            return None
-        self.metrics.set_pose_status(pose_face_found=sample.face_found,
-                                     pose_frames_without_face=sample.frames_without_face)
-        return sample.code
 
     def _pose_sequence(self, avatar: Avatar, slots: int | None) -> SlotPose:
         """Offline pose from a video: every frame's code up front (`slots`: how many will be rendered, if
@@ -239,7 +219,7 @@ class LiveSession:
         from capture.pose_sources import encode_pose_video
         numbering = self.config.timing.upstream_frame_numbering
         sequence = encode_pose_video(
-            self.config.pose.video_path, self._detector(avatar.device, detect_max_side=320),
+            self.config.pose.video_path, self._detector(avatar.device, detect_max_side=POSE_DETECT_MAX_SIDE),
             encode=lambda crops: encode_pose_batch(avatar, crops),
             frames_needed=None if slots is None else model_frame_index(slots, numbering))
         return sequence_pose(sequence, numbering, self.metrics)
@@ -260,12 +240,12 @@ class LiveSession:
 
         if self.realtime:
             worker = self._pose_worker(avatar)
-            pose = None if worker is None else lambda: self._latest_pose(worker)
+            pose = None if worker is None else pose_provider(worker, self.metrics)
             checks = ([] if worker is None else [worker.check]) + checks
-            scheduler = Scheduler(source, timeline, avatar, self._sinks(), placeholder=aligned, pose=pose,
-                                  metrics=self.metrics,
-                                  options=SchedulerOptions(realtime=True, max_frames=max_frames),
-                                  health_checks=checks, on_frame=on_frame)
+            scheduler = make_scheduler(source, timeline, avatar, self._sinks(), placeholder=aligned, pose=pose,
+                                       metrics=self.metrics,
+                                       options=SchedulerOptions(realtime=True, max_frames=max_frames),
+                                       health_checks=checks, on_frame=on_frame)
             return scheduler.run(stop)
 
         if self.config.pose.video_path is not None:
@@ -282,14 +262,10 @@ class LiveSession:
 
     def _repeat_latest(self, worker: PoseWorker) -> SlotPose:
         """A live pose source (webcam) feeding an offline render: its latest code for every slot."""
+        latest = pose_provider(worker, self.metrics)
+
         def codes(slots: Sequence[int]) -> np.ndarray | None:
-            code = self._latest_pose(worker)
+            code = latest()
             return None if code is None else np.repeat(np.asarray(code, np.float32)[None], len(slots), 0)
         return codes
 
-
-def encode_pose_batch(avatar: Avatar, crops: np.ndarray) -> np.ndarray:
-    """(B,224,224,3) aligned uint8 crops → (B, POSE_DIM) pose codes in one pose-encoder pass."""
-    batch = torch.stack([to_network_input(c) for c in crops]).to(avatar.device, avatar.dtype)
-    with torch.inference_mode():
-        return avatar.networks.pose.pose_code(batch).float().cpu().numpy()

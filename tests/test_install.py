@@ -229,37 +229,16 @@ def test_the_command_comes_first_and_run_is_the_default():
     assert split_command(["--port", "1", "doctor"]) == ("run", ["--port", "1", "doctor"])  # not a command there
 
 
-def test_serve_adds_the_viewer_to_the_outputs(capsys):
+def test_serve_is_the_studio_and_run_the_default(capsys):
+    """`serve` is the multi-session studio (its own options, e.g. --max-sessions); `run` keeps --out."""
     from cli.main import main
-    assert main(["serve", "--print-config"]) == 0
-    assert 'targets = ["webrtc"]' in capsys.readouterr().out
-    assert main(["serve", "--out", "x.mp4", "--print-config"]) == 0
-    assert 'targets = ["file", "webrtc"]' in capsys.readouterr().out
+    assert main(["serve", "--max-sessions", "3", "--print-config"]) == 0
+    assert "max_sessions = 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the studio takes its outputs from the browsers, not --out
+        main(["serve", "--out", "x.mp4", "--print-config"])
+    capsys.readouterr()
     assert main(["run", "--out", "x.mp4", "--print-config"]) == 0
     assert 'targets = ["file"]' in capsys.readouterr().out
-
-
-def test_serve_prints_the_viewer_url_once_the_server_listens(capsys):
-    """The session starts its server inside run(); the announcer waits for it, prints the URL once, and
-    is stopped (joined) by the command."""
-    from cli.main import _ViewerAnnouncer
-
-    class Server:
-        running = True
-        url = "http://127.0.0.1:9999/?token=t"
-
-    class Session:
-        server = None
-
-    session = Session()
-    announcer = _ViewerAnnouncer(session, poll_s=0.01)
-    threading.Event().wait(0.05)
-    assert capsys.readouterr().out == ""  # no server yet: nothing printed
-    session.server = Server()
-    announcer._thread.join(5)  # it ends by itself once it has printed
-    announcer.stop()
-    assert capsys.readouterr().out == "viewer: http://127.0.0.1:9999/?token=t\n"
-    assert not announcer._thread.is_alive()
 
 
 def test_devices_lists_three_sections(capsys):

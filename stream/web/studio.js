@@ -1,0 +1,221 @@
+// pcavs-live studio: this browser's microphone (and camera) go to the server on one RTCPeerConnection,
+// and its own avatar (video + the voice, delayed to match) comes back on the same connection.
+// With ?s=ID&v=KEY the page is a share link instead: a view-only player of that session.
+// No external scripts: the page must work on an offline machine.
+"use strict";
+
+const params = new URLSearchParams(location.search);
+const token = params.get("token");
+const viewId = params.get("s");
+const viewKey = params.get("v");
+const $ = (id) => document.getElementById(id);
+const video = $("video");
+const state = { pc: null, session: null, local: null, statsTimer: null, running: false };
+window.studio = state;   // for tests and the curious: the live connection and session
+
+function setStatus(text, bad) {
+  $("status").textContent = text;
+  $("status").classList.toggle("bad", !!bad);
+}
+
+function showError(text) {
+  $("error").textContent = text || "";
+  $("error").hidden = !text;
+  if (text) setStatus("error", true);
+}
+
+function waitForIceGathering(conn, ms) {
+  // aiortc answers without trickle ICE, so send the offer with its candidates included.
+  if (conn.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { conn.removeEventListener("icegatheringstatechange", check); resolve(); };
+    const check = () => { if (conn.iceGatheringState === "complete") done(); };
+    conn.addEventListener("icegatheringstatechange", check);
+    setTimeout(done, ms);
+  });
+}
+
+async function iceServers(query) {
+  try {
+    const resp = await fetch("ice?" + query, { cache: "no-store" });
+    if (resp.ok) return (await resp.json()).iceServers || [];
+  } catch (err) { /* host candidates only */ }
+  return [];
+}
+
+async function postJson(url, body) {
+  const resp = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+                                  body: JSON.stringify(body) });
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new Error(data.error || ("HTTP " + resp.status));
+  return data;
+}
+
+function attach(conn) {
+  conn.ontrack = (event) => {
+    // Both tracks arrive in one MediaStream, so the browser keeps them in lip sync.
+    const stream = event.streams[0] || new MediaStream([event.track]);
+    if (video.srcObject !== stream) video.srcObject = stream;
+    video.play().catch(() => {});
+    if (viewId && event.track.kind === "audio" && video.muted) $("unmute").hidden = false;
+  };
+}
+
+// Energy of the returned audio, measured with WebAudio on the received track (tests read it).
+let analyser = null;
+window.returnAudioLevel = () => {
+  const stream = video.srcObject;
+  if (!stream || !stream.getAudioTracks().length) return 0;
+  if (!analyser) {
+    const ctx = new AudioContext();
+    analyser = ctx.createAnalyser();
+    analyser.fftSize = 2048;
+    ctx.createMediaStreamSource(stream).connect(analyser);
+    ctx.resume();
+  }
+  const buf = new Float32Array(analyser.fftSize);
+  analyser.getFloatTimeDomainData(buf);
+  let sum = 0;
+  for (const x of buf) sum += x * x;
+  return Math.sqrt(sum / buf.length);
+};
+
+function renderStats(stats) {
+  for (const td of document.querySelectorAll("#stats td[data-key]")) {
+    const v = stats[td.dataset.key];
+    td.textContent = (v === null || v === undefined) ? "–" :
+      (typeof v === "number" && !Number.isInteger(v)) ? v.toFixed(1) : String(v);
+  }
+}
+
+function pollStats(query) {
+  clearTimeout(state.statsTimer);
+  const tick = async () => {
+    try {
+      const resp = await fetch(`sessions/${state.session.id}/stats?${query}`, { cache: "no-store" });
+      if (resp.ok) renderStats(await resp.json());
+      else if (resp.status === 404) { ended("the session has ended"); return; }
+    } catch (err) { /* keep the last numbers */ }
+    state.statsTimer = setTimeout(tick, 1000);
+  };
+  tick();
+}
+
+function ended(why) {
+  clearTimeout(state.statsTimer);
+  if (state.pc) { try { state.pc.close(); } catch (e) { /* closed */ } }
+  state.pc = null;
+  if (state.local) for (const t of state.local.getTracks()) t.stop();
+  state.local = null;
+  state.running = false;
+  $("start").disabled = false;
+  $("stop").disabled = true;
+  setStatus(why || "stopped", false);
+}
+
+async function start() {
+  showError("");
+  $("start").disabled = true;
+  setStatus("starting…");
+  try {
+    const upload = document.querySelector("input[name=photo]:checked").value === "upload";
+    const file = $("file").files[0];
+    if (upload && !file) throw new Error("choose a photo file first (or use the sample)");
+    const useCamera = $("camera").checked;
+    state.local = await navigator.mediaDevices.getUserMedia({ audio: true, video: useCamera });
+    const q = new URLSearchParams();
+    if (token) q.set("token", token);
+    if (!upload) q.set("sample", "1");
+    const resp = await fetch("sessions?" + q, { method: "POST", body: upload ? file : null,
+                                                headers: upload ? { "Content-Type": file.type || "application/octet-stream" } : {} });
+    const session = await resp.json().catch(() => ({}));
+    if (!resp.ok) throw new Error(session.error || ("HTTP " + resp.status));
+    state.session = session;
+    const conn = new RTCPeerConnection({ iceServers: await iceServers(`s=${session.id}&secret=${encodeURIComponent(session.secret)}`) });
+    state.pc = conn;
+    attach(conn);
+    for (const track of state.local.getTracks()) conn.addTrack(track, state.local);
+    if (!useCamera) conn.addTransceiver("video", { direction: "recvonly" });
+    conn.onconnectionstatechange = () => {
+      if (conn !== state.pc) return;
+      const s = conn.connectionState;
+      if (s === "connected") setStatus("live");
+      else if (s === "failed" || s === "closed") ended("connection " + s);
+      else if (s === "disconnected") setStatus("connection interrupted…", true);
+    };
+    await conn.setLocalDescription(await conn.createOffer());
+    await waitForIceGathering(conn, 2000);
+    const answer = await postJson(`sessions/${session.id}/offer`,
+      { sdp: conn.localDescription.sdp, type: conn.localDescription.type, secret: session.secret });
+    await conn.setRemoteDescription(answer);
+    state.running = true;
+    $("stop").disabled = false;
+    const link = new URL(session.share, location.href).href;
+    $("share-link").href = link;
+    $("share-link").textContent = link;
+    $("share").hidden = false;
+    pollStats("secret=" + encodeURIComponent(session.secret));
+  } catch (err) {
+    const session = state.session;
+    ended("stopped");
+    if (session && session.secret) stopSession(session, false);
+    showError(err.message || String(err));
+  }
+}
+
+function stopSession(session, beacon) {
+  const body = JSON.stringify({ secret: session.secret });
+  const url = `sessions/${session.id}/stop`;
+  if (beacon && navigator.sendBeacon) return navigator.sendBeacon(url, body);
+  return fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body }).catch(() => {});
+}
+
+async function stop() {
+  const session = state.session;
+  ended("stopped");
+  if (session) await stopSession(session, false);
+  state.session = null;
+}
+
+async function view() {
+  // Share link: receive-only, this session's avatar and its voice.
+  $("controls").hidden = true;
+  state.session = { id: viewId };
+  setStatus("connecting…");
+  try {
+    const conn = new RTCPeerConnection({ iceServers: await iceServers(`s=${viewId}&v=${encodeURIComponent(viewKey)}`) });
+    state.pc = conn;
+    attach(conn);
+    conn.addTransceiver("video", { direction: "recvonly" });
+    conn.addTransceiver("audio", { direction: "recvonly" });
+    conn.onconnectionstatechange = () => {
+      const s = conn.connectionState;
+      if (s === "connected") setStatus("watching");
+      else if (s === "failed" || s === "closed") setStatus("the session has ended", true);
+    };
+    await conn.setLocalDescription(await conn.createOffer());
+    await waitForIceGathering(conn, 2000);
+    const answer = await postJson(`sessions/${viewId}/view`,
+      { sdp: conn.localDescription.sdp, type: conn.localDescription.type, view: viewKey });
+    await conn.setRemoteDescription(answer);
+    pollStats("view=" + encodeURIComponent(viewKey));
+  } catch (err) {
+    showError(err.message || String(err));
+  }
+}
+
+$("unmute").addEventListener("click", () => {
+  video.muted = false;
+  video.play().catch(() => {});
+  $("unmute").hidden = true;
+});
+$("start").addEventListener("click", start);
+$("stop").addEventListener("click", stop);
+$("file").addEventListener("change", () => { document.querySelector("input[value=upload]").checked = true; });
+// A closed tab ends the session at once (the server would also notice the connection going away).
+window.addEventListener("pagehide", () => {
+  if (!viewId && state.session && state.running) stopSession(state.session, true);
+  if (state.pc) state.pc.close();
+});
+
+if (viewId && viewKey) view();
