@@ -4,6 +4,7 @@
     python run_live.py                                   # bundled sample → browser viewer (prints the URL)
     python run_live.py --out out/sample.mp4              # bundled sample → mp4 file
     python run_live.py --identity me.jpg --audio mic --pose webcam --out vcam --out webrtc
+    python run_live.py --identity me.jpg --audio mic --out vcam --out vmic   # a video call, lips in step
     python run_live.py --fetch-checkpoints               # download the authors' demo checkpoints
 
 Options override configs/default.toml (and --config FILE); --print-config shows the result.
@@ -35,8 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--list-devices", action="store_true", help="list microphones and exit")
     p.add_argument("--pose", metavar="webcam|still|none|VIDEO", help="what drives the head pose")
     p.add_argument("--webcam-index", type=int, metavar="N")
-    p.add_argument("--out", action="append", metavar="webrtc|vcam|FILE.mp4",
-                   help="output; repeat for several (default: webrtc)")
+    p.add_argument("--out", action="append", metavar="webrtc|vcam|vmic|FILE.mp4",
+                   help="output; repeat for several (default: webrtc). vmic: a virtual microphone carrying the "
+                        "avatar's voice in step with vcam")
+    p.add_argument("--size", metavar="auto|native|WxH", help="picture size, e.g. 640x480 or 1280x720")
+    p.add_argument("--framing", choices=["paste", "fit"],
+                   help="paste: the face back into the photo; fit: the face crop scaled to the size")
     p.add_argument("--checkpoints", metavar="DIR", help="folder with latest_net_{G,V,E,A_sync}.pth")
     p.add_argument("--fetch-checkpoints", action="store_true", help="download the demo checkpoints and exit")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
@@ -68,12 +73,13 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
               "pose.source": args.pose, "pose.webcam_index": args.webcam_index,
               "model.checkpoint_dir": args.checkpoints, "model.device": args.device, "model.dtype": args.dtype,
               "model.noise": args.noise, "server.host": args.host, "server.port": args.port,
-              "server.token": args.token, "vcam.device": args.vcam_device}
+              "server.token": args.token, "vcam.device": args.vcam_device, "output.size": args.size,
+              "output.framing": args.framing}
     o.update({k: v for k, v in direct.items() if v is not None})
     if args.out:
         targets = []
         for out in args.out:
-            if out in ("webrtc", "vcam"):
+            if out in ("webrtc", "vcam", "vmic"):
                 targets.append(out)
             else:
                 targets.append("file")

@@ -40,7 +40,7 @@ OVERRIDES_ORIGIN = "command-line overrides"
 
 AUDIO_KEYWORDS = ("sample", "mic")
 POSE_KEYWORDS = ("still", "webcam", "none")
-OUTPUT_TARGETS = ("webrtc", "vcam", "file")
+OUTPUT_TARGETS = ("webrtc", "vcam", "vmic", "file")
 
 
 class ConfigError(UserError):
@@ -99,6 +99,9 @@ class PoseConfig:
 class OutputConfig:
     targets: tuple[str, ...] = _spec(items=OUTPUT_TARGETS, nonempty=True)
     file: Path = _spec()
+    size: str = _spec(pattern=r"auto|native|[1-9]\d*x[1-9]\d*",
+                      expect="'auto', 'native' or WIDTHxHEIGHT such as '640x480'")
+    framing: str = _spec(choices=("fit", "paste"))
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,12 @@ class VcamConfig:
 
 
 @dataclass(frozen=True)
+class VmicConfig:
+    device: str = _spec()
+    preroll_ms: float = _spec(min=0.0, max=500.0)
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     photo: Path = _spec()
 
@@ -127,6 +136,7 @@ class Config:
     output: OutputConfig
     server: ServerConfig
     vcam: VcamConfig
+    vmic: VmicConfig
     identity: IdentityConfig
 
 

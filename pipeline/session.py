@@ -23,7 +23,8 @@ from common.errors import UserError
 from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
-from pcavs.alignment import FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, sidecar_path
+from pcavs.alignment import (AlignedFace, FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner,
+                             read_rgb, sidecar_path)
 from pcavs.checkpoints import load_networks
 from pcavs.engine import Avatar, EngineOptions, resolve_device
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
@@ -45,6 +46,7 @@ class RunOptions:
     status_interval_s: float = 1.0        # terminal status line period; 0 disables it
     ice_host_addresses: tuple[str, ...] | None = None  # WebRTC ICE addresses override (loopback tests)
     landmark_detector: object | None = None            # injected detector (tests); default face_alignment
+    renderer: object | None = None                     # injected renderer (tests); default the PC-AVS avatar
 
 
 class StatusPrinter:
@@ -83,10 +85,11 @@ class StatusPrinter:
             log.info(line)
 
 
-def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tuple[Avatar, np.ndarray]:
-    """Load the networks and encode the identity once. Returns the avatar and the aligned photo (224²
-    RGB uint8), which doubles as the placeholder frame before the first generated one. `detector` is
-    only called when the photo has no landmark sidecar."""
+def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tuple[Avatar, AlignedFace]:
+    """Load the networks and encode the identity once. Returns the avatar and the aligned photo: its
+    224² crop doubles as the placeholder frame before the first generated one, its matrix places the
+    generated face back into the photo (output.framing = "paste"). `detector` is only called when the
+    photo has no landmark sidecar."""
     device = resolve_device(config.model.device)
     dtype = getattr(torch, config.model.dtype)
     if dtype != torch.float32 and device == "cpu":
@@ -97,10 +100,10 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
         raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
     networks = load_networks(config.model.checkpoint_dir, device=device, dtype=dtype)
     aligner = FaceAligner(None if sidecar_path(photo).is_file() else detector())  # a sidecar needs none
-    aligned = aligner.align_photo_file(photo).image
+    face = aligner.align_photo_file(photo)
     options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,  # type: ignore[arg-type]
                             noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
-    return Avatar(networks, to_network_input(aligned), options), aligned
+    return Avatar(networks, to_network_input(face.image), options), face
 
 
 def build_audio(config: Config, realtime: bool):
@@ -161,19 +164,42 @@ class LiveSession:
             self._landmarks = FaceAlignmentDetector(device=device)
         return self._landmarks.with_detect_max_side(detect_max_side)
 
-    def _sinks(self):
+    def _sinks(self, face: AlignedFace):
+        from stream.framing import FramedSink, SharedFramer, make_framer, size_for
         from stream.sinks import FanOutSink
+        output = self.config.output
+        framers: dict[tuple[int, int], SharedFramer] = {}  # one per size, shared by the outputs of that size
+
+        def framed(sink, target: str):
+            size = size_for(output.size, target)
+            if size is None:
+                return sink
+            if size not in framers:
+                photo = read_rgb(self.config.identity.photo) if output.framing == "paste" else None
+                framers[size] = SharedFramer(make_framer(output.framing, size, photo, face.matrix))
+            return FramedSink(sink, framers[size])
+
+        vmic = None
+        if "vmic" in output.targets:
+            from stream.vmic import VirtualMicSink
+            vmic = VirtualMicSink(device=self.config.vmic.device, preroll_ms=self.config.vmic.preroll_ms)
         sinks = []
-        for target in self.config.output.targets:
+        for target in output.targets:
             if target == "file":
                 from stream.recorder import Mp4Recorder
-                path = Path(self.config.output.file)
+                path = Path(output.file)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                sinks.append(Mp4Recorder(path))
+                sinks.append(framed(Mp4Recorder(path), target))
             elif target == "vcam":
                 from stream.vcam import VirtualCameraSink
-                sinks.append(VirtualCameraSink(device=self.config.vcam.device or None,
-                                               backend=self.config.vcam.backend or None))
+                cam = VirtualCameraSink(device=self.config.vcam.device or None,
+                                        backend=self.config.vcam.backend or None)
+                if vmic is not None:  # the voice leaves the microphone playout_delay_s after release
+                    from stream.delay import DelayedSink
+                    cam = DelayedSink(cam, lambda mic=vmic: mic.playout_delay_s)
+                sinks.append(framed(cam, target))  # framed here, in the scheduler's thread
+            elif target == "vmic":
+                sinks.append(vmic)
             elif target == "webrtc":
                 from stream.webrtc import WebRTCServer, WebRTCSink
                 s = self.config.server
@@ -183,8 +209,17 @@ class LiveSession:
                 server.start()
                 self._stack.callback(server.stop)
                 self.server = server
-                sinks.append(WebRTCSink(server))
+                sinks.append(framed(WebRTCSink(server), target))
         return FanOutSink(sinks)
+
+    def _voice_lead_notice(self) -> Callable[[int], None] | None:
+        """`--out vcam` without `--out vmic`: tell the user once that the call hears the voice early."""
+        targets = self.config.output.targets
+        if "vcam" not in targets or "vmic" in targets:
+            return None
+        from stream.vmic import VoiceLeadNotice
+        return VoiceLeadNotice(lambda: self.metrics.snapshot().get("latency_ms_median"),  # type: ignore[arg-type]
+                               from_microphone=self.config.audio.is_mic)
 
     def _pose(self, avatar: Avatar) -> tuple[Callable[[], np.ndarray | None] | None,
                                                                      list[Callable[[], None]]]:
@@ -215,21 +250,27 @@ class LiveSession:
         return latest, [worker.check]
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
-        avatar, aligned = build_avatar(
+        avatar, face = build_avatar(
             self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
         source, mel = build_audio(self.config, self.realtime)
         pose, checks = self._pose(avatar)
-        sink = self._sinks()
+        sink = self._sinks(face)
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
         duration = getattr(source, "duration_s", None)
         total = None if self.realtime or duration is None else math.ceil(duration * FPS)
         if total is not None and max_frames is not None:
             total = min(total, max_frames)
         checks = checks + [getattr(source, "check_health", lambda: None)]
-        scheduler = Scheduler(source, AudioTimeline(mel), avatar, sink, placeholder=aligned, pose=pose,
-                              metrics=self.metrics,
+        hooks = [h for h in (StatusPrinter(self.metrics, self.run_options.status_interval_s, total_frames=total),
+                             self._voice_lead_notice()) if h is not None]
+
+        def on_frame(k: int) -> None:
+            for hook in hooks:
+                hook(k)
+
+        scheduler = Scheduler(source, AudioTimeline(mel), self.run_options.renderer or avatar, sink,  # type: ignore[arg-type]
+                              placeholder=face.image, pose=pose, metrics=self.metrics,
                               options=SchedulerOptions(realtime=self.realtime, max_frames=max_frames),
                               health_checks=checks,
-                              on_frame=StatusPrinter(self.metrics, self.run_options.status_interval_s,
-                                                     total_frames=total))
+                              on_frame=on_frame)
         return scheduler.run(stop)
