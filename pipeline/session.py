@@ -268,7 +268,8 @@ class LiveSession:
             for hook in hooks:
                 hook(k)
 
-        scheduler = Scheduler(source, AudioTimeline(mel), self.run_options.renderer or avatar, sink,  # type: ignore[arg-type]
+        renderer = self.run_options.renderer or avatar
+        scheduler = Scheduler(source, AudioTimeline(mel), renderer, sink,  # type: ignore[arg-type]
                               placeholder=face.image, pose=pose, metrics=self.metrics,
                               options=SchedulerOptions(realtime=self.realtime, max_frames=max_frames),
                               health_checks=checks,

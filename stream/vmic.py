@@ -374,7 +374,8 @@ class VirtualMicSink:
 
             self._resampler = soxr.ResampleStream(sample_rate, self.rate, 1, dtype="float32", quality="HQ")
         per_ms = self.rate / 1000
-        self.buffer = PlayoutBuffer(capacity=round(self.max_buffer_ms * per_ms), preroll=round(self.preroll_ms * per_ms),
+        self.buffer = PlayoutBuffer(capacity=round(self.max_buffer_ms * per_ms),
+                                    preroll=round(self.preroll_ms * per_ms),
                                     tolerance=round(self.tolerance_ms * per_ms))
         buffer = self.buffer
 
@@ -394,10 +395,10 @@ class VirtualMicSink:
         self._next_index = None
         self._wait_until_flowing(buffer)
 
-    def _wait_until_flowing(self, buffer: PlayoutBuffer, timeout_s: float = 3.0, window_s: float = 0.2) -> None:
-        """Return once the device takes audio at its real rate. A PulseAudio null sink created moments ago
-        has rendered up to two seconds ahead and pulls nothing until its clock catches up; slots played
-        into that stall would only be dropped. Gives up (and carries on) after `timeout_s`."""
+    def _wait_until_flowing(self, buffer: PlayoutBuffer, timeout_s: float = 2.5, window_s: float = 0.2) -> None:
+        """Return once the device takes audio at its real rate. A PulseAudio null sink that nobody
+        records from renders in blocks of up to two seconds and pulls nothing in between; slots played
+        into such a pause would only be dropped. Gives up (and carries on) after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         start_t, start_n = time.monotonic(), buffer.pulled_samples
         while time.monotonic() < deadline:
@@ -407,8 +408,8 @@ class VirtualMicSink:
                 if pulled - start_n >= 0.75 * (now - start_t) * self.rate:
                     return
                 start_t, start_n = now, pulled
-        log.warning("virtual microphone '%s' is not taking audio at its rate yet; carrying on",
-                    self.target.device.name if self.target else "?")
+        log.info("virtual microphone '%s' is not taking audio at its rate yet (no call app listening?); "
+                 "audio it cannot take is dropped until it does", self.target.device.name if self.target else "?")
 
     @property
     def output_latency_s(self) -> float:
@@ -430,11 +431,11 @@ class VirtualMicSink:
         return 0 if self.buffer is None else self.buffer.dropped_samples
 
     def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
-        stream, buffer = self._stream, self.buffer
-        if stream is None or buffer is None:
+        stream, buffer, target = self._stream, self.buffer, self.target
+        if stream is None or buffer is None or target is None:
             raise VirtualMicError("VirtualMicSink.write called before open()")
         if not stream.active:
-            raise VirtualMicError(f"the virtual microphone '{self.target.device.name}' stopped playing")  # type: ignore[union-attr]
+            raise VirtualMicError(f"the virtual microphone '{target.device.name}' stopped playing")
         x = np.asarray(audio, np.float32).reshape(-1)
         if self._next_index is not None and frame_index > self._next_index:  # a skipped slot is silence
             x = np.concatenate([np.zeros((frame_index - self._next_index) * len(x), np.float32), x])

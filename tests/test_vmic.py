@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import UserError
 from stream.delay import DelayedSink
 from stream.playout import PlayoutBuffer
 from stream.vmic import (MIC_DESCRIPTION, PULSE_SINK_NAME, PULSE_SOURCE_NAME, OutputDevice, PulseVirtualMic,
@@ -633,7 +632,8 @@ def test_voice_and_lips_leave_vmic_and_vcam_together(pulse_server, recording_cam
         if abs(nearest - heard) < 0.3:                   # a flash lost to a repeated slot has no partner
             (after_stall if disturbed(nearest) else offsets_ms).append(1000 * (heard - nearest))
     summary = result["summary"]
-    print(f"\nvmic-vcam offsets over {len(offsets_ms)} of {len(slots)} clicks: median {statistics.median(offsets_ms):+.1f} ms, "
+    print(f"\nvmic-vcam offsets over {len(offsets_ms)} of {len(slots)} clicks: "
+          f"median {statistics.median(offsets_ms):+.1f} ms, "
           f"max |offset| {max(map(abs, offsets_ms)):.1f} ms, first ten {statistics.median(offsets_ms[:10]):+.1f} ms, "
           f"last ten {statistics.median(offsets_ms[-10:]):+.1f} ms; frames {summary.frames_out} "
           f"({summary.frames_dropped} repeated); {len(stalls)} scheduler stalls, clicks after them: "
@@ -642,3 +642,52 @@ def test_voice_and_lips_leave_vmic_and_vcam_together(pulse_server, recording_cam
     assert len(offsets_ms) >= 0.6 * len(slots)
     assert max(abs(o) for o in offsets_ms) <= 20.0, offsets_ms
     assert abs(statistics.median(offsets_ms[-10:]) - statistics.median(offsets_ms[:10])) <= 5.0, offsets_ms
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_unloads_exactly_the_modules_the_run_loaded(pulse_server):
+    """run_live.py --out vmic as a user runs it; Ctrl-C (SIGINT) once the microphone exists: a clean
+    exit, and the PulseAudio server holds exactly the modules it had before."""
+    import signal
+    import sys
+
+    from tests.conftest import REPO_ROOT, parity_weights_dir
+
+    env = pulse_server
+    weights = parity_weights_dir(0)
+    before = _modules(env)
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "run_live.py"), "--checkpoints", str(weights),
+                             "--out", "vmic", "-q"], cwd=REPO_ROOT, env=dict(os.environ),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_source(env, PULSE_SOURCE_NAME, 120)
+        assert len(_modules(env)) == len(before) + 2
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert _modules(env) == before
+
+
+@pytest.mark.slow
+def test_vcam_without_vmic_warns_once_in_a_session(recording_camera, caplog, speech_wav_path):
+    from cli.config import load_config
+    from pipeline.session import LiveSession, RunOptions
+    from tests.conftest import parity_weights_dir
+
+    name, sent, shape = recording_camera
+    config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "output.targets": ["vcam"],
+                                "vcam.backend": name, "audio.source": str(speech_wav_path)})
+    caplog.set_level(logging.WARNING, logger="stream.vmic")
+    with LiveSession(config, RunOptions(realtime=False, max_seconds=2.4, status_interval_s=0,
+                                        renderer=MarkerRenderer())) as session:
+        session.run(threading.Event())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "stream.vmic"]
+    assert len(warnings) == 1 and "--out vmic" in warnings[0]
+    assert shape == [(640, 480)] and len(sent) == 60   # the call-sized picture by default
