@@ -34,6 +34,9 @@ class DelayedSink:
         self._error: BaseException | None = None
         self.dropped = 0     # frames lost because the queue was full (the wrapped sink is stuck)
         self.sent = 0
+        self.late: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
+        # ^ (due, seconds late) of recent frames handed over more than `late_s` after they were due
+        self.late_s = 0.005
 
     def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
         self.sink.open(width, height, fps, sample_rate)
@@ -62,7 +65,10 @@ class DelayedSink:
                     self._cond.wait(wait)
                 if self._stopping:
                     return
-                _, frame, audio, k = self._queue.popleft()
+                due, frame, audio, k = self._queue.popleft()
+            lateness = time.monotonic() - due
+            if lateness > self.late_s:  # this thread woke late (a busy machine): a measurable lag
+                self.late.append((due, lateness))
             try:
                 self.sink.write(frame, audio, k)
                 self.sent += 1

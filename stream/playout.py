@@ -60,6 +60,8 @@ class PlayoutBuffer:
         self.dropped_samples = 0   # queued audio thrown away (see the module doc)
         self.pushed_samples = 0
         self.pulled_samples = 0    # everything the device took, silence included (it shows the device runs)
+        self.events: collections.deque[tuple[float, str, int]] = collections.deque(maxlen=256)
+        # ^ (time.monotonic(), "underrun" | "dropped", samples) of the most recent disturbances
 
     @property
     def level(self) -> int:
@@ -85,13 +87,17 @@ class PlayoutBuffer:
             self._settle(now, self._write - self._read)
             room = self.capacity - self.preroll
             if len(x) > room:
-                self.dropped_samples += len(x) - room
+                self._drop(now, len(x) - room)
                 x = x[len(x) - room:]
             self._put(x)
             if self._write - self._read > self.capacity:  # the device stopped pulling: keep the newest,
                 keep = self.preroll + len(x)               # back at the starting offset
-                self.dropped_samples += (self._write - self._read) - keep
+                self._drop(now, (self._write - self._read) - keep)
                 self._read = self._write - keep
+
+    def _drop(self, now: float, samples: int) -> None:
+        self.dropped_samples += samples
+        self.events.append((now, "dropped", samples))
 
     def _note_gap(self, now: float) -> None:
         if self._last_push is None:
@@ -112,7 +118,7 @@ class PlayoutBuffer:
         elif now - self._last_short >= window:  # too long for a whole window: drop the excess
             excess = min(lv for _, lv in self._levels) - self.preroll
             self._read += excess
-            self.dropped_samples += excess
+            self._drop(now, excess)
             self._last_short = now
             self._levels.clear()
 
@@ -136,4 +142,5 @@ class PlayoutBuffer:
                 self.underruns += 1
                 self.silence_samples += n - have
                 self._priming = True
+                self.events.append((time.monotonic(), "underrun", n - have))
         return out

@@ -329,7 +329,7 @@ class VirtualMicSink:
     `max_buffer_ms`: the queue bound (a stalled device loses audio beyond it).
     """
 
-    def __init__(self, device: str = "", preroll_ms: float = 20.0, max_buffer_ms: float = 1000.0,
+    def __init__(self, device: str = "", preroll_ms: float = 40.0, max_buffer_ms: float = 1000.0,
                  tolerance_ms: float = 10.0, backend: OutputBackend | None = None,
                  pulse: PulseVirtualMic | None = None, system: str | None = None) -> None:
         if preroll_ms < 0 or max_buffer_ms <= preroll_ms + 1000 * SAMPLES_PER_FRAME / SAMPLE_RATE:
