@@ -4,6 +4,7 @@
     python run_live.py                                   # bundled sample → browser viewer (prints the URL)
     python run_live.py --out out/sample.mp4              # bundled sample → mp4 file
     python run_live.py --identity me.jpg --audio mic --pose webcam --out vcam --out webrtc
+    python run_live.py --identity me.jpg --audio mic --out vcam --out vmic   # a video call, lips in step
     python run_live.py --fetch-checkpoints               # download the authors' demo checkpoints
     python run_live.py serve                             # the studio: each browser drives its own avatar
     python run_live.py doctor                            # what this machine lacks, and how to get it

@@ -61,7 +61,8 @@ NoiseMode = Literal["fixed", "random", "zero"]          # the engine's own Noise
 GainMode = Literal["running", "file", "none"]
 AudioKeyword = Literal["sample", "mic"]
 PoseKeyword = Literal["still", "webcam", "none"]
-OutputTarget = Literal["webrtc", "vcam", "file"]
+OutputTarget = Literal["webrtc", "vcam", "vmic", "file"]
+Framing = Literal["paste", "fit"]
 VcamBackend = Literal["v4l2loopback", "obs", "unitycapture"]
 
 AUDIO_KEYWORDS: tuple[str, ...] = typing.get_args(AudioKeyword)
@@ -130,6 +131,11 @@ class PoseConfig:
 class OutputConfig:
     targets: tuple[OutputTarget, ...] = _spec(nonempty=True)  # the command line's --out sets both keys
     file: Path = _spec()
+    size: str = _spec(pattern=r"auto|native|[1-9]\d*x[1-9]\d*",
+                      expect="'auto', 'native' or WIDTHxHEIGHT such as '640x480'",
+                      flag="--size", metavar="auto|native|WxH", help="picture size, e.g. 640x480 or 1280x720")
+    framing: Framing = _spec(flag="--framing",
+                             help="paste: the face back into the photo; fit: the face crop scaled to the size")
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,12 @@ class VcamConfig:
 
 
 @dataclass(frozen=True)
+class VmicConfig:
+    device: str | None = _spec()
+    preroll_ms: float = _spec(min=0.0, max=500.0)
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     photo: Path = _spec(flag="--identity", metavar="PHOTO", help="photo of the face to animate")
 
@@ -169,6 +181,7 @@ class Config:
     output: OutputConfig
     server: ServerConfig
     vcam: VcamConfig
+    vmic: VmicConfig
     identity: IdentityConfig
     timing: TimingConfig
 

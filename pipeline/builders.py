@@ -17,7 +17,7 @@ import torch
 
 from capture.audio_sources import AudioSource
 from capture.pose_sources import FrameSource, PoseFilter, PoseWorker
-from pcavs.alignment import FaceAligner, LandmarkDetector, LiveAligner
+from pcavs.alignment import AlignedFace, FaceAligner, LandmarkDetector, LiveAligner
 from pcavs.checkpoints import PcavsNetworks, load_networks
 from pcavs.device import resolve_device
 from pcavs.engine import Avatar, EngineOptions
@@ -50,12 +50,13 @@ def load_engine(checkpoint_dir, options: EngineOptions) -> PcavsNetworks:
 
 def encode_identity(networks: PcavsNetworks, options: EngineOptions, rgb: np.ndarray, name: str,
                     landmarks: np.ndarray | None = None,
-                    detector: Callable[[], LandmarkDetector] | None = None) -> tuple[Avatar, np.ndarray]:
+                    detector: Callable[[], LandmarkDetector] | None = None) -> tuple[Avatar, AlignedFace]:
     """Align the photo (known landmarks, else the detector: `FaceNotFoundError` when it finds no face)
-    and encode it once. Returns the Avatar and the aligned 224² crop (the placeholder frame)."""
+    and encode it once. Returns the Avatar and the aligned face: its 224² crop is the placeholder frame,
+    its matrix places generated faces back into the photo."""
     aligner = FaceAligner(None if landmarks is not None or detector is None else detector())
-    aligned = aligner.align_photo(rgb, name=name, landmarks=landmarks).image
-    return Avatar(networks, to_network_input(aligned), options), aligned
+    face = aligner.align_photo(rgb, name=name, landmarks=landmarks)
+    return Avatar(networks, to_network_input(face.image), options), face
 
 
 def start_pose_worker(frames: FrameSource, avatar: Avatar, detector: LandmarkDetector,

@@ -24,7 +24,8 @@ from common.errors import UserError
 from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
-from pcavs.alignment import FaceAlignmentDetector, LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
+from pcavs.alignment import (AlignedFace, FaceAlignmentDetector, LandmarkDetector, load_landmark_sidecar, read_rgb,
+                             sidecar_path)
 from pcavs.constants import FPS
 from pcavs.device import resolve_device
 from pcavs.engine import Avatar
@@ -51,6 +52,7 @@ class RunOptions:
     status_interval_s: float = 1.0        # terminal status line period; 0 disables it
     ice_host_addresses: tuple[str, ...] | None = None  # WebRTC ICE addresses override (loopback tests)
     landmark_detector: object | None = None            # injected detector (tests); default face_alignment
+    renderer: object | None = None                     # injected renderer (tests); default the PC-AVS avatar
 
 
 class StatusPrinter:
@@ -89,10 +91,11 @@ class StatusPrinter:
             log.info(line)
 
 
-def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tuple[Avatar, np.ndarray]:
-    """Load the networks and encode the identity once. Returns the avatar and the aligned photo (224²
-    RGB uint8), which doubles as the placeholder frame before the first generated one. `detector` is
-    only called when the photo has no landmark sidecar."""
+def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tuple[Avatar, AlignedFace]:
+    """Load the networks and encode the identity once. Returns the avatar and the aligned photo: its
+    224² crop doubles as the placeholder frame before the first generated one, its matrix places the
+    generated face back into the photo (output.framing = "paste"). `detector` is only called when the
+    photo has no landmark sidecar."""
     m = config.model
     options = engine_options(m.device, m.dtype, m.noise, m.noise_seed, m.mouth_weight)  # device checked here
     photo = Path(config.identity.photo)
@@ -163,23 +166,55 @@ class LiveSession:
             self._landmarks = FaceAlignmentDetector(device=device)
         return self._landmarks.with_detect_max_side(detect_max_side)
 
-    def _sinks(self):
+    def _sinks(self, face: AlignedFace):
+        from stream.framing import FramedSink, SharedFramer, make_framer, size_for
         from stream.sinks import FanOutSink
+        output = self.config.output
+        framers: dict[tuple[int, int], SharedFramer] = {}  # one per size, shared by the outputs of that size
+
+        def framed(sink, target: str):
+            size = size_for(output.size, target)
+            if size is None:
+                return sink
+            if size not in framers:
+                photo = read_rgb(self.config.identity.photo) if output.framing == "paste" else None
+                framers[size] = SharedFramer(make_framer(output.framing, size, photo, face.matrix))
+            return FramedSink(sink, framers[size])
+
+        vmic = None
+        if "vmic" in output.targets:
+            from stream.vmic import VirtualMicSink
+            vmic = VirtualMicSink(device=self.config.vmic.device, preroll_ms=self.config.vmic.preroll_ms)
         sinks = []
-        for target in self.config.output.targets:
+        for target in output.targets:
             if target == "file":
                 from stream.recorder import Mp4Recorder
-                path = Path(self.config.output.file)
+                path = Path(output.file)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                sinks.append(Mp4Recorder(path))
+                sinks.append(framed(Mp4Recorder(path), target))
             elif target == "vcam":
                 from stream.vcam import VirtualCameraSink
-                sinks.append(VirtualCameraSink(device=self.config.vcam.device, backend=self.config.vcam.backend))
+                cam = VirtualCameraSink(device=self.config.vcam.device, backend=self.config.vcam.backend)
+                if vmic is not None:  # the voice leaves the microphone playout_delay_s after release
+                    from stream.delay import DelayedSink
+                    cam = DelayedSink(cam, lambda mic=vmic: mic.playout_delay_s)
+                sinks.append(framed(cam, target))  # framed here, in the scheduler's thread
+            elif target == "vmic":
+                sinks.append(vmic)
             elif target == "webrtc":
                 from stream.webrtc import WebRTCSink
                 self.start_server()
-                sinks.append(WebRTCSink(self.server))
+                sinks.append(framed(WebRTCSink(self.server), target))
         return FanOutSink(sinks)
+
+    def _voice_lead_notice(self) -> Callable[[int], None] | None:
+        """`--out vcam` without `--out vmic`: tell the user once that the call hears the voice early."""
+        targets = self.config.output.targets
+        if "vcam" not in targets or "vmic" in targets:
+            return None
+        from stream.vmic import VoiceLeadNotice
+        return VoiceLeadNotice(lambda: self.metrics.snapshot().get("latency_ms_median"),  # type: ignore[arg-type]
+                               from_microphone=self.config.audio.is_mic)
 
     def start_server(self) -> None:
         """Bind and start the viewer server when "webrtc" is an output (once). `run` calls it first, so
@@ -226,7 +261,7 @@ class LiveSession:
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
         self.start_server()
-        avatar, aligned = build_avatar(
+        avatar, face = build_avatar(
             self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
         source, mel = build_audio(self.config, self.realtime)
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
@@ -236,13 +271,20 @@ class LiveSession:
             total = min(total, max_frames)
         timeline = AudioTimeline(mel, upstream_frame_numbering=self.config.timing.upstream_frame_numbering)
         checks = [getattr(source, "check_health", lambda: None)]
-        on_frame = StatusPrinter(self.metrics, self.run_options.status_interval_s, total_frames=total)
+        hooks = [h for h in (StatusPrinter(self.metrics, self.run_options.status_interval_s, total_frames=total),
+                             self._voice_lead_notice()) if h is not None]
+
+        def on_frame(k: int) -> None:
+            for hook in hooks:
+                hook(k)
+
+        renderer = self.run_options.renderer or avatar
 
         if self.realtime:
             worker = self._pose_worker(avatar)
             pose = None if worker is None else pose_provider(worker, self.metrics)
             checks = ([] if worker is None else [worker.check]) + checks
-            scheduler = make_scheduler(source, timeline, avatar, self._sinks(), placeholder=aligned, pose=pose,
+            scheduler = make_scheduler(source, timeline, renderer, self._sinks(face), placeholder=face.image, pose=pose,
                                        metrics=self.metrics,
                                        options=SchedulerOptions(realtime=True, max_frames=max_frames),
                                        health_checks=checks, on_frame=on_frame)
@@ -254,11 +296,11 @@ class LiveSession:
             worker = self._pose_worker(avatar)  # a webcam (or none) feeding a file
             slot_pose = None if worker is None else self._repeat_latest(worker)
             checks = ([] if worker is None else [worker.check]) + checks
-        renderer = OfflineRenderer(source, timeline, avatar, self._sinks(),
-                                   frame_size=(aligned.shape[1], aligned.shape[0]), pose=slot_pose,
-                                   metrics=self.metrics, options=OfflineOptions(max_frames=max_frames),
-                                   health_checks=checks, on_frame=on_frame)
-        return renderer.run(stop)
+        offline = OfflineRenderer(source, timeline, renderer, self._sinks(face),
+                                  frame_size=(face.image.shape[1], face.image.shape[0]), pose=slot_pose,
+                                  metrics=self.metrics, options=OfflineOptions(max_frames=max_frames),
+                                  health_checks=checks, on_frame=on_frame)
+        return offline.run(stop)
 
     def _repeat_latest(self, worker: PoseWorker) -> SlotPose:
         """A live pose source (webcam) feeding an offline render: its latest code for every slot."""

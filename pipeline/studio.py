@@ -69,9 +69,11 @@ class IdentityEncoder:
             if photo is None:
                 side = sidecar_path(self.sample_photo)
                 landmarks = load_landmark_sidecar(side) if side.is_file() else None
-                return encode_identity(self.networks, self.options, read_rgb(self.sample_photo), name,
-                                       landmarks, self.detector)
-            return encode_identity(self.networks, self.options, photo, name, None, self.detector)
+                avatar, face = encode_identity(self.networks, self.options, read_rgb(self.sample_photo), name,
+                                               landmarks, self.detector)
+            else:
+                avatar, face = encode_identity(self.networks, self.options, photo, name, None, self.detector)
+            return avatar, face.image
 
 
 class StudioSession:

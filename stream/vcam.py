@@ -1,7 +1,9 @@
 """Virtual webcam output: the avatar appears as a camera in Zoom/Meet/OBS (pyvirtualcam).
 
-Video only: a virtual camera carries no sound. Apps that need the voice get it from the audio path
-(for example a PulseAudio null sink), which is outside this module.
+Video only: a virtual camera carries no sound. The voice reaches a call through the virtual microphone
+(stream/vmic.py, `--out vmic`); the session then delays this camera by the microphone's playout delay
+(stream/delay.py) so that lips and voice arrive together. Call-sized pictures (640x480, 720p) come from
+stream/framing.py in front of this sink.
 
 Pacing: the scheduler already delivers frames on the audio clock, one per 40 ms slot, so by default
 `write` sends and returns at once. `pace=True` additionally calls pyvirtualcam's
