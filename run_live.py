@@ -81,6 +81,23 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return o
 
 
+def install_stop_handlers(live: threading.Event) -> threading.Event:
+    """Ctrl-C and SIGTERM stop the session. Once its loop runs (`live` set) the first one asks it to
+    stop (the loop sees it within a fraction of a second, after at most the render in progress) so
+    the outputs close cleanly; before that (networks still loading) and on a second request there is
+    nothing to finish, so they interrupt at once (exit code 130)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set() or not live.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # OpenCV prints its own ERROR lines when a camera index is absent; our one-line CameraError says it
@@ -104,11 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                               + (["-q"] if args.quiet else []) + (["--debug"] if args.debug else []))
 
         from pipeline.session import LiveSession, RunOptions
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with LiveSession(config, RunOptions(realtime=args.realtime, max_seconds=args.max_seconds,
                                             status_interval_s=0 if args.quiet else 1.0)) as session:
+            stop = install_stop_handlers(session.live)
             summary = session.run(stop)
             snap = session.metrics.snapshot()
         print(f"\n{summary.frames_out} frames out ({summary.frames_generated} generated, "

@@ -29,9 +29,10 @@ from pcavs.engine import Avatar, EngineOptions, resolve_device
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
 from pcavs.preprocess import to_network_input
 from pipeline.metrics import LiveMetrics, format_status_line
-from pipeline.scheduler import RunSummary, Scheduler, SchedulerOptions
+from pipeline.scheduler import Renderer, RunSummary, Scheduler, SchedulerOptions
 from pcavs.constants import FPS
 from pipeline.timeline import AudioTimeline
+from stream.sinks import FrameSink
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class RunOptions:
     status_interval_s: float = 1.0        # terminal status line period; 0 disables it
     ice_host_addresses: tuple[str, ...] | None = None  # WebRTC ICE addresses override (loopback tests)
     landmark_detector: object | None = None            # injected detector (tests); default face_alignment
+    # Bench/test seams: build (renderer, placeholder frame) instead of loading the networks; wrap the
+    # outputs (e.g. to stamp each slot's index into what viewers receive).
+    renderer: Callable[[Config], tuple[Renderer, np.ndarray]] | None = None
+    wrap_sink: Callable[[FrameSink], FrameSink] | None = None
 
 
 class StatusPrinter:
@@ -126,7 +131,9 @@ def build_audio(config: Config, realtime: bool):
         gain = StreamingGain()
     if config.audio.source == "sample" and realtime:
         # The bundled clip is seconds long: loop it so a live viewer opened later still sees the demo.
-        return LoopedAudioSource(lambda: FileAudioSource.from_samples(samples, realtime=True)), StreamingMel(gain)
+        return (LoopedAudioSource(lambda start_at: FileAudioSource.from_samples(samples, realtime=True,
+                                                                                start_at=start_at)),
+                StreamingMel(gain))
     return source, StreamingMel(gain)
 
 
@@ -141,6 +148,7 @@ class LiveSession:
         self.server = None
         self.realtime = run.realtime if run.realtime is not None else \
             any(t != "file" for t in config.output.targets)
+        self.live = threading.Event()   # set once the loop runs: from then on a stop request is prompt
 
     def __enter__(self) -> "LiveSession":
         return self
@@ -214,11 +222,17 @@ class LiveSession:
         return latest, [worker.check]
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
-        avatar, aligned = build_avatar(
-            self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
+        if self.run_options.renderer is not None:
+            avatar, aligned = self.run_options.renderer(self.config)
+            pose, checks = None, []
+        else:
+            avatar, aligned = build_avatar(
+                self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
+            pose, checks = self._pose(avatar)
         source, mel = build_audio(self.config, self.realtime)
-        pose, checks = self._pose(avatar)
         sink = self._sinks()
+        if self.run_options.wrap_sink is not None:
+            sink = self.run_options.wrap_sink(sink)
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
         duration = getattr(source, "duration_s", None)
         total = None if self.realtime or duration is None else math.ceil(duration * FPS)
@@ -231,4 +245,8 @@ class LiveSession:
                               health_checks=checks,
                               on_frame=StatusPrinter(self.metrics, self.run_options.status_interval_s,
                                                      total_frames=total))
-        return scheduler.run(stop)
+        self.live.set()
+        try:
+            return scheduler.run(stop)
+        finally:
+            self.live.clear()

@@ -200,7 +200,7 @@ def test_stop_event_ends_a_live_run():
 def test_looped_source_continues_the_timeline_across_loops():
     from capture.looped_audio import LoopedAudioSource
     clip = speechlike(0.1)  # 1600 samples = 5 blocks
-    src = LoopedAudioSource(lambda: ListSource(clip))
+    src = LoopedAudioSource(lambda start_at: ListSource(clip))
     src.start()
     chunks = []
     try:
