@@ -140,4 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_code = main()
+    # Everything the session opened is closed by now. The interpreter's own teardown (torch, codecs)
+    # takes seconds more, which a Ctrl-C or SIGTERM should not have to wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
