@@ -222,14 +222,14 @@ class LiveSession:
         return latest, [worker.check]
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
-        if self.run_options.renderer is not None:
-            avatar, aligned = self.run_options.renderer(self.config)
-            pose, checks = None, []
+        injected = self.run_options.renderer
+        if injected is not None:
+            avatar, aligned = injected(self.config)
         else:
             avatar, aligned = build_avatar(
                 self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
-            pose, checks = self._pose(avatar)
         source, mel = build_audio(self.config, self.realtime)
+        pose, checks = (None, []) if injected is not None else self._pose(avatar)
         sink = self._sinks()
         if self.run_options.wrap_sink is not None:
             sink = self.run_options.wrap_sink(sink)
