@@ -179,7 +179,7 @@ class Connection:
     # pts/3600 counted from the connection's first frame, the stamp says which slot that was.
     video: list[tuple[int, int | None, float, float | None]] = field(default_factory=list)
     audio: list[tuple[int, int, float]] = field(default_factory=list)     # (RTP slot number, k mod 256, arrived)
-    damaged: int = 0                   # video frames whose stamp did not read back (codec left it stale)
+    unread: int = 0                    # video frames whose stamp did not read back (codec left it stale)
     packets_lost: int = 0              # RTP packets the viewer's receivers counted as lost
 
     def video_base(self) -> int | None:
@@ -263,7 +263,7 @@ async def watch(base: str, seconds: float, stop: asyncio.Event) -> Connection:
                 pts = round(frame.pts / 3600)
                 stamp = read_stamp(frame.to_ndarray(format="rgb24"))
                 if stamp is None:
-                    conn.damaged += 1
+                    conn.unread += 1
                     conn.video.append((pts, None, arrived, None))
                     continue
                 k16, emit16 = stamp
@@ -373,7 +373,7 @@ def summarise(result: dict) -> dict:
         expected = video = audio = 0
         latency: list[float] = []
         stalls: list[tuple[str, float, float]] = []
-        damaged = lost = 0
+        unread = lost = 0
         for c in conns:
             want = set(c.expected())
             expected += len(want)
@@ -381,7 +381,7 @@ def summarise(result: dict) -> dict:
             audio += len(c.audio_slots() & want)
             latency += [(arrived - emitted) * 1e3 for _, _, arrived, emitted in c.video if emitted is not None]
             stalls += [(kind, at - result["t_start"], gap) for kind, at, gap in c.stalls()]
-            damaged += c.damaged
+            unread += c.unread
             lost += c.packets_lost
         detail = []
         for c in conns:
@@ -390,14 +390,14 @@ def summarise(result: dict) -> dict:
             detail.append({"expected": [want.start, want.stop],
                            "missing_video": [k - want.start for k in want if k not in got_v][:30],
                            "missing_audio": [k - want.start for k in want if k not in got_a][:30],
-                           "damaged": c.damaged, "packets_lost": c.packets_lost})
+                           "unread_stamps": c.unread, "packets_lost": c.packets_lost})
         out[name + "_connections"] = detail
         out[name] = {"connections": len(conns), "slots_expected": expected,
                      "video_share": video / expected if expected else float("nan"),
                      "audio_share": audio / expected if expected else float("nan"),
                      "latency_ms_p50": pct(latency, 50), "latency_ms_p99": pct(latency, 99),
                      "stalls": len(stalls), "stall_list": [(k, round(a, 1), round(g, 2)) for k, a, g in stalls],
-                     "unread_stamps": damaged, "packets_lost": lost}
+                     "unread_stamps": unread, "packets_lost": lost}
     steady = result["steady"]
     stamped = np.array([(k, e) for _, k, _, e in steady.video if k is not None], dtype=np.float64)
     if len(stamped) >= 10:
@@ -411,6 +411,7 @@ def summarise(result: dict) -> dict:
     settled = [r for r in res if r[0] >= min(60.0, 0.25 * result["wall_s"])]
     out["rss_mb_start"], out["rss_mb_end"] = (res[0][1], res[-1][1]) if res else (float("nan"),) * 2
     out["rss_mb_per_min"] = slope_per_min([(r[0], r[1]) for r in settled])
+    out["rss_series"] = [(round(r[0]), round(r[1], 1)) for r in res]      # (s, MB), every few seconds
     out["fds"] = (min(r[2] for r in res), max(r[2] for r in res)) if res else None
     out["threads"] = (min(r[3] for r in res), max(r[3] for r in res)) if res else None
     lat = result["pipeline_latency"]

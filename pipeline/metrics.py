@@ -34,6 +34,7 @@ class LiveMetrics:
         self._dropped = 0
         self._late = 0
         self._discarded = 0
+        self._input_silence_ms = 0.0
         self._latency_budget_ms: float | None = None
         self._started = time.monotonic()
         self._pose: dict[str, object] = {}
@@ -57,10 +58,12 @@ class LiveMetrics:
         with self._lock:
             self._latency_budget_ms = ms
 
-    def set_discarded(self, n: int) -> None:
-        """Rendered frames never shown (a newer one was ready for the same output slot): running total."""
+    def set_loop_totals(self, discarded: int, input_silence_ms: float) -> None:
+        """Running totals of the live loop: rendered frames never shown (a newer one was ready for the
+        same output slot) and input audio the source lost, replaced by silence."""
         with self._lock:
-            self._discarded = n
+            self._discarded = discarded
+            self._input_silence_ms = input_silence_ms
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
@@ -71,6 +74,7 @@ class LiveMetrics:
                 "frames_dropped": self._dropped,
                 "frames_late": self._late,
                 "frames_discarded": self._discarded,
+                "input_silence_ms": round(self._input_silence_ms, 1),
                 "latency_budget_ms": None if self._latency_budget_ms is None else round(self._latency_budget_ms, 1),
                 "uptime_s": round(time.monotonic() - self._started, 1),
                 **self._pose,

@@ -296,7 +296,7 @@ class Scheduler:
             generator_ms=None if rendered is None else rendered.times.generator_ms,
             audio_ms=None if rendered is None else rendered.times.audio_ms,
             late=taken is not None and taken[0] < k))
-        self.metrics.set_discarded(worker.discarded)
+        self.metrics.set_loop_totals(worker.discarded, live.silence_samples * 1e3 / SAMPLE_RATE)
         if self._on_frame is not None:
             self._on_frame(k)
 

@@ -393,3 +393,14 @@ def test_looped_file_keeps_one_clock_across_its_seams():
     origin = chunks[0].captured_at - 320 / 16000
     drift = [c.captured_at - (origin + (c.start_sample + len(c.samples)) / 16000) for c in chunks]
     assert max(abs(d) for d in drift) < 1e-6, drift
+
+
+def test_live_input_gap_is_filled_with_silence_and_counted():
+    audio = speechlike(2.0)
+    sched, sink, _ = live(audio, MelEchoRenderer(), source=ListSource(audio, realtime=True, skip_blocks=(10, 11)))
+    sched.run()
+    out = np.concatenate(sink.audio)[: len(audio)]
+    assert np.all(out[3200:3840] == 0)
+    np.testing.assert_array_equal(out[:3200], audio[:3200])
+    np.testing.assert_array_equal(out[3840:], audio[3840:])
+    assert sched.metrics.snapshot()["input_silence_ms"] == 40.0
