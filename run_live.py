@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.main import LIVE_TARGETS, build_run_parser, main as _main, overrides_from_args  # noqa: F401
+from cli.main import LIVE_TARGETS, build_run_parser, exit_now, install_stop_handlers, overrides_from_args  # noqa: F401
+from cli.main import main as _main
 
-__all__ = ["LIVE_TARGETS", "build_parser", "main", "overrides_from_args", "parse_args"]
+__all__ = ["LIVE_TARGETS", "build_parser", "install_stop_handlers", "main", "overrides_from_args", "parse_args"]
 
 PROG = "run_live.py"
 
@@ -38,4 +39,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -93,7 +93,7 @@ def run_sessions(n: int, avatars: list[Avatar], speech: np.ndarray, seconds: flo
         m = RecordingMetrics()
         sched = make_scheduler(source, AudioTimeline(StreamingMel(StreamingGain())),
                                renderer.handle(avatars[i % len(avatars)]), NullSink(),
-                               np.zeros((224, 224, 3), np.uint8), None, m, SchedulerOptions(realtime=True))
+                               np.zeros((224, 224, 3), np.uint8), None, m, SchedulerOptions())
         th = threading.Thread(target=_run_until_closed, args=(sched, stop), daemon=True)
         metrics.append(m)
         threads.append(th)

@@ -299,16 +299,18 @@ class FileAudioSource:
     """An audio (or video) file as a source, decoded once up front with `load_audio_16k`.
 
     `realtime=True` plays it like a microphone: block i is released when its last sample "would have
-    been captured" (start time + end sample / 16 kHz, on the monotonic clock), and a consumer that falls
-    behind loses the oldest blocks, as with a mic. `realtime=False` delivers as fast as the consumer
-    reads: the producer blocks on the bounded queue, nothing is dropped. `finished` becomes True after
-    the last block has been read.
+    been captured" (origin + end sample / 16 kHz on the monotonic clock, an absolute schedule, so
+    late wake-ups never accumulate into a slow clock), and a consumer that falls behind loses the
+    oldest blocks, as with a mic. `start_at` sets that origin (default: when `start` is called);
+    `LoopedAudioSource` passes the instant the previous pass ended, so a loop seam loses no time.
+    `realtime=False` delivers as fast as the consumer reads: the producer blocks on the bounded queue,
+    nothing is dropped. `finished` becomes True after the last block has been read.
     """
 
     sample_rate = SAMPLE_RATE
 
     def __init__(self, path: str | Path | None, realtime: bool, block_ms: int = 20, max_queue_ms: int = 2000,
-                 *, samples: np.ndarray | None = None) -> None:
+                 *, samples: np.ndarray | None = None, start_at: float | None = None) -> None:
         if block_ms <= 0 or max_queue_ms < block_ms:
             raise ValueError(f"FileAudioSource: need 0 < block_ms <= max_queue_ms (got {block_ms}, "
                              f"{max_queue_ms})")
@@ -319,6 +321,7 @@ class FileAudioSource:
         self.path = Path(path) if path is not None else None
         self.audio = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
         self.realtime = realtime
+        self.start_at = start_at
         self.block = max(1, round(SAMPLE_RATE * block_ms / 1000))
         self._queue: DropOldestQueue[AudioChunk] = DropOldestQueue(max(1, round(max_queue_ms / block_ms)))
         self._stop = threading.Event()
@@ -328,9 +331,9 @@ class FileAudioSource:
 
     @classmethod
     def from_samples(cls, samples: np.ndarray, realtime: bool, block_ms: int = 20,
-                     max_queue_ms: int = 2000) -> "FileAudioSource":
+                     max_queue_ms: int = 2000, start_at: float | None = None) -> "FileAudioSource":
         """The same source over audio already in memory (16 kHz mono float32)."""
-        return cls(None, realtime, block_ms, max_queue_ms, samples=samples)
+        return cls(None, realtime, block_ms, max_queue_ms, samples=samples, start_at=start_at)
 
     @property
     def duration_s(self) -> float:
@@ -355,16 +358,21 @@ class FileAudioSource:
 
     def _produce(self) -> None:
         try:
-            t0 = time.monotonic()
+            t0 = time.monotonic() if self.start_at is None else self.start_at
             for start in range(0, len(self.audio), self.block):
                 end = min(start + self.block, len(self.audio))
                 if self.realtime:
-                    due = t0 + end / SAMPLE_RATE
-                    if self._stop.wait(max(0.0, due - time.monotonic())):
+                    # Its capture instant is the schedule's, not the wake-up's: a mic's block is
+                    # captured on time even when its delivery is late, and downstream clocks
+                    # (the scheduler's output pacing) should not inherit this thread's jitter.
+                    captured_at = t0 + end / SAMPLE_RATE
+                    if self._stop.wait(max(0.0, captured_at - time.monotonic())):
                         return
-                elif self._stop.is_set():
-                    return
-                chunk = AudioChunk(self.audio[start:end].copy(), start, time.monotonic())
+                else:
+                    if self._stop.is_set():
+                        return
+                    captured_at = time.monotonic()
+                chunk = AudioChunk(self.audio[start:end].copy(), start, captured_at)
                 if self.realtime:
                     self._queue.put(chunk)
                 elif not self._queue.put_wait(chunk):  # False once stop() closed the queue

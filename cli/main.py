@@ -202,11 +202,9 @@ def _run(argv: list[str], prog: str) -> int:
                               + (["-q"] if args.quiet else []) + (["--debug"] if args.debug else []))
 
         from pipeline.session import LiveSession, RunOptions
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with LiveSession(config, RunOptions(realtime=args.realtime, max_seconds=args.max_seconds,
                                             status_interval_s=0 if args.quiet else 1.0)) as session:
+            stop = install_stop_handlers(session.live)
             summary = session.run(stop)
             snap = session.metrics.snapshot()
         print(f"\n{summary.frames_out} frames out ({summary.frames_generated} generated, "
@@ -220,6 +218,23 @@ def _run(argv: list[str], prog: str) -> int:
         return 0
 
     return run_with_user_errors(body, debug=args.debug)
+
+
+def install_stop_handlers(live: threading.Event) -> threading.Event:
+    """Ctrl-C and SIGTERM stop the session. Once its loop runs (`live` set) the first one asks it to
+    stop (the loop sees it within a fraction of a second, after at most the render in progress) so
+    the outputs close cleanly; before that (networks still loading) and on a second request there is
+    nothing to finish, so they interrupt at once (exit code 130)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set() or not live.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
 
 
 def _fetch(argv: list[str], prog: str) -> int:
@@ -314,5 +329,19 @@ def main(argv: list[str] | None = None, prog: str = "pcavs-live") -> int:
     return HANDLERS[command](rest, prog)
 
 
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's own teardown. Everything the command opened is closed by now;
+    tearing down torch and the codecs takes seconds more, which a Ctrl-C or SIGTERM should not wait for."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def console_main() -> None:
+    """The `pcavs-live` console script."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class FrameRecord:
     frame_index: int
-    generated: bool              # False: a dropped slot filled by repeating the last frame
+    generated: bool              # False: the slot repeats the previous frame (no new one was ready)
     emitted_at: float            # time.monotonic()
-    latency_ms: float | None     # audio capture → frame handed to the sinks (mouth-to-photon in-process)
+    latency_ms: float | None     # the slot's audio captured → slot handed to the sinks (voice to output)
     generator_ms: float | None
     audio_ms: float | None
+    late: bool = False           # a new frame, but rendered for an earlier slot (it missed its own)
 
 
 class LiveMetrics:
@@ -31,6 +32,10 @@ class LiveMetrics:
         self._emitted = 0
         self._generated = 0
         self._dropped = 0
+        self._late = 0
+        self._discarded = 0
+        self._input_silence_ms = 0.0
+        self._latency_budget_ms: float | None = None
         self._started = time.monotonic()
         self._pose: dict[str, object] = {}
 
@@ -40,12 +45,25 @@ class LiveMetrics:
             self._emitted += 1
             if rec.generated:
                 self._generated += 1
+                self._late += rec.late
             else:
                 self._dropped += 1
 
     def set_pose_status(self, **status: object) -> None:
         with self._lock:
             self._pose = dict(status)
+
+    def set_latency_budget(self, ms: float) -> None:
+        """The live loop's fixed output latency after the slot's frame became renderable."""
+        with self._lock:
+            self._latency_budget_ms = ms
+
+    def set_loop_totals(self, discarded: int, input_silence_ms: float) -> None:
+        """Running totals of the live loop: rendered frames never shown (a newer one was ready for the
+        same output slot) and input audio the source lost, replaced by silence."""
+        with self._lock:
+            self._discarded = discarded
+            self._input_silence_ms = input_silence_ms
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
@@ -54,11 +72,15 @@ class LiveMetrics:
                 "frames_out": self._emitted,
                 "frames_generated": self._generated,
                 "frames_dropped": self._dropped,
+                "frames_late": self._late,
+                "frames_discarded": self._discarded,
+                "input_silence_ms": round(self._input_silence_ms, 1),
+                "latency_budget_ms": None if self._latency_budget_ms is None else round(self._latency_budget_ms, 1),
                 "uptime_s": round(time.monotonic() - self._started, 1),
                 **self._pose,
             }
         gen = [r for r in recent if r.generated]
-        lat = [r.latency_ms for r in gen if r.latency_ms is not None]
+        lat = [r.latency_ms for r in recent if r.latency_ms is not None]
         gms = [r.generator_ms for r in gen if r.generator_ms is not None]
         snap["latency_ms_median"] = round(statistics.median(lat), 1) if lat else None
         snap["latency_ms_max"] = round(max(lat), 1) if lat else None

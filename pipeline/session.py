@@ -34,8 +34,9 @@ from pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, encode_pos
                                make_scheduler, pose_provider, start_pose_worker)
 from pipeline.metrics import LiveMetrics, format_status_line
 from pipeline.offline import OfflineOptions, OfflineRenderer, SlotPose, sequence_pose
-from pipeline.scheduler import RunSummary, SchedulerOptions
+from pipeline.scheduler import Renderer, RunSummary, SchedulerOptions
 from pipeline.timeline import AudioTimeline, model_frame_index
+from stream.sinks import FrameSink
 
 if TYPE_CHECKING:
     from capture.pose_sources import PoseWorker
@@ -53,6 +54,10 @@ class RunOptions:
     ice_host_addresses: tuple[str, ...] | None = None  # WebRTC ICE addresses override (loopback tests)
     landmark_detector: object | None = None            # injected detector (tests); default face_alignment
     renderer: object | None = None                     # injected renderer (tests); default the PC-AVS avatar
+    # Bench/test seams: build (renderer, placeholder frame) instead of loading the networks; wrap the
+    # outputs (e.g. to stamp each slot's index into what viewers receive).
+    build_renderer: Callable[[Config], tuple[Renderer, np.ndarray]] | None = None
+    wrap_sink: Callable[[FrameSink], FrameSink] | None = None
 
 
 class StatusPrinter:
@@ -131,7 +136,9 @@ def build_audio(config: Config, realtime: bool):
         gain = StreamingGain()
     if config.audio.source == "sample" and realtime:
         # The bundled clip is seconds long: loop it so a live viewer opened later still sees the demo.
-        return LoopedAudioSource(lambda: FileAudioSource.from_samples(samples, realtime=True)), StreamingMel(gain)
+        return (LoopedAudioSource(lambda start_at: FileAudioSource.from_samples(samples, realtime=True,
+                                                                                start_at=start_at)),
+                StreamingMel(gain))
     return source, StreamingMel(gain)
 
 
@@ -146,6 +153,7 @@ class LiveSession:
         self.server = None
         self.realtime = run.realtime if run.realtime is not None else \
             any(t != "file" for t in config.output.targets)
+        self.live = threading.Event()   # set once the loop runs: from then on a stop request is prompt
 
     def __enter__(self) -> "LiveSession":
         return self
@@ -166,7 +174,7 @@ class LiveSession:
             self._landmarks = FaceAlignmentDetector(device=device)
         return self._landmarks.with_detect_max_side(detect_max_side)
 
-    def _sinks(self, face: AlignedFace):
+    def _sinks(self, face: AlignedFace | None):
         from stream.framing import FramedSink, SharedFramer, make_framer, size_for
         from stream.sinks import FanOutSink
         output = self.config.output
@@ -177,8 +185,10 @@ class LiveSession:
             if size is None:
                 return sink
             if size not in framers:
-                photo = read_rgb(self.config.identity.photo) if output.framing == "paste" else None
-                framers[size] = SharedFramer(make_framer(output.framing, size, photo, face.matrix))
+                paste = output.framing == "paste" and face is not None  # an injected renderer has no photo
+                photo = read_rgb(self.config.identity.photo) if paste else None
+                framers[size] = SharedFramer(make_framer("paste" if paste else "fit", size, photo,
+                                                         None if face is None else face.matrix))
             return FramedSink(sink, framers[size])
 
         vmic = None
@@ -261,9 +271,18 @@ class LiveSession:
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
         self.start_server()
-        avatar, face = build_avatar(
-            self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
+        injected = self.run_options.build_renderer
+        face: AlignedFace | None = None
+        if injected is not None:
+            avatar, placeholder = injected(self.config)
+        else:
+            avatar, face = build_avatar(
+                self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
+            placeholder = face.image
         source, mel = build_audio(self.config, self.realtime)
+        sink = self._sinks(face)
+        if self.run_options.wrap_sink is not None:
+            sink = self.run_options.wrap_sink(sink)
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
         duration = getattr(source, "duration_s", None)
         total = None if self.realtime or duration is None else math.ceil(duration * FPS)
@@ -281,26 +300,36 @@ class LiveSession:
         renderer = self.run_options.renderer or avatar
 
         if self.realtime:
-            worker = self._pose_worker(avatar)
+            worker = None if injected is not None else self._pose_worker(avatar)
             pose = None if worker is None else pose_provider(worker, self.metrics)
             checks = ([] if worker is None else [worker.check]) + checks
-            scheduler = make_scheduler(source, timeline, renderer, self._sinks(face), placeholder=face.image, pose=pose,
+            scheduler = make_scheduler(source, timeline, renderer, sink, placeholder=placeholder, pose=pose,
                                        metrics=self.metrics,
-                                       options=SchedulerOptions(realtime=True, max_frames=max_frames),
+                                       options=SchedulerOptions(max_frames=max_frames),
                                        health_checks=checks, on_frame=on_frame)
-            return scheduler.run(stop)
+            return self._running(lambda: scheduler.run(stop))
 
-        if self.config.pose.video_path is not None:
+        if injected is not None:
+            slot_pose = None
+        elif self.config.pose.video_path is not None:
             slot_pose: SlotPose | None = self._pose_sequence(avatar, total)
         else:
             worker = self._pose_worker(avatar)  # a webcam (or none) feeding a file
             slot_pose = None if worker is None else self._repeat_latest(worker)
             checks = ([] if worker is None else [worker.check]) + checks
-        offline = OfflineRenderer(source, timeline, renderer, self._sinks(face),
-                                  frame_size=(face.image.shape[1], face.image.shape[0]), pose=slot_pose,
+        offline = OfflineRenderer(source, timeline, renderer, sink,
+                                  frame_size=(placeholder.shape[1], placeholder.shape[0]), pose=slot_pose,
                                   metrics=self.metrics, options=OfflineOptions(max_frames=max_frames),
                                   health_checks=checks, on_frame=on_frame)
-        return offline.run(stop)
+        return self._running(lambda: offline.run(stop))
+
+    def _running(self, loop: Callable[[], RunSummary]) -> RunSummary:
+        """`live` is set while the loop runs: a stop request is then answered by the loop itself."""
+        self.live.set()
+        try:
+            return loop()
+        finally:
+            self.live.clear()
 
     def _repeat_latest(self, worker: PoseWorker) -> SlotPose:
         """A live pose source (webcam) feeding an offline render: its latest code for every slot."""

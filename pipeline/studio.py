@@ -115,7 +115,7 @@ class StudioSession:
                 log.info("no landmark detector for camera pose; using the photo's pose")
             self.handle = self._renderer.handle(self.avatar)
             scheduler = make_scheduler(self._source, timeline, self.handle, sink, self.placeholder, pose,
-                                       self.metrics, SchedulerOptions(realtime=True), health_checks=checks)
+                                       self.metrics, SchedulerOptions(), health_checks=checks)
             self._thread = threading.Thread(target=self._run, args=(scheduler, on_end),
                                             name="studio-session", daemon=True)
             self._thread.start()

@@ -237,3 +237,29 @@ def test_missing_webcam_is_one_line_naming_the_option():
     assert "[ERROR" not in r.stderr  # OpenCV's own log lines are silenced in favour of ours
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "camera 7" in err[0] and "--webcam-index" in err[0]
+
+
+def test_stop_signals_end_a_running_session_and_interrupt_a_loading_one():
+    """Ctrl-C / SIGTERM: while the networks load (nothing to finish) they interrupt at once; once the
+    loop runs the first asks it to stop cleanly; a second one interrupts."""
+    import signal
+
+    from run_live import install_stop_handlers
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        live = threading.Event()
+        stop = install_stop_handlers(live)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is handler
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGTERM, None)
+        assert not stop.is_set()
+        live.set()
+        handler(signal.SIGTERM, None)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])

@@ -7,8 +7,8 @@ there too. Frames come in from the sink's thread through `push`, which only
 puts them into two small bounded buffers (buffer.py) and returns.
 
 One source, many viewers: the buffers feed one video and one audio *source track* (tracks.py); every
-viewer gets `MediaRelay` proxies of them (`buffered=False`: a proxy holds at most the latest item, so
-a slow viewer loses frames instead of growing a queue). Nothing here can grow without bound: the
+viewer gets `ViewerRelay` proxies of them (tracks.py: each with its own bounded queue, so a slow
+viewer loses its own frames instead of growing a queue). Nothing here can grow without bound: the
 sink-side buffers drop their oldest item, viewers are capped by `max_viewers` (an offer takes its
 slot before negotiating, so concurrent offers cannot overshoot), request bodies are capped at
 `MAX_OFFER_BYTES`, and a peer that never connects is dropped after `connect_timeout_s`.
@@ -34,13 +34,12 @@ import numpy as np
 from aiohttp import web
 from aiortc import (RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender,
                     RTCSessionDescription)
-from aiortc.contrib.media import MediaRelay
 
 from common.errors import UserError
 from stream.webrtc.buffer import LatestBuffer
 from stream.webrtc.ice import (ice_server_as_json, unusable_host_address, unusable_ice_server,
                                use_host_addresses)
-from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack
+from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, ViewerRelay
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class WebRTCServer:
                  stats: Callable[[], dict] | None = None,
                  ice_servers: Sequence[str | RTCIceServer] | None = None,
                  web_root: str | Path = DEFAULT_WEB_ROOT, ice_host_addresses: Sequence[str] | None = None,
-                 max_viewers: int = 8, connect_timeout_s: float = 30.0, buffer_frames: int = 3) -> None:
+                 max_viewers: int = 8, connect_timeout_s: float = 30.0, buffer_frames: int = 25) -> None:
         self.host, self._requested_port = host, port
         token = token or None               # "" (the config file's "no token") means none
         if token is None and not _is_loopback(host):
@@ -103,7 +102,7 @@ class WebRTCServer:
         self._runner: web.AppRunner | None = None
         self._peers: set[RTCPeerConnection] = set()
         self._negotiating = 0       # offers holding a viewer slot while their answer is being made
-        self._relay: MediaRelay | None = None
+        self._relay: ViewerRelay | None = None
         self._video_buf: LatestBuffer | None = None
         self._audio_buf: LatestBuffer | None = None
         self._video: LiveVideoTrack | None = None
@@ -242,7 +241,7 @@ class WebRTCServer:
         self._audio_buf = LatestBuffer(loop, self.buffer_frames)
         self._video = LiveVideoTrack(self._video_buf)
         self._audio = LiveAudioTrack(self._audio_buf)
-        self._relay = MediaRelay()
+        self._relay = ViewerRelay()
         app = web.Application(client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self._handle_index)
         app.router.add_post("/offer", self._handle_offer)

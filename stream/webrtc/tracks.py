@@ -1,4 +1,4 @@
-"""The two source tracks every viewer's proxies read: video frames and Opus audio on one timeline.
+"""The two source tracks, and the relay that hands every item of them to every viewer.
 
 Timing and lip sync
 -------------------
@@ -12,23 +12,36 @@ step. Both senders share one CNAME and one MediaStream id, which is what makes C
 Audio is Opus-encoded once here, in 40 ms packets (one per video frame) at 16 kHz, and handed to
 aiortc as ready packets. Why not give aiortc PCM: its Opus encoder cuts audio into 20 ms packets but
 stamps every packet produced by one `recv()` with the same RTP timestamp, so a 40 ms slot would be
-mis-timed; and with `buffered=False` relays, two 20 ms frames released together would overwrite each
-other. One packet per slot avoids both and saves one encoder per viewer.
+mis-timed. One packet per slot avoids that and saves one encoder per viewer.
+
+One source, many viewers
+------------------------
+`ViewerRelay` reads each source track once and gives every viewer its own proxy with its own small
+queue. aiortc's `MediaRelay` offers either an unbounded queue per viewer or a single slot that the
+next item overwrites; with the single slot a viewer whose video encoder was busy when two items came
+close together (after any hiccup of the event loop) silently lost one. Here a viewer loses an item
+only when its own queue (`VIEWER_QUEUE`, one second) is full, i.e. when that viewer cannot keep up;
+the loss is counted per viewer (`ViewerTrack.dropped`) and never touches the other viewers.
 """
 from __future__ import annotations
 
 import asyncio
 import fractions
+import logging
+from collections import deque
 
 import av
 import numpy as np
-from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamTrack
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack, VideoStreamTrack
 
 from pcavs.constants import FPS, SAMPLE_RATE
 from stream.webrtc.buffer import LatestBuffer
 
+log = logging.getLogger(__name__)
+
 VIDEO_CLOCK = 90_000
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+VIEWER_QUEUE = FPS          # items each viewer may fall behind (one second) before it loses its oldest
 
 
 class LiveVideoTrack(VideoStreamTrack):
@@ -43,7 +56,6 @@ class LiveVideoTrack(VideoStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         frame_index, rgb = await self._buffer.get()
-        await asyncio.sleep(0)  # let the relay's consumers take the previous item before the next one
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
         frame.pts = frame_index * (VIDEO_CLOCK // self.fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
@@ -92,7 +104,6 @@ class LiveAudioTrack(AudioStreamTrack):
             raise MediaStreamError
         while True:
             frame_index, samples = await self._buffer.get()
-            await asyncio.sleep(0)  # as in the video track: no back-to-back overwrite in the relay
             encoder = self._ensure_encoder()
             pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)[None, :]
             frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
@@ -114,3 +125,101 @@ class LiveAudioTrack(AudioStreamTrack):
     def stop(self) -> None:
         self._buffer.close()
         super().stop()
+
+
+class ViewerTrack(MediaStreamTrack):
+    """One viewer's proxy of a source track (made by `ViewerRelay.subscribe`): the items in order,
+    from a queue of at most `capacity` that drops (and counts) its oldest when this viewer falls
+    behind. Lives on the server's event loop."""
+
+    def __init__(self, relay: "ViewerRelay", source: MediaStreamTrack, capacity: int) -> None:
+        super().__init__()
+        self.kind = source.kind
+        self._relay: ViewerRelay | None = relay
+        self._source = source
+        self._capacity = capacity
+        self._queue: deque = deque()
+        self._ready = asyncio.Event()
+        self._ended = False
+        self.delivered = 0
+        self.dropped = 0
+
+    def _put(self, item: object | None) -> None:
+        """From the relay's reader: the next item, or None at the end of the source."""
+        if item is None:
+            self._ended = True
+        else:
+            if len(self._queue) >= self._capacity:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(item)
+        self._ready.set()
+
+    async def recv(self):
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._relay is not None:
+            self._relay._start(self)
+        while not self._queue:
+            if self._ended:
+                self.stop()
+                raise MediaStreamError
+            self._ready.clear()
+            await self._ready.wait()
+        self.delivered += 1
+        return self._queue.popleft()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._relay is not None:
+            self._relay._stop(self)
+            self._relay = None
+        self._queue.clear()
+
+
+class ViewerRelay:
+    """Fans each source track out to any number of viewers (see the module notes): one reader task per
+    source, started by its first `subscribe` (so on the event loop) and running until the source ends,
+    hands every item to every viewer that has started reading. Reading on while nobody watches keeps
+    the sink-side buffer drained, so a new viewer starts with the present, not a backlog."""
+
+    def __init__(self, capacity: int = VIEWER_QUEUE) -> None:
+        self.capacity = capacity
+        self._viewers: dict[MediaStreamTrack, set[ViewerTrack]] = {}
+        self._readers: dict[MediaStreamTrack, asyncio.Task] = {}
+
+    def subscribe(self, track: MediaStreamTrack, buffered: bool = False) -> ViewerTrack:
+        """A new viewer's proxy of `track`. `buffered` is accepted for `MediaRelay`'s signature and
+        ignored: every viewer gets its bounded queue."""
+        if track not in self._readers:
+            self._viewers[track] = set()
+            self._readers[track] = asyncio.ensure_future(self._read(track))
+        return ViewerTrack(self, track, self.capacity)
+
+    def _start(self, viewer: ViewerTrack) -> None:
+        viewers = self._viewers.get(viewer._source)
+        if viewers is None:          # the source has ended
+            viewer._put(None)
+            return
+        viewers.add(viewer)
+
+    def _stop(self, viewer: ViewerTrack) -> None:
+        viewers = self._viewers.get(viewer._source)
+        if viewers is not None and viewer in viewers:
+            viewers.discard(viewer)
+            if viewer.dropped:
+                log.info("a viewer fell behind and lost %d of %d %s items", viewer.dropped,
+                         viewer.dropped + viewer.delivered, viewer.kind)
+
+    async def _read(self, source: MediaStreamTrack) -> None:
+        while True:
+            try:
+                item = await source.recv()
+            except MediaStreamError:
+                item = None
+            for viewer in list(self._viewers[source]):
+                viewer._put(item)
+            if item is None:
+                break
+        del self._viewers[source]
+        del self._readers[source]

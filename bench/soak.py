@@ -1,0 +1,517 @@
+"""Soak: a live WebRTC session watched by one viewer that stays and one that keeps reconnecting.
+
+Runs a live session (the one `run_live.py --out webrtc` runs: looped sample, real scheduler, real
+server) in a child process, and two aiortc viewers on 127.0.0.1 in this one: "steady" stays
+connected for the whole run, "cycling" reconnects every --cycle-s seconds. Prints one table: the
+child's RSS slope (MB/min), open fds and threads, latency, the share of the video and audio slots
+each viewer received, stalls over 1 s, output fps against the wall clock, and how long SIGTERM took.
+
+How slots are counted: the child wraps its outputs so that every 40 ms slot carries its own index,
+drawn into the video frame (with the instant it went out) and played as two tones in its audio
+(k mod 16 and k/16 mod 16). A viewer reads the index from every decoded frame, and for audio anchors
+its RTP timestamps (pts/1920 at 48 kHz = one slot) with the tones. A connection is expected to
+receive the slots emitted while it was connected (from the server's own `frames_out` just before
+connecting and when it stops reading), less a connect grace at the start and an in-flight allowance
+at the end; its share is the distinct slots it received among those.
+
+    python bench/soak.py --minutes 5 --renderer-delay-s 0.5          # cheap stand-in generator, 2 fps
+    python bench/soak.py --minutes 20 --set model.checkpoint_dir=checkpoints/parity_seed0   # real one
+
+`--renderer-delay-s S` replaces the generator with a stand-in that sleeps S seconds and draws a frame
+(no networks are loaded); without it the session loads the configured checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pcavs.constants import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
+
+STALL_S = 1.0
+CONNECT_GRACE_S = 2.0       # slots emitted this soon after a viewer asked to connect are not expected
+IN_FLIGHT_S = 0.5           # nor those emitted this soon before it stopped reading
+RESOURCE_PERIOD_S = 5.0
+
+# ---------------------------------------------------------------------------- the stamp
+# Video: three rows of 16 bands (14 px each) at the top of the frame: slot index, emit instant (ms,
+# mod 2^16), and the index's complement as a check.
+BANDS, BAND_W, BAND_H = 16, 14, 16
+TONES_LOW = [500.0 + 100 * i for i in range(16)]      # k mod 16
+TONES_HIGH = [2300.0 + 100 * i for i in range(16)]    # (k // 16) mod 16
+
+
+def stamp_frame(frame: np.ndarray, k: int, emit_ms: int) -> np.ndarray:
+    out = np.array(frame, dtype=np.uint8, copy=True)
+    words = (k & 0xFFFF, emit_ms & 0xFFFF, ~k & 0xFFFF)
+    for row, word in enumerate(words):
+        y = row * BAND_H
+        for bit in range(BANDS):
+            out[y:y + BAND_H, bit * BAND_W:(bit + 1) * BAND_W] = 225 if word >> bit & 1 else 30
+    return out
+
+
+def read_stamp(rgb: np.ndarray) -> tuple[int, int] | None:
+    """(k mod 2^16, emit ms mod 2^16), or None when the check row disagrees (a damaged frame)."""
+    words = []
+    for row in range(3):
+        y = row * BAND_H
+        cells = rgb[y + 4:y + BAND_H - 4, :BANDS * BAND_W].reshape(BAND_H - 8, BANDS, BAND_W, 3)
+        levels = cells[:, :, 4:BAND_W - 4].mean(axis=(0, 2, 3))
+        words.append(sum(1 << bit for bit in range(BANDS) if levels[bit] > 128))
+    k, emit, check = words
+    return (k, emit) if (k ^ check) == 0xFFFF else None
+
+
+def stamp_audio(k: int) -> np.ndarray:
+    t = (k * SAMPLES_PER_FRAME + np.arange(SAMPLES_PER_FRAME)) / SAMPLE_RATE
+    lo, hi = TONES_LOW[k % 16], TONES_HIGH[(k // 16) % 16]
+    return (0.25 * np.sin(2 * np.pi * lo * t) + 0.25 * np.sin(2 * np.pi * hi * t)).astype(np.float32)
+
+
+def read_tones(pcm: np.ndarray, rate: int) -> int:
+    """k mod 256 from one decoded slot of audio."""
+    spec = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
+    freqs = np.fft.rfftfreq(len(pcm), 1 / rate)
+
+    def pick(tones: list[float]) -> int:
+        return int(np.argmax([spec[(freqs > f - 40) & (freqs < f + 40)].max() for f in tones]))
+    return pick(TONES_LOW) + 16 * pick(TONES_HIGH)
+
+
+class StampingSink:
+    """Wraps the session's outputs: each slot's frame and audio carry the slot's index (see above)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
+        self.inner.open(width, height, fps, sample_rate)
+
+    def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
+        emit_ms = int(time.monotonic() * 1000)
+        self.inner.write(stamp_frame(frame, frame_index, emit_ms), stamp_audio(frame_index), frame_index)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class SleepyRenderer:
+    """Stand-in generator: sleeps, then draws a frame that changes with the mel energy (a moving bar),
+    so the video encoder has real work."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def render(self, mel_windows, pose_codes=None, times=None):
+        time.sleep(self.delay_s)
+        self.calls += 1
+        frames = []
+        for mel in np.asarray(mel_windows):
+            f = np.zeros((224, 224, 3), np.uint8)
+            f[:, :, 0] = np.linspace(40, 200, 224, dtype=np.uint8)[None, :]
+            f[:, :, 2] = 90
+            level = int(np.clip(float(np.mean(mel)) * 20 + 112, 0, 223))
+            f[64:, max(0, level - 10):level + 10] = (240, 220, 60)
+            y = 64 + (self.calls * 7) % 150
+            f[y:y + 10, :] = 255
+            frames.append(f)
+        return np.stack(frames)
+
+
+# ---------------------------------------------------------------------------- the child: one session
+def serve(args: argparse.Namespace) -> int:
+    from cli.config import dotted_overrides, load_config
+    from cli.errors import run_with_user_errors
+    from cli.logging_setup import setup_logging
+    from pipeline.session import LiveSession, RunOptions
+    from run_live import install_stop_handlers
+
+    setup_logging(0)
+
+    def body() -> int:
+        overrides = dotted_overrides(args.set)
+        overrides.update({"server.host": "127.0.0.1", "server.port": args.port, "output.targets": ["webrtc"],
+                          "server.token": ""})
+        config = load_config(args.config, overrides)
+        renderer = None
+        if args.renderer_delay_s is not None:
+            delay = args.renderer_delay_s
+            renderer = lambda _config: (SleepyRenderer(delay), np.full((224, 224, 3), 80, np.uint8))  # noqa: E731
+        run = RunOptions(realtime=True, status_interval_s=0, ice_host_addresses=("127.0.0.1",),
+                         build_renderer=renderer, wrap_sink=StampingSink)
+        with LiveSession(config, run) as session:
+            stop = install_stop_handlers(session.live)
+            summary = session.run(stop)
+            dropped = session.server.dropped if session.server is not None else None
+        print(json.dumps({"frames_out": summary.frames_out, "frames_generated": summary.frames_generated,
+                          "server_buffer_dropped": dropped}), flush=True)
+        return 0
+
+    code = run_with_user_errors(body, debug=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is closed: skip the interpreter's teardown of torch and friends (seconds)
+
+
+# ---------------------------------------------------------------------------- the viewers
+@dataclass
+class Connection:
+    started: float                     # time.monotonic() when it asked to connect
+    first_slot: int                    # frames_out just before connecting: the next slot to go out
+    last_slot: int = -1                # frames_out - 1 when it stopped reading
+    # video: (RTP slot number, stamped slot or None, arrived, emitted or None); the RTP slot number is
+    # pts/3600 counted from the connection's first frame, the stamp says which slot that was.
+    video: list[tuple[int, int | None, float, float | None]] = field(default_factory=list)
+    audio: list[tuple[int, int, float]] = field(default_factory=list)     # (RTP slot number, k mod 256, arrived)
+    unread: int = 0                    # video frames whose stamp did not read back (codec left it stale)
+    packets_lost: int = 0              # RTP packets the viewer's receivers counted as lost
+
+    def video_base(self) -> int | None:
+        """Slot index of RTP slot number 0: what the stamps say, by majority."""
+        votes = [k - pts for pts, k, _, _ in self.video if k is not None]
+        return statistics.mode(votes) if votes else None
+
+    def video_slots(self) -> set[int]:
+        base = self.video_base()
+        return set() if base is None else {pts + base for pts, _, _, _ in self.video}
+
+    def audio_slots(self) -> set[int]:
+        """Absolute slot indices of the audio received: the RTP slot numbers anchored by the tones (mod
+        256), the wrap resolved by the video slots arriving at the same time."""
+        if not self.audio:
+            return set()
+        offsets = [(code - pts) % 256 for pts, code, _ in self.audio]
+        offset = statistics.mode(offsets)
+        pts0, _, arrived0 = self.audio[0]
+        base_v = self.video_base()
+        if base_v is not None:
+            nearest = base_v + min(self.video, key=lambda v: abs(v[2] - arrived0))[0]
+        else:
+            nearest = self.first_slot + round((arrived0 - self.started) * FPS)
+        base = nearest - pts0
+        base += (offset - base) % 256
+        if base - (nearest - pts0) > 128:
+            base -= 256
+        return {pts + base for pts, _, _ in self.audio}
+
+    def expected(self) -> range:
+        return range(self.first_slot + round(CONNECT_GRACE_S * FPS), self.last_slot + 1 - round(IN_FLIGHT_S * FPS))
+
+    def stalls(self) -> list[tuple[str, float, float]]:
+        """(track, when it began, how long) for every gap over STALL_S between arrivals."""
+        found = []
+        for kind, arrivals in (("video", [a for _, _, a, _ in self.video]), ("audio", [a for _, _, a in self.audio])):
+            found += [(kind, a, b - a) for a, b in zip(arrivals, arrivals[1:]) if b - a > STALL_S]
+        return found
+
+
+async def get_json(base: str, path: str) -> dict:
+    import aiohttp
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(base + path) as resp:
+            return await resp.json(content_type=None)
+
+
+async def frames_out(base: str) -> int:
+    return int((await get_json(base, "stats"))["frames_out"])
+
+
+async def watch(base: str, seconds: float, stop: asyncio.Event) -> Connection:
+    """One viewer connection: connect, read every video frame and audio packet for `seconds`, leave."""
+    import aiohttp
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from stream.webrtc import use_host_addresses
+
+    conn = Connection(started=time.monotonic(), first_slot=await frames_out(base))
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    tracks: dict = {}
+    pc.on("track", lambda track: tracks.__setitem__(track.kind, track))
+    use_host_addresses(pc, ["127.0.0.1"])
+    readers: list[asyncio.Task] = []
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            async with session.post(base + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
+                answer = await r.json(content_type=None)
+                if r.status != 200:
+                    raise RuntimeError(f"offer refused: {answer}")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+
+        async def read_video() -> None:
+            while True:
+                frame = await tracks["video"].recv()
+                arrived = time.monotonic()
+                pts = round(frame.pts / 3600)
+                stamp = read_stamp(frame.to_ndarray(format="rgb24"))
+                if stamp is None:
+                    conn.unread += 1
+                    conn.video.append((pts, None, arrived, None))
+                    continue
+                k16, emit16 = stamp
+                k = conn.first_slot + ((k16 - conn.first_slot) % 65536)      # unwrap near the connect slot
+                now_ms = int(arrived * 1000)
+                emitted = (now_ms - ((now_ms - emit16) % 65536)) / 1000
+                conn.video.append((pts, k, arrived, emitted))
+
+        async def read_audio() -> None:
+            while True:
+                frame = await tracks["audio"].recv()
+                arrived = time.monotonic()
+                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype(np.float32)
+                conn.audio.append((round(frame.pts / frame.samples), read_tones(pcm, frame.sample_rate), arrived))
+
+        readers = [asyncio.ensure_future(read_video()), asyncio.ensure_future(read_audio())]
+        try:
+            await asyncio.wait_for(stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        for task in readers:
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+        conn.last_slot = await frames_out(base) - 1
+        stats = await pc.getStats()
+        conn.packets_lost = sum(getattr(r, "packetsLost", 0) or 0 for r in stats.values()
+                                if getattr(r, "type", "") == "inbound-rtp")
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await pc.close()
+    return conn
+
+
+# ---------------------------------------------------------------------------- the child's resources
+def proc_sample(pid: int) -> tuple[float, int, int]:
+    """(RSS MB, open fds, threads) of a process, from /proc."""
+    rss_kb = threads = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss_kb = int(line.split()[1])
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
+    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd")), threads
+
+
+def slope_per_min(samples: list[tuple[float, float]]) -> float:
+    if len(samples) < 3:
+        return float("nan")
+    t = np.array([s[0] for s in samples])
+    y = np.array([s[1] for s in samples])
+    return float(np.polyfit(t / 60, y, 1)[0])
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------- the run
+async def soak(base: str, pid: int, minutes: float, cycle_s: float) -> dict:
+    stop = asyncio.Event()
+    resources: list[tuple[float, float, int, int]] = []
+    pipeline_latency: list[tuple[float, float]] = []
+    t_start = time.monotonic()
+    f_start = await frames_out(base)
+
+    async def sample_resources() -> None:
+        while not stop.is_set():
+            rss, fds, threads = proc_sample(pid)
+            resources.append((time.monotonic() - t_start, rss, fds, threads))
+            stats = await get_json(base, "stats")
+            if stats.get("latency_ms_median") is not None:
+                pipeline_latency.append((stats["latency_ms_median"], stats["latency_ms_max"]))
+            try:
+                await asyncio.wait_for(stop.wait(), RESOURCE_PERIOD_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def cycling() -> list[Connection]:
+        done = []
+        while not stop.is_set():
+            left = minutes * 60 - (time.monotonic() - t_start)
+            if left < CONNECT_GRACE_S + 3:
+                break
+            done.append(await watch(base, min(cycle_s, left), stop))
+            await asyncio.sleep(0.5)
+        return done
+
+    sampler = asyncio.ensure_future(sample_resources())
+    steady_task = asyncio.ensure_future(watch(base, minutes * 60, stop))
+    cycling_task = asyncio.ensure_future(cycling())
+    steady = await steady_task
+    stop.set()
+    cycles = await cycling_task
+    await sampler
+    t_end = time.monotonic()
+    f_end = await frames_out(base)
+    return {"steady": steady, "cycles": cycles, "resources": resources, "pipeline_latency": pipeline_latency,
+            "stats_fps": (f_end - f_start) / (t_end - t_start), "wall_s": t_end - t_start, "t_start": t_start}
+
+
+def summarise(result: dict) -> dict:
+    out: dict = {}
+    for name, conns in (("steady", [result["steady"]]), ("cycling", result["cycles"])):
+        expected = video = audio = 0
+        latency: list[float] = []
+        stalls: list[tuple[str, float, float]] = []
+        unread = lost = 0
+        for c in conns:
+            want = set(c.expected())
+            expected += len(want)
+            video += len(c.video_slots() & want)
+            audio += len(c.audio_slots() & want)
+            latency += [(arrived - emitted) * 1e3 for _, _, arrived, emitted in c.video if emitted is not None]
+            stalls += [(kind, at - result["t_start"], gap) for kind, at, gap in c.stalls()]
+            unread += c.unread
+            lost += c.packets_lost
+        detail = []
+        for c in conns:
+            want = c.expected()
+            got_v, got_a = c.video_slots(), c.audio_slots()
+            detail.append({"expected": [want.start, want.stop],
+                           "missing_video": [k - want.start for k in want if k not in got_v][:30],
+                           "missing_audio": [k - want.start for k in want if k not in got_a][:30],
+                           "unread_stamps": c.unread, "packets_lost": c.packets_lost})
+        out[name + "_connections"] = detail
+        out[name] = {"connections": len(conns), "slots_expected": expected,
+                     "video_share": video / expected if expected else float("nan"),
+                     "audio_share": audio / expected if expected else float("nan"),
+                     "latency_ms_p50": pct(latency, 50), "latency_ms_p99": pct(latency, 99),
+                     "stalls": len(stalls), "stall_list": [(k, round(a, 1), round(g, 2)) for k, a, g in stalls],
+                     "unread_stamps": unread, "packets_lost": lost}
+    steady = result["steady"]
+    stamped = np.array([(k, e) for _, k, _, e in steady.video if k is not None], dtype=np.float64)
+    if len(stamped) >= 10:
+        # A stamp row the codec left stale pairs a slot with another slot's instant: leave those out.
+        residual = stamped[:, 1] - stamped[:, 0] / FPS
+        fit = stamped[np.abs(residual - np.median(residual)) < 0.1]
+        out["output_fps_stamped"] = 1.0 / np.polyfit(fit[:, 0], fit[:, 1], 1)[0]
+        out["stamp_outliers"] = int(len(stamped) - len(fit))
+    out["output_fps_stats"] = result["stats_fps"]
+    res = result["resources"]
+    settled = [r for r in res if r[0] >= min(60.0, 0.25 * result["wall_s"])]
+    out["rss_mb_start"], out["rss_mb_end"] = (res[0][1], res[-1][1]) if res else (float("nan"),) * 2
+    out["rss_mb_per_min"] = slope_per_min([(r[0], r[1]) for r in settled])
+    out["rss_series"] = [(round(r[0]), round(r[1], 1)) for r in res]      # (s, MB), every few seconds
+    out["fds"] = (min(r[2] for r in res), max(r[2] for r in res)) if res else None
+    out["threads"] = (min(r[3] for r in res), max(r[3] for r in res)) if res else None
+    lat = result["pipeline_latency"]
+    out["pipeline_latency_ms_median"] = statistics.median(m for m, _ in lat) if lat else None
+    out["pipeline_latency_ms_max"] = max(x for _, x in lat) if lat else None
+    out["wall_s"] = result["wall_s"]
+    return out
+
+
+def print_table(s: dict, args: argparse.Namespace) -> None:
+    gen = f"stand-in generator sleeping {args.renderer_delay_s} s" if args.renderer_delay_s is not None \
+        else "configured generator"
+    print(f"\nsoak — {s['wall_s'] / 60:.1f} min, {gen}, cycling viewer reconnects every {args.cycle_s:g} s")
+    print(f"{'viewer':<10}{'conns':>6}{'slots':>8}{'video %':>9}{'audio %':>9}{'lat p50':>9}{'lat p99':>9}"
+          f"{'stalls':>7}{'lost pkt':>9}{'unread':>7}")
+    for name in ("steady", "cycling"):
+        v = s[name]
+        print(f"{name:<10}{v['connections']:>6}{v['slots_expected']:>8}{100 * v['video_share']:>9.2f}"
+              f"{100 * v['audio_share']:>9.2f}{v['latency_ms_p50']:>9.1f}{v['latency_ms_p99']:>9.1f}"
+              f"{v['stalls']:>7}{v['packets_lost']:>9}{v['unread_stamps']:>7}")
+    for name in ("steady", "cycling"):
+        if s[name]["stall_list"]:
+            print(f"  {name} stalls (track, at s, gap s): {s[name]['stall_list'][:10]}")
+    print("(slots: expected while connected, less "
+          f"{CONNECT_GRACE_S:g} s connect grace and {IN_FLIGHT_S:g} s in flight; lat: sink → viewer, ms; stalls: "
+          f"gaps > {STALL_S:g} s; lost pkt: RTP packets lost; unread: frames whose stamp the codec left stale)")
+    fps = s.get("output_fps_stamped")
+    print(f"output fps (sink clock): {fps:.4f}" if fps else "output fps (sink clock): -",
+          f"| (server frames_out / wall): {s['output_fps_stats']:.4f}")
+    print(f"pipeline latency voice → sink: median {s['pipeline_latency_ms_median']} ms, max "
+          f"{s['pipeline_latency_ms_max']} ms")
+    print(f"child RSS {s['rss_mb_start']:.0f} → {s['rss_mb_end']:.0f} MB, slope {s['rss_mb_per_min']:+.2f} MB/min | "
+          f"fds {s['fds']} | threads {s['threads']}")
+    print(f"SIGTERM → exit: {s['exit_s']:.2f} s, exit code {s['exit_code']}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--cycle-s", type=float, default=20.0, help="the cycling viewer stays this long per connection")
+    ap.add_argument("--renderer-delay-s", type=float, default=None,
+                    help="use a stand-in generator that sleeps this long per frame (no networks)")
+    ap.add_argument("--config", type=Path, help="TOML config for the session")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--json", type=Path, help="also write the summary here")
+    ap.add_argument("--log", type=Path, help="the session's log (default: a temporary file)")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve:
+        return serve(args)
+
+    port = free_port()
+    log_path = args.log or Path(tempfile.mkstemp(prefix="soak-", suffix=".log")[1])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--port", str(port)]
+    if args.renderer_delay_s is not None:
+        cmd += ["--renderer-delay-s", str(args.renderer_delay_s)]
+    if args.config:
+        cmd += ["--config", str(args.config)]
+    for item in args.set:
+        cmd += ["--set", item]
+    base = f"http://127.0.0.1:{port}/"
+    with open(log_path, "w") as log_file:
+        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 cwd=Path(__file__).resolve().parent.parent)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if child.poll() is not None:
+                    raise SystemExit(f"the session exited ({child.returncode}) before serving; see {log_path}")
+                try:
+                    if asyncio.run(get_json(base, "stats")).get("frames_out", 0) > 0:
+                        break               # warmed up, and slots are going out
+                except Exception:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the session did not come up in 300 s; see {log_path}")
+                time.sleep(0.5)
+            result = asyncio.run(soak(base, child.pid, args.minutes, args.cycle_s))
+            summary = summarise(result)
+            t = time.monotonic()
+            child.send_signal(signal.SIGTERM)
+            summary["exit_code"] = child.wait(60)
+            summary["exit_s"] = time.monotonic() - t
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    print_table(summary, args)
+    print(f"session log: {log_path}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
