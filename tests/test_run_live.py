@@ -43,7 +43,7 @@ def test_every_config_option_sets_its_key(tmp_path):
 
     values = {"--checkpoints": "ckpt", "--device": "cuda:1", "--audio": "talk.wav", "--audio-device": "3",
               "--pose": "head.mp4", "--webcam-index": "2", "--host": "0.0.0.0", "--port": "9001",
-              "--token": "t0k", "--vcam-device": "/dev/video9", "--identity": "me.jpg"}
+              "--token": "t0k", "--vcam-device": "/dev/video9", "--identity": "me.jpg", "--size": "1280x720"}
     argv: list[str] = []
     for option in cli_options():
         argv += [option.flag, option.choices[-1] if option.choices else values[option.flag]]
@@ -52,7 +52,7 @@ def test_every_config_option_sets_its_key(tmp_path):
                 "model.noise": "zero", "audio.source": tmp_path / "talk.wav", "audio.device": "3",
                 "pose.source": tmp_path / "head.mp4", "pose.webcam_index": 2, "server.host": "0.0.0.0",
                 "server.port": 9001, "server.token": "t0k", "vcam.device": "/dev/video9",
-                "identity.photo": tmp_path / "me.jpg"}
+                "identity.photo": tmp_path / "me.jpg", "output.size": "1280x720", "output.framing": "fit"}
     assert {o.key for o in cli_options()} == set(expected)
     for key, value in expected.items():
         section, name = key.split(".")
