@@ -128,7 +128,11 @@ class Avatar:
                                    self.device, self.generator_dtype)
             self.reference_pose_np = download([self.reference_pose.float()])[0].copy()
             # Until the first good frame, a non-finite one is replaced by the photo as the networks saw it.
-            self._last_good = to_uint8_frames(img)[0]
+            size = networks.generator.size
+            shown = img if img.shape[-1] == size else torch.nn.functional.interpolate(img, size=(size, size),
+                                                                                      mode="area")
+            self.placeholder: np.ndarray = to_uint8_frames(shown)[0]
+            self._last_good = self.placeholder
         self.slot = self.runtime.add_identity(self.identity_style, self.id_map, self.noise.fixed)
         self._release = weakref.finalize(self, self.runtime.release, self.slot)
         self.frames_nonfinite = 0
@@ -258,10 +262,10 @@ def render_sessions(requests: Sequence[SessionRequest], times: StageTimes | None
     frames, finite = networks.runtime.render(rows, clock)
     if times is not None:
         times.add(clock.totals_ms())
-    frames = _hold_nonfinite(frames, finite, avatars)
-    for r, f in zip(requests, frames):
+    out = list(_hold_nonfinite(frames, finite, avatars))
+    for r, f in zip(requests, out):
         r.result = f
-    return list(frames)
+    return out
 
 
 def warm_up(networks: PcavsNetworks, batch_sizes: Sequence[int], force: bool = False) -> list[int]:
@@ -273,7 +277,7 @@ def warm_up(networks: PcavsNetworks, batch_sizes: Sequence[int], force: bool = F
 def encode_poses(networks: PcavsNetworks, crops: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> np.ndarray:
     """Pose codes of several pose frames in ONE pose-encoder pass: (N,224,224,3) uint8 aligned crops
     (any mix of sessions) or (N,3,224,224) network inputs → (N,12) float32. Runs on the calling
-    thread's current stream (a pose worker's low-priority one: `pcavs.gpu.worker_stream`) and waits on
+    thread's current stream (a pose worker's low-priority one: `pcavs.gpu.WorkerStream`) and waits on
     that stream only."""
     if isinstance(crops, torch.Tensor) and crops.dim() == 4 and crops.shape[1] == 3:
         batch = crops

@@ -5,7 +5,7 @@ Every helper is the plain CPU equivalent (or a no-op) off CUDA, so the engine ha
 Why these exist:
 * The render loop and the pose worker are two threads on one GPU. On one stream every blocking copy of
   one waits for the other's queued kernels, and a `torch.cuda.synchronize()` waits for the whole device.
-  So rendering runs on its own high-priority stream, a worker thread enters `worker_stream` (its own
+  So rendering runs on its own high-priority stream, a worker thread enters a `WorkerStream` (its own
   lowest-priority stream), and a result is waited for with an event on the stream that produced it.
 * Host↔device copies go through pinned (page-locked) buffers with `non_blocking=True`: they are DMA
   transfers queued on the stream, not staged synchronous copies. torch's caching host allocator reuses
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ import torch
 # torch clamps a value outside the device's range to the nearest valid one.
 RENDER_PRIORITY = -1
 WORKER_PRIORITY = 0
+T = TypeVar("T")
 
 
 def is_cuda(device: str | torch.device) -> bool:
@@ -51,17 +52,27 @@ def stream_scope(stream: "torch.cuda.Stream | None") -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def worker_stream(device: str | torch.device) -> Iterator["torch.cuda.Stream | None"]:
-    """For a worker thread (the pose worker): enter it once around the thread's loop and its CUDA work
-    goes on a stream of its own at the lowest priority, so it neither waits for the render stream's
-    queue nor delays it. No-op off CUDA."""
-    if not is_cuda(device):
-        yield None
-        return
-    stream = torch.cuda.Stream(device=torch.device(device), priority=WORKER_PRIORITY)
-    with torch.cuda.stream(stream):
-        yield stream
+class WorkerStream:
+    """A stream of its own, at the lowest priority, for a worker thread (the pose worker): its CUDA work
+    neither waits for the render stream's queue nor delays it. The worker thread enters `scope()` around
+    its units of work (or once around its loop); `wrap(fn)` makes a callable that does so. Off CUDA
+    both are no-ops."""
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.stream = (torch.cuda.Stream(device=torch.device(device), priority=WORKER_PRIORITY)
+                       if is_cuda(device) else None)
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
+
+    def wrap(self, fn: Callable[..., T]) -> Callable[..., T]:
+        if self.stream is None:
+            return fn
+
+        def on_stream(*args: object, **kwargs: object) -> T:
+            with self.scope():
+                return fn(*args, **kwargs)
+        return on_stream
 
 
 def _host_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:

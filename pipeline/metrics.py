@@ -10,6 +10,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class LiveMetrics:
         self._dropped = 0
         self._started = time.monotonic()
         self._pose: dict[str, object] = {}
+        self._watched: dict[str, Callable[[], object]] = {}
 
     def record(self, rec: FrameRecord) -> None:
         with self._lock:
@@ -47,8 +49,15 @@ class LiveMetrics:
         with self._lock:
             self._pose = dict(status)
 
+    def watch(self, key: str, read: Callable[[], object]) -> None:
+        """Put `read()` into every snapshot as `key` (a counter kept by its owner, e.g. the engine's
+        `frames_nonfinite`)."""
+        with self._lock:
+            self._watched[key] = read
+
     def snapshot(self) -> dict[str, object]:
         with self._lock:
+            watched = dict(self._watched)
             recent = list(self._recent)
             snap: dict[str, object] = {
                 "frames_out": self._emitted,
@@ -57,6 +66,7 @@ class LiveMetrics:
                 "uptime_s": round(time.monotonic() - self._started, 1),
                 **self._pose,
             }
+        snap.update({key: read() for key, read in watched.items()})
         gen = [r for r in recent if r.generated]
         lat = [r.latency_ms for r in gen if r.latency_ms is not None]
         gms = [r.generator_ms for r in gen if r.generator_ms is not None]

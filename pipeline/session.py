@@ -25,9 +25,11 @@ from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
 from pcavs.alignment import (FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, load_landmark_sidecar,
                              read_rgb, sidecar_path)
+from pcavs.alignment.tracking import tracking_detector
 from pcavs.checkpoints import load_networks
-from pcavs.device import resolve_device
+from pcavs.device import configure_cudnn, resolve_device, resolve_device_and_dtype
 from pcavs.engine import Avatar, EngineOptions
+from pcavs.gpu import WorkerStream
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
 from pcavs.preprocess import to_network_input
 from pipeline.metrics import LiveMetrics, format_status_line
@@ -89,8 +91,7 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     """Load the networks and encode the identity once. Returns the avatar and the aligned photo (224²
     RGB uint8), which doubles as the placeholder frame before the first generated one. `detector` is
     only called when the photo has no landmark sidecar."""
-    dtype = getattr(torch, config.model.dtype)
-    device = resolve_device(config.model.device, dtype)  # before any checkpoint is read
+    device, dtype = resolve_device_and_dtype(config.model.device, config.model.dtype)  # before any checkpoint is read
     if dtype != torch.float32 and device == "cpu":
         log.warning("%s on the CPU runs on PyTorch's reference kernels (~35x slower than float32 on CPUs "
                     "without native half-precision convolutions); it is meant for GPUs", config.model.dtype)
@@ -106,6 +107,20 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,
                             noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
     return Avatar(networks, to_network_input(aligned), options), aligned
+
+
+def prepare_engine(avatar: Avatar, realtime: bool, batch_size: int, metrics: LiveMetrics | None = None) -> None:
+    """Before the clock starts: cuDNN autotuning set by us (face_alignment turns it on process-wide when
+    it loads on CUDA, so this runs after the detectors exist), then a warm-up of every batch size the
+    loop will render (live: the newest frame alone; offline: up to one batch), which on a GPU autotunes
+    and captures the CUDA graphs now instead of in the first seconds live. The metrics get the avatar's
+    count of held non-finite frames."""
+    configure_cudnn(avatar.device)
+    prepared = avatar.warm_up((1,) if realtime else range(1, batch_size + 1))
+    if prepared:
+        log.info("engine warmed up for batch sizes %s", prepared)
+    if metrics is not None:
+        metrics.watch("frames_nonfinite", lambda: avatar.frames_nonfinite)
 
 
 def build_audio(config: Config, realtime: bool):
@@ -204,28 +219,29 @@ class LiveSession:
         source_kind = self.config.pose.source
         if source_kind in ("still", "none"):
             return None, []  # the photo's own head pose (reference pose)
+        from capture.pose_rate import InterpolatedPose, RateLimitedSource
         from capture.pose_sources import PoseWorker, VideoFileSource, WebcamSource
         if source_kind == "webcam":
             frames = WebcamSource(self.config.pose.webcam_index)
         else:
             frames = VideoFileSource(self.config.pose.video_path, realtime=self.realtime, loop=True)
         self._stack.callback(frames.close)
+        # The worker's GPU work (detector, FAN, pose encoder) goes on its own low-priority stream; the face
+        # is detected once and then tracked; at most pose.rate_hz frames a second, interpolated per frame.
         # SFD at full size costs ~4 s per webcam frame on a CPU; 320 px is plenty for one close face.
-        worker = PoseWorker(frames, LiveAligner(self._detector(avatar.device, detect_max_side=320)),
-                            encode=lambda crop: avatar.pose_code(to_network_input(crop)),
+        stream = WorkerStream(avatar.device)
+        detector = tracking_detector(self._detector(avatar.device, detect_max_side=320), scope=stream.scope)
+        worker = PoseWorker(RateLimitedSource(frames, self.config.pose.rate_hz), LiveAligner(detector),
+                            encode=stream.wrap(lambda crop: avatar.pose_code(to_network_input(crop))),
                             smoothing=self.config.pose.smoothing)
         worker.start()
         self._stack.callback(worker.stop)
 
-        def latest() -> np.ndarray | None:
-            sample = worker.latest()
-            if sample is None:
-                return None
+        def status(sample) -> None:
             self.metrics.set_pose_status(pose_face_found=sample.face_found,
                                          pose_frames_without_face=sample.frames_without_face)
-            return sample.code
 
-        return latest, [worker.check]
+        return InterpolatedPose(worker, self.config.pose.rate_hz, on_sample=status), [worker.check]
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
         self.start_server()
@@ -233,6 +249,7 @@ class LiveSession:
             self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
         source, mel = build_audio(self.config, self.realtime)
         pose, checks = self._pose(avatar)
+        prepare_engine(avatar, self.realtime, SchedulerOptions().batch_size, self.metrics)
         sink = self._sinks()
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
         duration = getattr(source, "duration_s", None)
