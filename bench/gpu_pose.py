@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         report.row("pose", {"step": name, "frames": frames, **stats, "ms_per_frame": round(ms[name], 3)})
 
     enc = PoseEncoder().to(device).eval().requires_grad_(False)
-    for b in (1, batch):
+    for b in (1,) if args.smoke else (1, batch):
         x = torch.rand(b, 3, 224, 224, device=device) * 2 - 1
         measure(f"pose encoder b{b}", lambda x=x: enc.pose_code(x), b)
     try:
@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         report.set("face_alignment", f"not importable ({exc}); carry its wheel to time FAN and SFD")
     else:
-        fan = FAN(4).to(device).eval().requires_grad_(False)
+        fan = FAN(1 if args.smoke else 4).to(device).eval().requires_grad_(False)  # 2D-FAN-4: 4 hourglasses
         side = 64 if args.smoke else 256
         crop = torch.rand(1, 3, side, side, device=device)
         measure(f"FAN landmarks ({side}² crop)", lambda: fan(crop))
         sfd = s3fd().to(device).eval().requires_grad_(False)
-        for w, h in ((160, 120),) if args.smoke else ((320, 240), (640, 480)):
+        for w, h in ((64, 48),) if args.smoke else ((320, 240), (640, 480)):
             img = torch.rand(1, 3, h, w, device=device) * 255 - 120
             measure(f"SFD detector {w}x{h}", lambda img=img: sfd(img))
     fan_key = next((k for k in ms if k.startswith("FAN")), None)

@@ -411,11 +411,14 @@ def test_bad_inputs_raise_clear_errors(random_setup) -> None:
         net(style, start, noise[:3] + [torch.zeros(3, 1, 27, 27)] + noise[4:])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cuda_matches_cpu(random_setup, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("branch", ["batch1", "batched", "grouped"])
+def test_cuda_matches_cpu(random_setup, dtype: torch.dtype, branch: str) -> None:
+    """Every formulation on CUDA against the CPU's grouped float32 (TF32 off for float32)."""
     net, style, start, noise, grouped = random_setup
-    gpu = _random_generator(0).to("cuda", dtype)
+    gpu = _configured(_random_generator(0).to("cuda", dtype), branch)
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
