@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pcavs.engine import Avatar, EngineOptions, SessionRequest, StageTimes, render_sessions, warm_up
 
+    from pcavs.device import configure_cudnn
+
+    configure_cudnn(device)  # as a live session does: autotuned during the warm-up
     nets = random_networks(device, dtype, size=28 if args.smoke else 224)
     rng = np.random.default_rng(0)
     t0 = time.monotonic()

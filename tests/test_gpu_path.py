@@ -298,6 +298,7 @@ def test_cuda_sessions_match_cpu(nets, cuda_nets, no_tf32, dtype, graphs, n):
     """Batch 1 and a padded batch (3 → bucket 4), eager and CUDA-graphed, against the CPU float32 path."""
     cnets = cuda_nets[dtype]
     cnets.runtime.configure(graphs=graphs)
+    graph_rows = cnets.runtime.stats.graph_rows
     m = mels(n, 11)
     pose = np.random.default_rng(2).normal(0, 0.05, (n, 12)).astype(np.float32)
     cpu = [Avatar(nets, photo(40 + i), EngineOptions(noise="zero")) for i in range(n)]
@@ -309,7 +310,7 @@ def test_cuda_sessions_match_cpu(nets, cuda_nets, no_tf32, dtype, graphs, n):
     else:
         assert psnr_uint8(out, ref) > 40.0
     assert cnets.runtime.stats.graph_failures == 0
-    assert (cnets.runtime.stats.graph_rows > 0) == graphs
+    assert (cnets.runtime.stats.graph_rows - graph_rows == n) == graphs
 
 
 @pytest.mark.cuda
