@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from bench.device_check import run_stage
 from tests.conftest import REPO_ROOT
