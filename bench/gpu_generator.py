@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     report.set("dtype", str(dtype).removeprefix("torch."))
 
     from pcavs.engine import Avatar, EngineOptions, StageTimes
-    from pcavs.gpu import StageClock
     from pcavs.runtime import RowBatch
 
     from pcavs.device import configure_cudnn
@@ -62,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             times = StageTimes()
 
             def tick() -> None:
-                clock = StageClock(device)
-                runtime.render(rows, clock)
-                times.add(clock.totals_ms())
+                times.add(runtime.render(rows).stage_ms)
 
             samples = wall_ms(tick, runs, warmup=1, deadline=report.deadline - 2.0)
             n = len(samples) + 1

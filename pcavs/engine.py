@@ -26,7 +26,7 @@ import torch
 from pcavs.checkpoints import PcavsNetworks
 from pcavs.constants import MOUTH_DIM, POSE_DIM
 from pcavs.device import resolve_device
-from pcavs.gpu import StageClock, download, upload
+from pcavs.gpu import download, upload
 from pcavs.networks.generator import IdentityStyle
 from pcavs.preprocess import to_network_input
 from pcavs.runtime import RowBatch, frames_on_device
@@ -189,11 +189,10 @@ class Avatar:
         rows = RowBatch(slots=np.full(n, self.slot, np.int64), mels=mels, poses=self.pose_rows(pose_codes, n),
                         mouth_weights=np.full(n, self.options.mouth_weight, np.float32),
                         random_noise=np.full(n, self.options.noise == "random"))
-        clock = StageClock(self.device)
-        frames, finite = self.runtime.render(rows, clock, noise)
+        out = self.runtime.render(rows, noise)
         if times is not None:
-            times.add(clock.totals_ms())
-        return _hold_nonfinite(frames, finite, [self] * n)
+            times.add(out.stage_ms)
+        return _hold_nonfinite(out.frames, out.finite, [self] * n)
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> list[int]:
         """Prepare every batch size the caller will render (autotuning, CUDA graphs) before a live clock
@@ -261,11 +260,10 @@ def render_sessions(requests: Sequence[SessionRequest], times: StageTimes | None
                         else np.asarray(r.pose_code, np.float32).reshape(POSE_DIM) for r in requests]),
         mouth_weights=np.fromiter((a.options.mouth_weight for a in avatars), np.float32, n),
         random_noise=np.fromiter((a.options.noise == "random" for a in avatars), bool, n))
-    clock = StageClock(networks.device)
-    frames, finite = networks.runtime.render(rows, clock)
+    rendered = networks.runtime.render(rows)
     if times is not None:
-        times.add(clock.totals_ms())
-    out = list(_hold_nonfinite(frames, finite, avatars))
+        times.add(rendered.stage_ms)
+    out = list(_hold_nonfinite(rendered.frames, rendered.finite, avatars))
     for r, f in zip(requests, out):
         r.result = f
     return out

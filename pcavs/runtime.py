@@ -68,6 +68,15 @@ class RowBatch:
 
 
 @dataclass
+class Rendered:
+    """What `RenderRuntime.render` returns."""
+
+    frames: np.ndarray               # (N,H,W,3) uint8
+    finite: np.ndarray               # (N,) bool: the row had no NaN/inf (else its frame is arbitrary)
+    stage_ms: dict[str, float]       # "audio", "generator", "convert" (CUDA: GPU time between events)
+
+
+@dataclass
 class RenderStats:
     """Counters of how rows were rendered (benches and tests read them)."""
 
@@ -206,6 +215,7 @@ class RenderRuntime:
         self.buckets: tuple[int, ...] = DEFAULT_BUCKETS
         self._graphs: dict[int, _BucketGraphs | None] = {}
         self._pool = None
+        self._warming = False
         if self.cuda:
             # Once, at set-up: the weights were copied on the loading thread's stream; every stream
             # (render, pose worker) must see them. The render path itself never syncs the device.
@@ -262,16 +272,16 @@ class RenderRuntime:
 
     # ------------------------------------------------------------------ rendering
     @torch.inference_mode()
-    def render(self, rows: RowBatch, clock: StageClock | None = None,
-               noise: Sequence[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(N,224,224,3) uint8 frames and (N,) bool "row was finite" for the rows. `noise` (11 tensors,
-        N or 1 rows) overrides every row's noise (the oracle's recorded noise) and runs eagerly."""
+    def render(self, rows: RowBatch, noise: Sequence[torch.Tensor] | None = None) -> Rendered:
+        """(N,224,224,3) uint8 frames, (N,) bool "row was finite" and the stage times for the rows.
+        `noise` (11 tensors, N or 1 rows) overrides every row's noise (the oracle's recorded noise) and
+        runs eagerly."""
         n = len(rows)
         if n == 0:
             size = self.networks.generator.size
-            return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool)
+            return Rendered(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool), {})
         with self.lock, stream_scope(self.stream):
-            clock = clock or StageClock(self.device)
+            clock = StageClock(self.device)
             outs: list[tuple[torch.Tensor, torch.Tensor]] = []
             step = max(self.buckets) if self.pad_to_buckets and noise is None else n
             for i in range(0, n, step):
@@ -281,7 +291,7 @@ class RenderRuntime:
             finite = torch.cat([ok for _, ok in outs]) if len(outs) > 1 else outs[0][1]
             host_frames, host_finite = download([frames, finite])
             clock.split("convert")
-            return host_frames, host_finite
+            return Rendered(host_frames, host_finite, clock.totals_ms())
 
     def _render_part(self, rows: RowBatch, clock: StageClock, noise: Sequence[torch.Tensor] | None,
                      keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,8 +329,9 @@ class RenderRuntime:
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_set(self, b: int) -> _BucketGraphs | None:
         if b not in self._graphs:
-            log.warning("capturing the render graphs for batch %d on first use (call warm_up first to "
-                        "keep this off the live clock)", b)
+            if not self._warming:
+                log.warning("capturing the render graphs for batch %d on first use (warm_up keeps this "
+                            "off a live clock)", b)
             self._graphs[b] = self._capture(b)
         return self._graphs[b]
 
@@ -369,10 +380,15 @@ class RenderRuntime:
             if b not in shapes:
                 shapes.append(b)
         with self.lock:
-            for b in shapes:  # the largest first: smaller graphs then fit in the shared pool
-                rows = RowBatch(np.full(b, slot, np.int64), np.full((b, 1, N_MELS, WINDOW_ROWS), 0.5, np.float32),
-                                np.zeros((b, POSE_DIM), np.float32), np.ones(b, np.float32), np.zeros(b, bool))
-                self.render(rows)
+            self._warming = True
+            try:
+                for b in shapes:  # the largest first: smaller graphs then fit in the shared pool
+                    rows = RowBatch(np.full(b, slot, np.int64),
+                                    np.full((b, 1, N_MELS, WINDOW_ROWS), 0.5, np.float32),
+                                    np.zeros((b, POSE_DIM), np.float32), np.ones(b, np.float32), np.zeros(b, bool))
+                    self.render(rows)
+            finally:
+                self._warming = False
         return sorted(shapes)
 
 

@@ -231,9 +231,13 @@ class LiveSession:
         # SFD at full size costs ~4 s per webcam frame on a CPU; 320 px is plenty for one close face.
         stream = WorkerStream(avatar.device)
         detector = tracking_detector(self._detector(avatar.device, detect_max_side=320), scope=stream.scope)
-        worker = PoseWorker(RateLimitedSource(frames, self.config.pose.rate_hz), LiveAligner(detector),
+        capped = RateLimitedSource(frames, self.config.pose.rate_hz)
+        worker = PoseWorker(capped, LiveAligner(detector),
                             encode=stream.wrap(lambda crop: avatar.pose_code(to_network_input(crop))),
                             smoothing=self.config.pose.smoothing)
+        self.metrics.watch("pose_frames_skipped", lambda: capped.frames_skipped)  # above the pose rate
+        if hasattr(detector, "counters"):
+            self.metrics.watch("pose_detections", lambda: detector.counters.detections)
         worker.start()
         self._stack.callback(worker.stop)
 
