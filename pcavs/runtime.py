@@ -190,11 +190,26 @@ class _Inputs:
             self.random.zero_()  # the next call's rows start non-random
 
 
+class _EmulatedGraph:
+    """CPU stand-in for a captured CUDA graph: runs `fn` once at "capture" and again at every replay,
+    writing the results into the tensors the capture returned (a real graph's static outputs)."""
+
+    def __init__(self, fn) -> None:
+        self._fn = fn
+        self.outputs = fn()
+
+    def replay(self) -> None:
+        new = self._fn()
+        pairs = zip(self.outputs, new) if isinstance(self.outputs, tuple) else [(self.outputs, new)]
+        for static, value in pairs:
+            static.copy_(value)
+
+
 @dataclass
 class _BucketGraphs:
     inputs: _Inputs
-    audio: "torch.cuda.CUDAGraph"
-    generator: "torch.cuda.CUDAGraph"
+    audio: "torch.cuda.CUDAGraph | _EmulatedGraph"
+    generator: "torch.cuda.CUDAGraph | _EmulatedGraph"
     rest: torch.Tensor
     frames: torch.Tensor
     finite: torch.Tensor
@@ -216,6 +231,7 @@ class RenderRuntime:
         self._graphs: dict[int, _BucketGraphs | None] = {}
         self._pool = None
         self._warming = False
+        self.emulate_graphs = False
         if self.cuda:
             # Once, at set-up: the weights were copied on the loading thread's stream; every stream
             # (render, pose worker) must see them. The render path itself never syncs the device.
@@ -227,17 +243,23 @@ class RenderRuntime:
 
     # ------------------------------------------------------------------ configuration
     def configure(self, graphs: bool | None = None, buckets: Sequence[int] | None = None,
-                  pad_to_buckets: bool | None = None) -> None:
-        """Change how rows are run. Graphs need CUDA (ignored elsewhere); padding to buckets is implied
-        by graphs and can be asked for alone (tests of the padding on the CPU)."""
+                  pad_to_buckets: bool | None = None, emulate_graphs: bool | None = None) -> None:
+        """Change how rows are run. Graphs need CUDA (ignored elsewhere) unless `emulate_graphs`: a CPU
+        stand-in with the graphs' semantics (fixed input buffers filled per call, outputs overwritten
+        by every replay), so the CPU tests run the graphed flow. Padding to buckets is implied by graphs
+        and can be asked for alone."""
         with self.lock:
             if buckets is not None:
                 if not buckets or min(buckets) < 1:
                     raise ValueError("buckets must be positive batch sizes")
                 self.buckets = tuple(sorted(set(int(b) for b in buckets)))
                 self._graphs.clear()
-            if graphs is not None:
-                self.use_graphs = bool(graphs) and self.cuda
+            if emulate_graphs is not None:
+                self.emulate_graphs = bool(emulate_graphs)
+                self._graphs.clear()
+            if graphs is not None or emulate_graphs is not None:
+                self.use_graphs = bool(graphs if graphs is not None else self.use_graphs) and (
+                    self.cuda or self.emulate_graphs)
                 if not self.use_graphs:
                     self._graphs.clear()
             if pad_to_buckets is not None:
@@ -340,21 +362,27 @@ class RenderRuntime:
         (cuDNN autotuning and the weight-derived caches happen there, outside the graphs)."""
         try:
             inputs = _Inputs(b, self.bank)
-            current = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(device=self.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._frames(inputs.terms, self._rest(inputs), inputs.start, inputs.noise)
-            current.wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            audio = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(audio, pool=self._pool, capture_error_mode="thread_local"):
-                rest = self._rest(inputs)
-            generator = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(generator, pool=self._pool, capture_error_mode="thread_local"):
-                frames, finite = self._frames(inputs.terms, rest, inputs.start, inputs.noise)
+            if self.emulate_graphs:
+                audio = _EmulatedGraph(lambda: self._rest(inputs))
+                rest = audio.outputs
+                generator = _EmulatedGraph(lambda: self._frames(inputs.terms, rest, inputs.start, inputs.noise))
+                frames, finite = generator.outputs
+            else:
+                current = torch.cuda.current_stream(self.device)
+                side = torch.cuda.Stream(device=self.device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._frames(inputs.terms, self._rest(inputs), inputs.start, inputs.noise)
+                current.wait_stream(side)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                audio = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(audio, pool=self._pool, capture_error_mode="thread_local"):
+                    rest = self._rest(inputs)
+                generator = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(generator, pool=self._pool, capture_error_mode="thread_local"):
+                    frames, finite = self._frames(inputs.terms, rest, inputs.start, inputs.noise)
         except Exception as exc:  # noqa: BLE001 - a capture problem must not stop rendering
             self.stats.graph_failures += 1
             log.warning("CUDA graph capture for batch %d failed (%s: %s); that batch size runs eagerly",
@@ -371,7 +399,7 @@ class RenderRuntime:
         starts: cuDNN autotuning, lazy CUDA initialisation, weight-derived caches and graph capture all
         happen here instead of in the first seconds live. Off CUDA it does nothing unless `force` (no
         autotuning or graphs to prepare there). Returns the batch shapes prepared."""
-        if not (self.cuda or force):
+        if not (self.cuda or self.emulate_graphs or force):
             return []
         shapes: list[int] = []
         for n in sorted(set(int(x) for x in batch_sizes if int(x) > 0), reverse=True):

@@ -141,6 +141,33 @@ def test_bucket_padding_returns_exactly_the_requested_rows(nets, avatars):
     np.testing.assert_array_equal(np.stack(six), np.stack(plain[1]))
 
 
+def test_graphed_flow_reuses_static_buffers_correctly(nets, avatars):
+    """The CUDA-graph flow with its semantics emulated on the CPU (fixed input buffers refilled per call,
+    outputs overwritten by every replay): any number of rows, repeated buckets within one call (9 rows =
+    4 + 4 + 1), random noise and bucket padding give exactly the eager frames."""
+    runtime = nets.runtime
+    fixed, zero, rnd = avatars
+    m = mels(9, 15)
+    reqs = lambda k: [SessionRequest((fixed, zero)[i % 2], m[i]) for i in range(k)]  # noqa: E731
+    eager = {k: np.stack(render_sessions(reqs(k))) for k in (1, 3, 9)}
+    runtime.configure(graphs=True, emulate_graphs=True, buckets=(1, 2, 4))
+    before = (runtime.stats.graph_rows, runtime.stats.graph_captures)
+    try:
+        assert runtime.warm_up([1, 3]) == [1, 4]
+        graphed = {k: np.stack(render_sessions(reqs(k))) for k in (1, 3, 9, 3)}
+        mixed = [render_sessions([SessionRequest(rnd, m[0]), SessionRequest(fixed, m[1])]) for _ in range(2)]
+    finally:
+        runtime.configure(graphs=False, emulate_graphs=False, pad_to_buckets=False,
+                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    for k, frames in graphed.items():
+        np.testing.assert_array_equal(frames, eager[k])
+    assert runtime.stats.graph_rows - before[0] == (4 + 1) + 1 + 3 + 9 + 3 + 2 + 2  # warm-up rows first
+    assert runtime.stats.graph_captures - before[1] == 3  # 4, 1 at warm-up, then 2 for the mixed pair
+    assert np.any(mixed[0][0] != mixed[1][0])                  # the random row got fresh noise
+    np.testing.assert_array_equal(mixed[0][1], mixed[1][1])   # the fixed row did not
+    np.testing.assert_array_equal(mixed[0][1], eager[3][1])   # = fixed with m[1]
+
+
 def test_bucket_for():
     assert [bucket_for(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
 
