@@ -115,8 +115,8 @@ def download(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     device). The arrays own their (pinned) memory: nothing is reused under the caller's feet."""
     if not tensors:
         return []
-    if tensors[0].device.type != "cuda":
-        return [t.detach().contiguous().numpy() for t in tensors]
+    if tensors[0].device.type != "cuda":  # a copy: the tensor may be a buffer reused by the next call
+        return [np.array(t.detach().numpy(), copy=True, order="C") for t in tensors]
     hosts = []
     for t in tensors:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
