@@ -23,15 +23,14 @@ from common.errors import UserError
 from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
 from cli.config import Config
-from pcavs.alignment import (FaceAligner, FaceAlignmentDetector, LandmarkDetector, LiveAligner, load_landmark_sidecar,
+from pcavs.alignment import (FaceAligner, FaceAlignmentDetector, LandmarkDetector, load_landmark_sidecar,
                              read_rgb, sidecar_path)
-from pcavs.alignment.tracking import tracking_detector
 from pcavs.checkpoints import load_networks
-from pcavs.device import configure_cudnn, resolve_device, resolve_device_and_dtype
+from pcavs.device import resolve_device, resolve_device_and_dtype
 from pcavs.engine import Avatar, EngineOptions
-from pcavs.gpu import WorkerStream
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
 from pcavs.preprocess import to_network_input
+from pipeline.engine_setup import prepare_engine, start_live_pose
 from pipeline.metrics import LiveMetrics, format_status_line
 from pipeline.scheduler import RunSummary, Scheduler, SchedulerOptions
 from pcavs.constants import FPS
@@ -107,20 +106,6 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     options = EngineOptions(device=device, dtype=dtype, noise=config.model.noise,
                             noise_seed=config.model.noise_seed, mouth_weight=config.model.mouth_weight)
     return Avatar(networks, to_network_input(aligned), options), aligned
-
-
-def prepare_engine(avatar: Avatar, realtime: bool, batch_size: int, metrics: LiveMetrics | None = None) -> None:
-    """Before the clock starts: cuDNN autotuning set by us (face_alignment turns it on process-wide when
-    it loads on CUDA, so this runs after the detectors exist), then a warm-up of every batch size the
-    loop will render (live: the newest frame alone; offline: up to one batch), which on a GPU autotunes
-    and captures the CUDA graphs now instead of in the first seconds live. The metrics get the avatar's
-    count of held non-finite frames."""
-    configure_cudnn(avatar.device)
-    prepared = avatar.warm_up((1,) if realtime else range(1, batch_size + 1))
-    if prepared:
-        log.info("engine warmed up for batch sizes %s", prepared)
-    if metrics is not None:
-        metrics.watch("frames_nonfinite", lambda: avatar.frames_nonfinite)
 
 
 def build_audio(config: Config, realtime: bool):
@@ -219,33 +204,17 @@ class LiveSession:
         source_kind = self.config.pose.source
         if source_kind in ("still", "none"):
             return None, []  # the photo's own head pose (reference pose)
-        from capture.pose_rate import InterpolatedPose, RateLimitedSource
-        from capture.pose_sources import PoseWorker, VideoFileSource, WebcamSource
+        from capture.pose_sources import VideoFileSource, WebcamSource
         if source_kind == "webcam":
             frames = WebcamSource(self.config.pose.webcam_index)
         else:
             frames = VideoFileSource(self.config.pose.video_path, realtime=self.realtime, loop=True)
         self._stack.callback(frames.close)
-        # The worker's GPU work (detector, FAN, pose encoder) goes on its own low-priority stream; the face
-        # is detected once and then tracked; at most pose.rate_hz frames a second, interpolated per frame.
         # SFD at full size costs ~4 s per webcam frame on a CPU; 320 px is plenty for one close face.
-        stream = WorkerStream(avatar.device)
-        detector = tracking_detector(self._detector(avatar.device, detect_max_side=320), scope=stream.scope)
-        capped = RateLimitedSource(frames, self.config.pose.rate_hz)
-        worker = PoseWorker(capped, LiveAligner(detector),
-                            encode=stream.wrap(lambda crop: avatar.pose_code(to_network_input(crop))),
-                            smoothing=self.config.pose.smoothing)
-        self.metrics.watch("pose_frames_skipped", lambda: capped.frames_skipped)  # above the pose rate
-        if hasattr(detector, "counters"):
-            self.metrics.watch("pose_detections", lambda: detector.counters.detections)
-        worker.start()
+        worker, latest = start_live_pose(frames, avatar, self._detector(avatar.device, detect_max_side=320),
+                                         self.config.pose.smoothing, self.config.pose.rate_hz, self.metrics)
         self._stack.callback(worker.stop)
-
-        def status(sample) -> None:
-            self.metrics.set_pose_status(pose_face_found=sample.face_found,
-                                         pose_frames_without_face=sample.frames_without_face)
-
-        return InterpolatedPose(worker, self.config.pose.rate_hz, on_sample=status), [worker.check]
+        return latest, [worker.check]
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
         self.start_server()
@@ -253,7 +222,7 @@ class LiveSession:
             self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
         source, mel = build_audio(self.config, self.realtime)
         pose, checks = self._pose(avatar)
-        prepare_engine(avatar, self.realtime, SchedulerOptions().batch_size, self.metrics)
+        prepare_engine(avatar, (1,) if self.realtime else range(1, SchedulerOptions().batch_size + 1), self.metrics)
         sink = self._sinks()
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
         duration = getattr(source, "duration_s", None)

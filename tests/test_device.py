@@ -9,7 +9,7 @@ import torch
 
 import run_live
 from common.errors import UserError
-from pcavs.device import DeviceError, resolve_device
+from pcavs.device import DeviceError, configure_cudnn, resolve_device, resolve_device_and_dtype, resolve_dtype
 
 
 def fake_gpus(monkeypatch, count: int, capability: tuple[int, int] = (9, 0)) -> None:
@@ -108,9 +108,8 @@ def test_cli_device_error_is_one_line_before_any_checkpoint(monkeypatch, tmp_pat
     """run_live with --device cuda and no usable GPU: exit 2, one `error:` line, no traceback, and the
     checkpoint folder (which does not exist, so reading it would be a different error) is never read."""
     fake_gpus(monkeypatch, 0)
-    import cli.main
-    monkeypatch.setattr(cli.main, "setup_logging", lambda *a, **k: None)  # leave pytest's logging alone
-    monkeypatch.setattr(cli.main.signal, "signal", lambda *a, **k: None)  # and its Ctrl-C handler
+    monkeypatch.setattr(run_live, "setup_logging", lambda *a, **k: None)  # leave pytest's logging alone
+    monkeypatch.setattr(run_live.signal, "signal", lambda *a, **k: None)  # and its Ctrl-C handler
     loaded = []
     monkeypatch.setattr("pipeline.session.load_networks", lambda *a, **k: loaded.append(a))
     out = tmp_path / "never.mp4"
@@ -125,8 +124,6 @@ def test_cli_device_error_is_one_line_before_any_checkpoint(monkeypatch, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------ dtype "auto"
-from pcavs.device import configure_cudnn, resolve_device_and_dtype, resolve_dtype  # noqa: E402
-
 
 @pytest.mark.parametrize("capability,expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
                                                  ((7, 5), torch.float32)])
