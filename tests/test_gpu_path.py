@@ -396,3 +396,13 @@ def test_cuda_nonfinite_rows_are_held_on_the_graph_path(cuda_nets):
 
 def test_runtime_is_shared_by_every_avatar_of_the_networks(nets, avatars):
     assert all(a.runtime is nets.runtime for a in avatars) and isinstance(nets.runtime, RenderRuntime)
+
+
+def test_prepare_engine_sets_cudnn_warms_up_and_watches_nonfinite(avatars, monkeypatch):
+    from pipeline.engine_setup import prepare_engine
+    from pipeline.metrics import LiveMetrics
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as face_alignment leaves it
+    metrics = LiveMetrics()
+    assert prepare_engine(avatars[0], (1,), metrics) == []  # nothing to prepare on a CPU
+    assert torch.backends.cudnn.benchmark is False
+    assert metrics.snapshot()["frames_nonfinite"] == avatars[0].frames_nonfinite
