@@ -17,7 +17,9 @@ Variants:
                         bf16 run reference kernels, far slower)
 The modulation stage alone (full 2560-wide style vs identity cache) is timed separately.
 
-Usage: python bench/generator.py [--checkpoints DIR] [--batches 1,16] [--runs 5] [--warmup 1]
+Usage: python bench/generator.py [--checkpoints DIR] [--batches 1,16] [--runs 5] [--warmup 1] [--device cuda]
+(on CUDA every run waits for its stream; the half-precision row runs in --half-dtype at every batch size;
+bench/gpu_generator.py times the whole render path with CUDA graphs)
 Without the parity checkpoints: python ../shared/parity/make_weights.py --seed 0 --out DIR --nets G
 Check `uptime` first: the CPU is shared; timings on a loaded machine mean little.
 """
@@ -69,15 +71,18 @@ def configure(net: ModulatedGenerator, shared_weight: bool, channels_last: bool,
     return net
 
 
-def round_robin(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
+def round_robin(fns: dict[str, Callable[[], object]], runs: int, warmup: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    sync()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(runs):
         for name, fn in fns.items():
             t = time.perf_counter()
             fn()
+            sync()
             samples[name].append((time.perf_counter() - t) * 1e3)
     return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -88,8 +93,15 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--bf16-runs", type=int, default=2, help="timed bf16 runs at batch 1 (0 = skip bf16)")
+    ap.add_argument("--bf16-runs", type=int, default=2, help="timed half-precision runs (0 = skip)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--half-dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = ap.parse_args()
+    from pcavs.device import resolve_device
+    device = resolve_device(args.device)
+    sync = ((lambda: torch.cuda.current_stream(torch.device(device)).synchronize()) if device.startswith("cuda")
+            else (lambda: None))
+    half = getattr(torch, args.half_dtype)
 
     net = ModulatedGenerator()
     path = Path(args.checkpoints) / "latest_net_G.pth"
@@ -98,14 +110,15 @@ def main() -> int:
         weights = str(path)
     else:
         weights = "random init (no checkpoint found)"
-    net.eval().requires_grad_(False)
-    print(f"G weights: {weights}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    net.eval().requires_grad_(False).to(device)
+    print(f"G weights: {weights}; device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")
 
     rows = []
     with torch.inference_mode():
         for batch in [int(b) for b in args.batches.split(",")]:
             style, start, noise = inputs(batch, net)
+            style, start, noise = style.to(device), start.to(device), [n.to(device) for n in noise]
             cache = net.precompute_style(style[:, :ID_DIM])
             rest = style[:, ID_DIM:]
             fns = {
@@ -122,25 +135,25 @@ def main() -> int:
                                                                                             noise)
             ref = fns["grouped fp32"]()
             outs = {k: fn() for k, fn in fns.items()}
-            times = round_robin(fns, args.runs, args.warmup)
+            times = round_robin(fns, args.runs, args.warmup, sync)
             for name in fns:
                 rows.append((name, batch, times[name] / batch, times[name] / times["grouped fp32"],
                              float((outs[name] - ref).abs().max()), psnr(outs[name], ref)))
             mod_times = round_robin({
                 "full": lambda: configure(net, True, True).modulations(style),
-                "cached": lambda: net.modulations_from_cache(cache, rest)}, max(args.runs, 20), 3)
+                "cached": lambda: net.modulations_from_cache(cache, rest)}, max(args.runs, 20), 3, sync)
             print(f"batch {batch}: modulation stage {mod_times['full']:.2f} ms full style, "
                   f"{mod_times['cached']:.2f} ms from the identity cache (per call)")
-            if batch == 1 and args.bf16_runs > 0:
-                configure(net, True, True, 1)
+            if (batch == 1 or device != "cpu") and args.bf16_runs > 0:  # CPU half precision is slow
+                configure(net, True, True, "auto")
                 with torch.inference_mode(False):
                     net16 = ModulatedGenerator().eval().requires_grad_(False)
                     net16.load_state_dict(net.state_dict())
-                    net16.to(torch.bfloat16)
+                    net16.to(device, half)
                 fn16 = lambda: net16(style, start, noise)  # noqa: E731
                 out16 = fn16().float()
-                t16 = round_robin({"bf16": fn16}, args.bf16_runs, 0)["bf16"]
-                rows.append(("shared bf16 nhwc", 1, t16, t16 / times["grouped fp32"],
+                t16 = round_robin({"half": fn16}, args.bf16_runs, 0 if device == "cpu" else 1, sync)["half"]
+                rows.append((f"shared {args.half_dtype[:4]} nhwc", batch, t16 / batch, t16 / times["grouped fp32"],
                              float((out16 - ref).abs().max()), psnr(out16, ref)))
                 del net16
 

@@ -56,7 +56,7 @@ SAMPLE_SPEECH = SAMPLE_DIR / "speech.wav"
 OVERRIDES_ORIGIN = "command-line overrides"
 
 # --------------------------------------------------------------------------- allowed values (typed once)
-Dtype = Literal["float32", "float16", "bfloat16"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 NoiseMode = Literal["fixed", "random", "zero"]          # the engine's own NoiseMode; a test keeps them equal
 GainMode = Literal["running", "file", "none"]
 AudioKeyword = Literal["sample", "mic"]
@@ -91,7 +91,8 @@ class ModelConfig:
     checkpoint_url: str = _spec()
     device: str = _spec(pattern=r"auto|cpu|mps|cuda(:\d+)?", expect="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
                         flag="--device", help="auto, cpu, cuda, cuda:N or mps")
-    dtype: Dtype = _spec(flag="--dtype", help="network precision (half precision is meant for GPUs)")
+    dtype: Dtype = _spec(flag="--dtype", help="generator precision: auto = bfloat16 on CUDA GPUs of compute "
+                         "capability 8.0+, else float32 (half precision is meant for GPUs)")
     noise: NoiseMode = _spec(flag="--noise", help="generator noise: one draw per session, fresh per frame, or none")
     noise_seed: int = _spec()
     mouth_weight: float = _spec(min=0.0)
@@ -120,6 +121,7 @@ class PoseConfig:
     source: PoseKeyword | Path = _spec(flag="--pose", metavar="VIDEO", help="what drives the head pose")
     webcam_index: int = _spec(min=0, flag="--webcam-index", metavar="N", help="webcam for --pose webcam")
     smoothing: float = _spec(min=0.0, below=1.0)
+    rate_hz: float = _spec(min=1.0, max=60.0)
 
     @property
     def video_path(self) -> Path | None:
@@ -236,7 +238,7 @@ _KINDS: dict[str, dict[str, _Kind]] = {section: _field_kinds(cls) for section, c
 
 
 def allowed_words(key: str) -> tuple[str, ...]:
-    """The words a key accepts ("model.dtype" → ("float32", "float16", "bfloat16")); () for free values."""
+    """The words a key accepts ("model.dtype" → ("auto", "float32", "float16", "bfloat16")); () for free values."""
     section, _, name = key.partition(".")
     return _KINDS[section][name].words
 

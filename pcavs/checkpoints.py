@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import threading
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -28,6 +29,7 @@ from pcavs.networks.pose_encoder import PoseEncoder
 
 if TYPE_CHECKING:  # the generator module is imported lazily (see load_networks)
     from pcavs.networks.generator import ModulatedGenerator
+    from pcavs.runtime import RenderRuntime
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +64,36 @@ class CheckpointError(UserError):
 
 @dataclass(frozen=True)
 class PcavsNetworks:
-    """The four inference networks, in eval mode with gradients off."""
+    """The four inference networks, in eval mode with gradients off. The encoders are float32 (their
+    BatchNorm statistics and the identity/pose features lose too much in half precision); only the
+    generator runs in the model dtype (`generator_dtype`).
+
+    `runtime` is what rendering shares across every Avatar of these networks (identity bank, render
+    stream, CUDA graphs, one lock); it is made on first use."""
 
     identity: IdentityEncoder
     pose: PoseEncoder
     audio: AudioEncoder
     generator: "ModulatedGenerator"
+    _runtime: object = field(default=None, init=False, repr=False, compare=False)
+    _runtime_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.conv1.conv.weight.device
+
+    @property
+    def generator_dtype(self) -> torch.dtype:
+        return self.generator.conv1.conv.weight.dtype
+
+    @property
+    def runtime(self) -> "RenderRuntime":
+        with self._runtime_lock:
+            if self._runtime is None:
+                from pcavs.runtime import RenderRuntime  # imported late: the loader does not need it
+
+                object.__setattr__(self, "_runtime", RenderRuntime(self))
+            return self._runtime  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------- reading files
@@ -267,7 +293,10 @@ def load_networks(checkpoint_dir: str | Path, device: str | torch.device = "cpu"
     """Build and load G, V, E and A_sync from `checkpoint_dir/latest_net_<name>.pth`.
 
     All missing files are reported at once (one line), so a partial download is obvious. The networks
-    come back in eval mode with requires_grad False, on `device` in `dtype` (integer buffers stay int).
+    come back in eval mode with requires_grad False, on `device`; the generator in `dtype`, the encoders
+    in float32 (integer buffers stay int). Half-precision encoders would put BatchNorm statistics and
+    the identity feature in bf16/fp16 for a negligible saving: they run once per photo (identity),
+    once per mel window (audio, ~1/20 of the generator's cost) and at the pose rate.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -279,7 +308,7 @@ def load_networks(checkpoint_dir: str | Path, device: str | torch.device = "cpu"
     for name in NETWORK_NAMES:
         net = _network_factory(name)()
         load_network(net, checkpoint_dir / NETWORK_FILES[name], IGNORABLE_PREFIXES[name], NETWORK_ROLES[name])
-        nets[name] = _freeze(net, device, dtype)
+        nets[name] = _freeze(net, device, dtype if name == "G" else torch.float32)
     return PcavsNetworks(identity=nets["V"], pose=nets["E"], audio=nets["A_sync"], generator=nets["G"])
 
 

@@ -72,3 +72,41 @@ def _check_cuda(name: str, index_text: str | None, dtype: torch.dtype | None) ->
             major, minor = capability
             raise DeviceError(f"bfloat16 needs a CUDA GPU of compute capability 8.0 (Ampere) or newer; "
                               f"{name} is sm_{major}{minor}", hint="use --dtype float16 or float32")
+
+
+def _device_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The generator's dtype for the config word `name` on the resolved `device`.
+
+    "auto": bfloat16 on CUDA GPUs of compute capability 8.0 or newer (same range as float32, so no
+    overflow guard can fail, at 2-4x float32's speed), float32 everywhere else (CPUs run half precision
+    on reference kernels; older GPUs have no bf16 tensor cores). An explicit word is taken as is; bf16
+    on a too-old GPU is refused by `resolve_device`."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        major, _ = torch.cuda.get_device_capability(_device_index(device))
+        if (major, 0) >= _BF16_MIN_CAPABILITY:
+            return torch.bfloat16
+    return torch.float32
+
+
+def resolve_device_and_dtype(device_name: str, dtype_name: str) -> tuple[str, torch.dtype]:
+    """Both config words checked together, before any checkpoint is read (the device first: "auto"
+    dtype depends on which GPU it is)."""
+    explicit = None if dtype_name == "auto" else getattr(torch, dtype_name)
+    device = resolve_device(device_name, explicit)
+    return device, resolve_dtype(dtype_name, device)
+
+
+def configure_cudnn(device: str) -> bool:
+    """Set `torch.backends.cudnn.benchmark` ourselves: True on CUDA (the render shapes are a few fixed
+    batch buckets, autotuned during `warm_up` before the clock starts), False elsewhere. Call it after
+    anything that sets it behind our back (importing face_alignment turns it on for the whole process)
+    and before the warm-up. Returns the value set."""
+    enabled = device.startswith("cuda")
+    torch.backends.cudnn.benchmark = enabled
+    return enabled

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class LiveMetrics:
         self._latency_budget_ms: float | None = None
         self._started = time.monotonic()
         self._pose: dict[str, object] = {}
+        self._watched: dict[str, Callable[[], object]] = {}
 
     def record(self, rec: FrameRecord) -> None:
         with self._lock:
@@ -65,8 +67,15 @@ class LiveMetrics:
             self._discarded = discarded
             self._input_silence_ms = input_silence_ms
 
+    def watch(self, key: str, read: Callable[[], object]) -> None:
+        """Put `read()` into every snapshot as `key` (a counter kept by its owner, e.g. the engine's
+        `frames_nonfinite`)."""
+        with self._lock:
+            self._watched[key] = read
+
     def snapshot(self) -> dict[str, object]:
         with self._lock:
+            watched = dict(self._watched)
             recent = list(self._recent)
             snap: dict[str, object] = {
                 "frames_out": self._emitted,
@@ -79,6 +88,7 @@ class LiveMetrics:
                 "uptime_s": round(time.monotonic() - self._started, 1),
                 **self._pose,
             }
+        snap.update({key: read() for key, read in watched.items()})
         gen = [r for r in recent if r.generated]
         lat = [r.latency_ms for r in recent if r.latency_ms is not None]
         gms = [r.generator_ms for r in gen if r.generator_ms is not None]

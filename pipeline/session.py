@@ -28,10 +28,11 @@ from pcavs.alignment import (AlignedFace, FaceAlignmentDetector, LandmarkDetecto
                              sidecar_path)
 from pcavs.constants import FPS
 from pcavs.device import resolve_device
-from pcavs.engine import Avatar
+from pcavs.engine import Avatar, encode_poses
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
-from pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, encode_pose_batch, engine_options, load_engine,
-                               make_scheduler, pose_provider, start_pose_worker)
+from pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, engine_options, load_engine, make_scheduler,
+                               start_live_pose)
+from pipeline.engine_setup import prepare_engine
 from pipeline.metrics import LiveMetrics, format_status_line
 from pipeline.offline import OfflineOptions, OfflineRenderer, SlotPose, sequence_pose
 from pipeline.scheduler import Renderer, RunSummary, SchedulerOptions
@@ -241,9 +242,9 @@ class LiveSession:
         self._stack.callback(server.stop)
         self.server = server
 
-    def _pose_worker(self, avatar: Avatar) -> PoseWorker | None:
-        """The live pose path (webcam, or a video played in real time back and forth), or None for the
-        photo's own pose."""
+    def _live_pose(self, avatar: Avatar) -> tuple[PoseWorker, Callable[[], np.ndarray | None]] | None:
+        """The live pose path (webcam, or a video played in real time back and forth): the started worker
+        and the per-frame pose callback; None for the photo's own pose."""
         source_kind = self.config.pose.source
         if source_kind in ("still", "none"):
             return None  # the photo's own head pose (reference pose)
@@ -253,10 +254,10 @@ class LiveSession:
         else:
             frames = VideoFileSource(self.config.pose.video_path, realtime=True, ping_pong=True)
         self._stack.callback(frames.close)
-        worker = start_pose_worker(frames, avatar, self._detector(avatar.device, POSE_DETECT_MAX_SIDE),
-                                   self.config.pose.smoothing)
+        worker, latest = start_live_pose(frames, avatar, self._detector(avatar.device, POSE_DETECT_MAX_SIDE),
+                                         self.config.pose.smoothing, self.config.pose.rate_hz, self.metrics)
         self._stack.callback(worker.stop)
-        return worker
+        return worker, latest
 
     def _pose_sequence(self, avatar: Avatar, slots: int | None) -> SlotPose:
         """Offline pose from a video: every frame's code up front (`slots`: how many will be rendered, if
@@ -265,7 +266,7 @@ class LiveSession:
         numbering = self.config.timing.upstream_frame_numbering
         sequence = encode_pose_video(
             self.config.pose.video_path, self._detector(avatar.device, detect_max_side=POSE_DETECT_MAX_SIDE),
-            encode=lambda crops: encode_pose_batch(avatar, crops),
+            encode=lambda crops: encode_poses(avatar.networks, crops),
             frames_needed=None if slots is None else model_frame_index(slots, numbering))
         return sequence_pose(sequence, numbering, self.metrics)
 
@@ -298,11 +299,14 @@ class LiveSession:
                 hook(k)
 
         renderer = self.run_options.renderer or avatar
+        if injected is None:  # before the clock starts: every batch size in use, cudnn autotuning set by us
+            prepare_engine(avatar, (1,) if self.realtime else range(1, OfflineOptions().batch_size + 1),
+                           self.metrics)
 
         if self.realtime:
-            worker = None if injected is not None else self._pose_worker(avatar)
-            pose = None if worker is None else pose_provider(worker, self.metrics)
-            checks = ([] if worker is None else [worker.check]) + checks
+            live_pose = None if injected is not None else self._live_pose(avatar)
+            pose = None if live_pose is None else live_pose[1]
+            checks = ([] if live_pose is None else [live_pose[0].check]) + checks
             scheduler = make_scheduler(source, timeline, renderer, sink, placeholder=placeholder, pose=pose,
                                        metrics=self.metrics,
                                        options=SchedulerOptions(max_frames=max_frames),
@@ -314,9 +318,9 @@ class LiveSession:
         elif self.config.pose.video_path is not None:
             slot_pose: SlotPose | None = self._pose_sequence(avatar, total)
         else:
-            worker = self._pose_worker(avatar)  # a webcam (or none) feeding a file
-            slot_pose = None if worker is None else self._repeat_latest(worker)
-            checks = ([] if worker is None else [worker.check]) + checks
+            live_pose = self._live_pose(avatar)  # a webcam (or none) feeding a file
+            slot_pose = None if live_pose is None else repeat_latest(live_pose[1])
+            checks = ([] if live_pose is None else [live_pose[0].check]) + checks
         offline = OfflineRenderer(source, timeline, renderer, sink,
                                   frame_size=(placeholder.shape[1], placeholder.shape[0]), pose=slot_pose,
                                   metrics=self.metrics, options=OfflineOptions(max_frames=max_frames),
@@ -331,12 +335,12 @@ class LiveSession:
         finally:
             self.live.clear()
 
-    def _repeat_latest(self, worker: PoseWorker) -> SlotPose:
-        """A live pose source (webcam) feeding an offline render: its latest code for every slot."""
-        latest = pose_provider(worker, self.metrics)
 
-        def codes(slots: Sequence[int]) -> np.ndarray | None:
-            code = latest()
-            return None if code is None else np.repeat(np.asarray(code, np.float32)[None], len(slots), 0)
-        return codes
+
+def repeat_latest(latest: Callable[[], np.ndarray | None]) -> SlotPose:
+    """A live pose source (webcam) feeding an offline render: its latest code for every slot."""
+    def codes(slots: Sequence[int]) -> np.ndarray | None:
+        code = latest()
+        return None if code is None else np.repeat(np.asarray(code, np.float32)[None], len(slots), 0)
+    return codes
 

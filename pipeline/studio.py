@@ -29,8 +29,7 @@ from common.errors import UserError
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs.mel import StreamingGain, StreamingMel
-from pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, make_scheduler, pose_provider,
-                               start_pose_worker)
+from pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity, make_scheduler, start_live_pose
 from pipeline.metrics import LiveMetrics
 from pipeline.scheduler import SchedulerOptions
 from pipeline.shared_renderer import RendererClosed, SharedRenderer
@@ -81,8 +80,9 @@ class StudioSession:
 
     def __init__(self, avatar, placeholder: np.ndarray, renderer: SharedRenderer,
                  pose_detector: Callable[[], LandmarkDetector] | None, pose_smoothing: float | None,
-                 device: str | None) -> None:
+                 device: str | None, pose_rate_hz: float = 12.5) -> None:
         self.avatar, self.placeholder = avatar, placeholder
+        self._pose_rate_hz = pose_rate_hz
         self.metrics = LiveMetrics()
         self._renderer = renderer
         self._pose_detector, self._pose_smoothing = pose_detector, pose_smoothing
@@ -108,9 +108,9 @@ class StudioSession:
             pose, checks = None, []
             if video is not None and self._pose_detector is not None:
                 self._video = BrowserVideoSource(video, loop)
-                self._pose_worker = start_pose_worker(self._video, self.avatar, self._pose_detector(),
-                                                      self._pose_smoothing)
-                pose, checks = pose_provider(self._pose_worker, self.metrics), [self._pose_worker.check]
+                self._pose_worker, pose = start_live_pose(self._video, self.avatar, self._pose_detector(),
+                                                          self._pose_smoothing, self._pose_rate_hz, self.metrics)
+                checks = [self._pose_worker.check]
             elif video is not None:
                 log.info("no landmark detector for camera pose; using the photo's pose")
             self.handle = self._renderer.handle(self.avatar)
@@ -182,13 +182,15 @@ class StudioSessions:
 
     def __init__(self, encode: EncodeIdentity, renderer: SharedRenderer,
                  pose_detector: Callable[[], LandmarkDetector] | None = None,
-                 pose_smoothing: float | None = 0.5, device: str | None = None) -> None:
+                 pose_smoothing: float | None = 0.5, device: str | None = None, pose_rate_hz: float = 12.5) -> None:
         self.encode, self.renderer = encode, renderer
         self.pose_detector, self.pose_smoothing, self.device = pose_detector, pose_smoothing, device
+        self.pose_rate_hz = pose_rate_hz
 
     def create(self, photo: np.ndarray | None, name: str) -> StudioSession:
         avatar, aligned = self.encode(photo, name)
-        return StudioSession(avatar, aligned, self.renderer, self.pose_detector, self.pose_smoothing, self.device)
+        return StudioSession(avatar, aligned, self.renderer, self.pose_detector, self.pose_smoothing, self.device,
+                             self.pose_rate_hz)
 
     def stats(self) -> dict:
         return self.renderer.stats()
@@ -227,7 +229,8 @@ def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event 
     opts = engine_options(m.device, m.dtype, m.noise, m.noise_seed, m.mouth_weight)
     renderer = SharedRenderer(render_sessions)
     factory = StudioSessions(IdentityEncoder(None, opts, Path(config.identity.photo), detector), renderer,
-                             pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), pose_smoothing=config.pose.smoothing, device=opts.device)
+                             pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), pose_smoothing=config.pose.smoothing,
+                             device=opts.device, pose_rate_hz=config.pose.rate_hz)
     server = StudioServer(factory, host=s.host, port=s.port, token=s.token, max_sessions=s.max_sessions,
                           ice_servers=ice_servers(s.stun_url, s.turn_url, s.turn_username, s.turn_credential),
                           ice_host_addresses=s.ice_host_addresses if hosts is None else hosts,

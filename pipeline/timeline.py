@@ -19,7 +19,7 @@ from collections import deque
 
 import numpy as np
 
-from pcavs.constants import FPS, HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, SAMPLES_PER_FRAME, WINDOW_ROWS
+from pcavs.constants import HOP, MEL_ROWS_PER_FRAME, N_MELS, SAMPLE_RATE, SAMPLES_PER_FRAME, WINDOW_ROWS
 from pcavs.mel import StreamingMel, samples_needed_for_frame
 
 __all__ = ["AudioTimeline", "CLIP_CENTRE", "model_frame_index", "window_index"]

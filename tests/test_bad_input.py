@@ -3,7 +3,6 @@ stray-line checks need the process's real stderr: C libraries write there direct
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -33,7 +33,7 @@ def test_defaults_load_with_documented_values():
     assert isinstance(config, Config)
     assert config.model.checkpoint_dir == PROJECT_ROOT / "checkpoints" / "demo"
     assert "1Zehr3JLIpzdg2S5zZrhIbpYPKF-4gKU_" in config.model.checkpoint_url
-    assert (config.model.device, config.model.dtype, config.model.noise) == ("auto", "float32", "fixed")
+    assert (config.model.device, config.model.dtype, config.model.noise) == ("auto", "auto", "fixed")
     assert config.model.mouth_weight == pytest.approx(1.2) and isinstance(config.model.mouth_weight, float)
     assert (config.audio.source, config.audio.gain) == ("sample", "running")
     assert config.audio.file_path == SAMPLE_SPEECH and not config.audio.is_mic
@@ -176,7 +176,7 @@ def _word_keys() -> list[str]:
 
 def test_allowed_words_come_from_the_field_types():
     """The Literal on each field is the only list of allowed words; spot-check that it is the one used."""
-    assert allowed_words("model.dtype") == ("float32", "float16", "bfloat16")
+    assert allowed_words("model.dtype") == ("auto", "float32", "float16", "bfloat16")
     assert allowed_words("output.targets") == ("webrtc", "vcam", "vmic", "file")
     assert allowed_words("audio.source") == ("sample", "mic")
     assert allowed_words("server.port") == ()

@@ -9,7 +9,7 @@ import torch
 
 import run_live
 from common.errors import UserError
-from pcavs.device import DeviceError, resolve_device
+from pcavs.device import DeviceError, configure_cudnn, resolve_device, resolve_device_and_dtype, resolve_dtype
 
 
 def fake_gpus(monkeypatch, count: int, capability: tuple[int, int] = (9, 0)) -> None:
@@ -122,3 +122,31 @@ def test_cli_device_error_is_one_line_before_any_checkpoint(monkeypatch, tmp_pat
     assert len(error_lines) == 1 and "device 'cuda' requested" in error_lines[0]
     assert "checkpoint" not in err
     assert not loaded and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ dtype "auto"
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                                 ((7, 5), torch.float32)])
+def test_auto_dtype_is_bf16_from_sm80_only(monkeypatch, capability, expected):
+    fake_gpus(monkeypatch, 1, capability)
+    assert resolve_dtype("auto", "cuda:0") == expected
+    assert resolve_device_and_dtype("auto", "auto") == ("cuda", expected)
+
+
+def test_auto_dtype_is_float32_on_cpu_and_explicit_words_are_kept(monkeypatch):
+    fake_gpus(monkeypatch, 0)
+    assert resolve_device_and_dtype("auto", "auto") == ("cpu", torch.float32)
+    assert resolve_dtype("float16", "cpu") == torch.float16
+
+
+def test_explicit_bf16_on_an_old_gpu_is_still_refused(monkeypatch):
+    fake_gpus(monkeypatch, 1, (7, 5))
+    with pytest.raises(DeviceError, match="bfloat16"):
+        resolve_device_and_dtype("cuda", "bfloat16")
+
+
+def test_cudnn_benchmark_is_set_by_us(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as face_alignment leaves it
+    assert configure_cudnn("cpu") is False and torch.backends.cudnn.benchmark is False
+    assert configure_cudnn("cuda:0") is True and torch.backends.cudnn.benchmark is True

@@ -295,24 +295,94 @@ def test_stacked_identity_styles_equal_full(random_setup) -> None:
     assert max(float((a - b).abs().max()) for a, b in zip(full, cached)) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision_close_to_float32(dtype: torch.dtype) -> None:
-    """The caller may cast the module. CPU half-precision convs are emulated on this AVX2 machine
-    (slow reference kernels: ~35 s for one full 224² frame), so this uses the same architecture stopped
-    at 28² (5 of the 11 layers, every layer kind); bench/generator.py reports the full-size bf16 PSNR on
-    the parity weights."""
+def _configured(net: ModulatedGenerator, branch: str) -> ModulatedGenerator:
+    """batch1: one sample per pass (scales on the weights where they are smaller); batched: the whole
+    batch in one pass (scales on the activations); grouped: upstream's per-sample weights."""
+    net.shared_weight = branch != "grouped"
+    net.max_batch = 1 if branch == "batch1" else None
+    return net
+
+
+@pytest.fixture(scope="module")
+def small_half_setup():
+    """The same architecture stopped at 28² (5 of the 11 layers, every layer kind): CPU half-precision
+    convs run on slow reference kernels here (~35 s for one full 224² frame); bench/device_check.sh
+    reports the full-size PSNR on the parity weights on a GPU."""
     net = _random_generator(0, size=28)
     g = torch.Generator().manual_seed(2)
-    style, start = torch.randn(2, 2560, generator=g), torch.randn(2, 512, 7, 7, generator=g)
+    style, start = torch.randn(3, 2560, generator=g), torch.randn(3, 512, 7, 7, generator=g)
     noise = [torch.randn(shape, generator=g) for shape in net.noise_shapes()]
     with torch.inference_mode():
-        ref = net(style, start, noise)
-        half = net.to(dtype)(style, start, noise)
-    assert half.dtype == dtype and half.shape == ref.shape == (2, 3, 28, 28)
+        ref = _configured(net, "grouped")(style, start, noise)
+        cache = net.precompute_style(style[:, :ID_DIM])
+        ref_cached = net.forward_cached(cache, style[:, ID_DIM:], start, noise)
     assert float(ref.std()) > 0.1
-    value = psnr(half.float(), ref)
-    print(f"\n{dtype} vs float32 PSNR {value:.1f} dB (28² generator)")
+    return net, style, start, noise, ref, ref_cached
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("branch", ["batch1", "batched", "grouped", "cached"])
+def test_half_precision_close_to_float32(small_half_setup, dtype: torch.dtype, branch: str) -> None:
+    """Every formulation the engine can run, cast to bf16/fp16, against float32."""
+    net32, style, start, noise, ref, ref_cached = small_half_setup
+    net = _random_generator(0, size=28)
+    net.load_state_dict(net32.state_dict())
+    net = _configured(net.to(dtype), "batched" if branch == "cached" else branch)
+    with torch.inference_mode():
+        if branch == "cached":
+            half = net.forward_cached(net.precompute_style(style[:, :ID_DIM]), style[:, ID_DIM:], start, noise)
+            want = ref_cached
+        else:
+            half = net(style, start, noise)
+            want = ref
+    assert half.dtype == dtype and half.shape == want.shape == (3, 3, 28, 28)
+    value = psnr(half.float(), want)
+    print(f"\n{dtype} {branch} vs float32 PSNR {value:.1f} dB (28² generator)")
     assert value > HALF_MIN_PSNR_DB
+
+
+def test_batch1_and_batched_agree_in_half_precision(small_half_setup) -> None:
+    """One formulation for every batch size: in fp16, per-sample passes and one batched pass differ only
+    by rounding (before the pre-normalisation only the batched one could overflow)."""
+    net32, style, start, noise, _, _ = small_half_setup
+    net = _random_generator(0, size=28)
+    net.load_state_dict(net32.state_dict())
+    net.to(torch.float16)
+    with torch.inference_mode():
+        one = _configured(net, "batch1")(style, start, noise).float()
+        many = _configured(net, "batched")(style, start, noise).float()
+    assert psnr(one, many) > 45.0
+
+
+def test_fp16_guard_keeps_large_styles_in_range() -> None:
+    """Style scales near the fp16 maximum: without pre-normalisation the batched fp16 intermediate
+    conv(x·s, W) exceeds the fp16 range (checked in float32); with it every branch stays finite and
+    equal to float32, because demodulation cancels the style's scale."""
+    layer32 = _random_generator(6, size=14).conv1.conv
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 512, 7, 7, generator=g) * 2.0
+    s = (torch.randn(2, 512, generator=g) * 30000.0).clamp(-60000.0, 60000.0)
+    with torch.inference_mode():
+        raw = torch.nn.functional.conv2d(x * (s * layer32.scale)[:, :, None, None], layer32.weight[0], padding=1)
+        assert float(raw.abs().max()) > torch.finfo(torch.float16).max  # the hazard is real
+        ref = layer32.forward_grouped(x, s)
+        layer = _random_generator(6, size=14).conv1.conv.to(torch.float16)
+        for name, out in (("batch1", torch.cat([layer(x[i:i + 1].half(), s[i:i + 1].half()) for i in range(2)])),
+                          ("batched", layer(x.half(), s.half())),
+                          ("grouped", layer(x.half(), s.half(), shared_weight=False))):
+            assert torch.isfinite(out).all(), name
+            assert psnr(out.float() / 4, ref / 4) > HALF_MIN_PSNR_DB, name  # activations of std ~1: /4 ≈ [-1,1]
+
+
+@pytest.mark.parametrize("shared_weight", [True, False], ids=["shared", "grouped"])
+def test_zero_style_stays_finite_in_fp16(shared_weight: bool) -> None:
+    """A zero style makes the demodulation's sum of squares 0: only its epsilon keeps rsqrt finite, and
+    1e-8 is 0 in fp16, so the epsilon is added in float32."""
+    layer = _random_generator(7, size=14).conv1.conv.to(torch.float16)
+    x = torch.randn(2, 512, 7, 7).half()
+    with torch.inference_mode():
+        out = layer(x, torch.zeros(2, 512, dtype=torch.float16), shared_weight)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("shared_weight", [True, False], ids=["shared", "grouped"])
@@ -341,11 +411,14 @@ def test_bad_inputs_raise_clear_errors(random_setup) -> None:
         net(style, start, noise[:3] + [torch.zeros(3, 1, 27, 27)] + noise[4:])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cuda_matches_cpu(random_setup, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("branch", ["batch1", "batched", "grouped"])
+def test_cuda_matches_cpu(random_setup, dtype: torch.dtype, branch: str) -> None:
+    """Every formulation on CUDA against the CPU's grouped float32 (TF32 off for float32)."""
     net, style, start, noise, grouped = random_setup
-    gpu = _random_generator(0).to("cuda", dtype)
+    gpu = _configured(_random_generator(0).to("cuda", dtype), branch)
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:

@@ -103,6 +103,21 @@ class FaceAlignmentDetector:
             out.append(b)
         return out
 
+    def face_boxes(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """SFD boxes [x1, y1, x2, y2, score] alone (`pcavs.alignment.tracking` runs it only when lost)."""
+        with self._lock:
+            return self._face_boxes(as_rgb_uint8(rgb))
+
+    def landmarks_in_boxes(self, rgb: np.ndarray, boxes: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """FAN alone on given boxes: (68,2) landmarks and the mean heatmap peak (quality) per box."""
+        if not boxes:
+            return []
+        with self._lock:
+            result = self._fa.get_landmarks_from_image(as_rgb_uint8(rgb), detected_faces=list(boxes),
+                                                        return_landmark_score=True)
+        landmarks, scores = (result[0] or []), (result[1] or [])
+        return [(np.asarray(p, dtype=np.float32)[:, :2], float(np.mean(sc))) for p, sc in zip(landmarks, scores)]
+
     def detect(self, rgb: np.ndarray) -> list[np.ndarray]:
         rgb = as_rgb_uint8(rgb)
         with self._lock:

@@ -101,4 +101,6 @@ class AudioEncoder(nn.Module):
         self.fc = nn.Linear(AUDIO_FEATURE_DIM, NUM_CLASSES)  # training-only word classifier; never run
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.model(mel)
+        # Inputs are cast to the weights' dtype: callers need not know that the encoders stay float32
+        # while the generator runs in half precision.
+        return self.model(mel.to(self.model.conv1.weight.dtype))

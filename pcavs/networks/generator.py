@@ -21,8 +21,11 @@ Other inference-only levers (each timed by bench/generator.py):
 * `max_batch` ("auto" = 1 on CPU): on small CPUs batch-1 passes beat big batches per frame (the
   elementwise work is memory-bound, and at batch 1 the style scales go on the weights, which are
   smaller than the activations from 56² up). GPUs get the whole batch in one pass.
-bf16/fp16 work (the caller casts the module); on CPUs without native half-precision convolutions
-PyTorch falls back to slow reference kernels, so they are for GPUs.
+bf16/fp16 work (the caller casts the module; `pcavs.checkpoints.load_networks` casts only this network):
+demodulated layers are pre-normalised as in StyleGAN2-ADA (`ModulatedConv2d._input_scales`), so the
+shared-weight intermediate conv(x·s, W) cannot overflow float16 whatever the style's size, and batch 1
+and larger batches compute the same thing. On CPUs without native half-precision convolutions PyTorch
+falls back to slow reference kernels, so half precision is for GPUs.
 
 The 8-layer mapping MLP `style.*`, the learned constant `input.input` and the `noises.*` buffers exist
 only so the upstream checkpoint loads with identical keys; inference never runs them (`input_is_latent`,
@@ -192,21 +195,37 @@ class ModulatedConv2d(nn.Module):
         self._derived.clear()  # device/dtype moves replace the weight storage
         return super()._apply(fn, recurse)
 
+    def _weight_gain(self) -> torch.Tensor:
+        """Per-output-channel max |W| (out,) in float32: the pre-normalisation of demodulated layers
+        (1 for the un-demodulated ToRGB, whose scale matters)."""
+        def build(w: torch.Tensor) -> torch.Tensor:
+            if not self.demodulate:
+                return torch.ones(self.out_channel, dtype=torch.float32, device=w.device)
+            return w[0].float().abs().amax(dim=(1, 2, 3)).clamp_min(torch.finfo(torch.float32).tiny)
+        return self._cached("gain", build)
+
+    def _unit_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W / max|W| per output channel, in float32 (W itself without demodulation)."""
+        return w[0].float() / self._weight_gain()[:, None, None, None]
+
     def _weight_sq(self) -> torch.Tensor:
-        """Σ_{kh,kw} W² as (out, in) in float32 (the demodulation needs it at full precision)."""
-        return self._cached("wsq", lambda w: w[0].float().pow(2).sum(dim=(2, 3)))
+        """Σ_{kh,kw} of the unit weight squared, (out, in) in float32 (the demodulation needs it at full
+        precision)."""
+        return self._cached("wsq", lambda w: self._unit_weight(w).pow(2).sum(dim=(2, 3)))
 
     def _dense_weight(self, channels_last: bool) -> torch.Tensor:
-        """(out, in, k, k) conv weight; the NHWC copy is cached, else oneDNN re-lays it out every call."""
-        if not channels_last:
-            return self.weight[0]
-        return self._cached("w_cl", lambda w: w[0].contiguous(memory_format=torch.channels_last))
+        """(out, in, k, k) unit conv weight in the module dtype; cached (the NHWC copy: else oneDNN
+        re-lays it out every call)."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return self._cached(f"w_{channels_last}",
+                            lambda w: self._unit_weight(w).to(w.dtype).contiguous(memory_format=fmt))
 
     def _transposed_weight(self, channels_last: bool) -> torch.Tensor:
-        """(in, out, k, k) weight for conv_transpose2d, cached: the transposing copy is a full pass over
-        the weight, paid once instead of every frame."""
+        """(in, out, k, k) unit weight for conv_transpose2d, cached: the transposing copy is a full pass
+        over the weight, paid once instead of every frame."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return self._cached(f"wT_{channels_last}", lambda w: w[0].transpose(0, 1).contiguous(memory_format=fmt))
+        return self._cached(f"wT_{channels_last}",
+                            lambda w: self._unit_weight(w).to(w.dtype).transpose(0, 1).contiguous(memory_format=fmt))
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, s: torch.Tensor, shared_weight: bool = True) -> torch.Tensor:
@@ -214,12 +233,13 @@ class ModulatedConv2d(nn.Module):
         return self.forward_shared_weight(x, s) if shared_weight else self.forward_grouped(x, s)
 
     def forward_grouped(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """The upstream formulation: per-sample weights, grouped conv (groups = B)."""
+        """The upstream formulation: per-sample weights, grouped conv (groups = B). The demodulation's
+        sum of squares and epsilon are taken in float32 (1e-8 is 0 in float16)."""
         b, cin, h, w = x.shape
         k, cout = self.kernel_size, self.out_channel
         weight = self.scale * self.weight * s.view(b, 1, cin, 1, 1)
         if self.demodulate:
-            demod = torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4)) + _DEMOD_EPS)
+            demod = torch.rsqrt(weight.float().pow(2).sum(dim=(2, 3, 4)) + _DEMOD_EPS).to(weight.dtype)
             weight = weight * demod.view(b, cout, 1, 1, 1)
         x = x.reshape(1, b * cin, h, w)
         if self.upsample:
@@ -230,27 +250,43 @@ class ModulatedConv2d(nn.Module):
         out = F.conv2d(x, weight.view(b * cout, cin, k, k), padding=self.padding, groups=b)
         return out.view(b, cout, out.shape[-2], out.shape[-1])
 
+    def _input_scales(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input scales, demodulation coefficients), both float32, of the pre-normalised formulation.
+
+        Demodulated layers run on s' = s·c / max|s·c| (per sample) and W' = W / max|W| (per output
+        channel), as StyleGAN2-ADA does for float16: every factor of conv(x ⊙ s', W') is at most 1 in
+        magnitude, so the intermediate stays within the range of x whatever the style's size. The
+        demodulation is invariant to both scales; only its epsilon moves, to eps / (max|s·c|·max|W|)²,
+        which keeps the result exactly the upstream one. Batch 1 (scales on the weight) and larger
+        batches (scales on the activations) use the same s' and d, so they agree in every dtype.
+        """
+        s = s.float() * self.scale
+        if not self.demodulate:
+            return s, None
+        s_max = s.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        s = s / s_max
+        eps = _DEMOD_EPS / (s_max * self._weight_gain()[None, :]).square()
+        return s, torch.rsqrt(F.linear(s.square(), self._weight_sq()) + eps)
+
     def forward_shared_weight(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """d ⊙ conv(x ⊙ s, W) with the shared weight W, d = rsqrt(Σ_in s²·Σ_k W² + eps) (1 without
-        demodulation): equal to the grouped formulation.
+        demodulation), pre-normalised (`_input_scales`): equal to the grouped formulation.
 
         Where a sample's weight is smaller than its activations (batch 1 at 56² and above) the scales
         go on the weight instead: same maths, two fewer passes over the activations.
         """
         b = x.shape[0]
-        s = s * self.scale
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        d = (torch.rsqrt(F.linear(s.float().pow(2), self._weight_sq()) + _DEMOD_EPS).to(x.dtype)
-             if self.demodulate else None)
-        s = s.to(x.dtype)
+        s32, d32 = self._input_scales(s)
+        s, d = s32.to(x.dtype), None if d32 is None else d32.to(x.dtype)
         out_numel = x.numel() * self.out_channel // self.in_channel * (4 if self.upsample else 1)
         if b == 1 and self.weight.numel() < x.numel() + out_numel:
             if self.upsample:  # (in, out, k, k): in-scale on dim 0, out-scale on dim 1
-                scale = s[0][:, None] if d is None else s[0][:, None] * d[0][None, :]
-                w = self._transposed_weight(cl) * scale[:, :, None, None]
+                scale = s32[0][:, None] if d32 is None else s32[0][:, None] * d32[0][None, :]
+                w = self._transposed_weight(cl) * scale.to(x.dtype)[:, :, None, None]
                 return self.blur(F.conv_transpose2d(x, w, stride=2, padding=0))
-            scale = s[0][None, :] if d is None else d[0][:, None] * s[0][None, :]
-            w = self._dense_weight(cl) * scale[:, :, None, None]
+            scale = s32[0][None, :] if d32 is None else d32[0][:, None] * s32[0][None, :]
+            w = self._dense_weight(cl) * scale.to(x.dtype)[:, :, None, None]
             return F.conv2d(x, w, padding=self.padding)
         x = x * s[:, :, None, None]
         if self.upsample:

@@ -38,7 +38,7 @@ class IdentityEncoder(nn.Module):
 
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (id_feature (B,2048), id_map (B,512,7,7)). `model.fc` is deliberately not run."""
-        feat = self.trunk(img)
+        feat = self.trunk(img.to(self.conv1x1.weight.dtype))  # float32 encoders, whatever the caller's dtype
         id_feature = torch.flatten(self.model.avgpool(feat), 1)
         # The adaptive pool is a no-op at 224 input; upstream keeps it so other sizes still give 7x7.
         id_map = F.adaptive_avg_pool2d(self.conv1x1(feat), (ID_MAP_SIZE, ID_MAP_SIZE))

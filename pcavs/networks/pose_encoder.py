@@ -146,11 +146,12 @@ class PoseEncoder(nn.Module):
 
     def pose_code(self, img: torch.Tensor) -> torch.Tensor:
         """Face crop → (B,12) pose code (trunk → to_headpose → headpose_embed)."""
+        img = img.to(self.model.conv1.weight.dtype)  # float32 encoders, whatever the caller's dtype
         return self.headpose_embed(self.headpose_feature(self.noid_feature(img)))
 
     def mouth_code(self, audio_feature_scaled: torch.Tensor) -> torch.Tensor:
         """(B,512) audio feature *already multiplied by the mouth weight (1.2)* → (B,500) mouth code."""
-        return self.mouth_embed(audio_feature_scaled)
+        return self.mouth_embed(audio_feature_scaled.to(self.mouth_embed[1].weight.dtype))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.pose_code(img)

@@ -1,0 +1,430 @@
+"""Rendering rows of any mix of sessions in one pass: what every `Avatar` of one `PcavsNetworks` shares.
+
+A row is one frame of one session: its identity slot, its mel window, its pose code, its mouth weight
+and whether its noise is fresh every frame. Rendering N rows costs the same Python work for 1 session
+or 256:
+
+* `IdentityBank` keeps every registered identity's per-photo tensors on the device, one row per slot
+  (the cached identity part of each layer's style, the generator's start map, the fixed noise), so a
+  batch is assembled with one `index_select` per tensor — 29 launches whatever the number of
+  sessions — instead of per-session copies and concatenations;
+* one audio-encoder pass over all rows' mel windows (the mouth weight is a per-row factor);
+* one generator pass, converted to uint8 and checked for non-finite rows on the device, and one
+  download waited for with an event.
+
+On CUDA the two passes are replayed from CUDA graphs, captured once per batch bucket (1, 2, 4, ...,
+256 rows; a batch is padded up to its bucket and only the requested rows come back): a batch-1 frame is
+~500 kernels, which eager Python launches far slower than the GPU runs them. The graphs read fixed
+"static" input buffers that each call fills (uploads and gathers), so nothing in them depends on the
+bank's size or on which sessions are in the batch. Capture happens in `warm_up` (or, with a warning,
+on first use of a bucket) and a failed capture falls back to the eager path for that bucket.
+
+Everything runs under one lock (the device runs one render at a time anyway) on the runtime's own
+high-priority stream (`pcavs.gpu`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from pcavs.constants import N_MELS, POSE_DIM, WINDOW_ROWS
+from pcavs.gpu import StageClock, download, is_cuda, render_stream, stream_scope, sync_current_stream, upload_into
+from pcavs.networks.generator import IdentityStyle
+
+if TYPE_CHECKING:
+    from pcavs.checkpoints import PcavsNetworks
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_MIN_BANK_CAPACITY = 4
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket holding `n` rows, or None when `n` exceeds the largest."""
+    return next((b for b in sorted(buckets) if b >= n), None)
+
+
+@dataclass
+class RowBatch:
+    """Host-side inputs of N rows (one frame each)."""
+
+    slots: np.ndarray          # (N,) int64 identity-bank slots
+    mels: np.ndarray           # (N,1,80,20) float32 mel windows
+    poses: np.ndarray          # (N,12) float32 pose codes (the reference pose already filled in)
+    mouth_weights: np.ndarray  # (N,) float32
+    random_noise: np.ndarray   # (N,) bool: fresh noise for this row (noise mode "random")
+
+    def __len__(self) -> int:
+        return int(self.slots.shape[0])
+
+    def rows(self, sl: slice) -> "RowBatch":
+        return RowBatch(self.slots[sl], self.mels[sl], self.poses[sl], self.mouth_weights[sl], self.random_noise[sl])
+
+
+@dataclass
+class Rendered:
+    """What `RenderRuntime.render` returns."""
+
+    frames: np.ndarray               # (N,H,W,3) uint8
+    finite: np.ndarray               # (N,) bool: the row had no NaN/inf (else its frame is arbitrary)
+    stage_ms: dict[str, float]       # "audio", "generator", "convert" (CUDA: GPU time between events)
+
+
+@dataclass
+class RenderStats:
+    """Counters of how rows were rendered (benches and tests read them)."""
+
+    graph_rows: int = 0
+    eager_rows: int = 0
+    padded_rows: int = 0
+    graph_captures: int = 0
+    graph_failures: int = 0
+    captured_buckets: list[int] = field(default_factory=list)
+
+
+class IdentityBank:
+    """Per-identity tensors of every registered avatar, one row per slot, on the device.
+
+    `terms[l]` (capacity, in_l): the identity part of layer l's style (`precompute_style`); `starts`
+    (capacity, 512, 7, 7): the generator's start map; `noise[l]` (capacity, 1, s, s): the slot's fixed
+    noise (zeros for noise "zero" and "random": random rows get fresh noise per frame). Capacity doubles
+    when full; released slots are reused. Callers hold the runtime's lock."""
+
+    def __init__(self, generator, device: torch.device, dtype: torch.dtype) -> None:
+        self._layer_dims = [layer.in_channel for layer in generator.modulated_convs()]
+        self._start_shape = (generator.conv1.conv.in_channel, generator.init_size, generator.init_size)
+        self._noise_shapes = [tuple(s[1:]) for s in generator.noise_shapes()]
+        self.device, self.dtype = device, dtype
+        self.capacity = 0
+        self._free: list[int] = []
+        self._used = 0
+        self.terms: list[torch.Tensor] = []
+        self.starts = torch.empty(0)
+        self.noise: list[torch.Tensor] = []
+        self._grow(_MIN_BANK_CAPACITY)
+
+    def _grow(self, capacity: int) -> None:
+        def grown(old: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+            new = torch.zeros((capacity, *shape), device=self.device, dtype=self.dtype)
+            if old is not None and old.shape[0]:
+                new[: old.shape[0]].copy_(old)
+            return new
+
+        first = self.capacity == 0
+        self.terms = [grown(None if first else t, (d,)) for t, d in
+                      zip(self.terms or [None] * len(self._layer_dims), self._layer_dims)]
+        self.starts = grown(None if first else self.starts, self._start_shape)
+        self.noise = [grown(None if first else n, s) for n, s in
+                      zip(self.noise or [None] * len(self._noise_shapes), self._noise_shapes)]
+        self._free.extend(range(capacity - 1, self.capacity - 1, -1))  # lowest slot first
+        self.capacity = capacity
+
+    @property
+    def in_use(self) -> int:
+        return self._used
+
+    def add(self, style: IdentityStyle, start: torch.Tensor, noise: Sequence[torch.Tensor] | None) -> int:
+        """Store one identity; returns its slot. `style` terms (1, in_l), `start` (512,7,7), `noise`
+        11 tensors (1,1,s,s) or None for zeros."""
+        if not self._free:
+            self._grow(self.capacity * 2)
+        slot = self._free.pop()
+        for dst, term in zip(self.terms, style.terms, strict=True):
+            dst[slot].copy_(term.reshape(-1))
+        self.starts[slot].copy_(start.reshape(self._start_shape))
+        for i, dst in enumerate(self.noise):
+            if noise is None or noise[i] is None:
+                dst[slot].zero_()
+            else:
+                dst[slot].copy_(noise[i].reshape(dst.shape[1:]))
+        self._used += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if 0 <= slot < self.capacity and slot not in self._free:
+            self._free.append(slot)
+            self._used -= 1
+
+
+class _Inputs:
+    """One batch's device inputs (b rows): what the audio and generator passes read. A CUDA graph keeps
+    one set as its static inputs; the eager path makes a set per call."""
+
+    def __init__(self, b: int, bank: IdentityBank) -> None:
+        dev, dt = bank.device, bank.dtype
+        self.b = b
+        self.slots = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.random = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.mels = torch.zeros((b, 1, N_MELS, WINDOW_ROWS), dtype=torch.float32, device=dev)
+        self.poses = torch.zeros((b, POSE_DIM), dtype=torch.float32, device=dev)
+        self.mouth_weights = torch.zeros((b, 1), dtype=torch.float32, device=dev)
+        self.terms = [torch.zeros((b, t.shape[1]), dtype=dt, device=dev) for t in bank.terms]
+        self.start = torch.zeros((b, *bank.starts.shape[1:]), dtype=dt, device=dev)
+        self.noise = [torch.zeros((b, *n.shape[1:]), dtype=dt, device=dev) for n in bank.noise]
+
+    def fill(self, rows: RowBatch, bank: IdentityBank, rng: torch.Generator) -> None:
+        """Upload the rows' host data into the first len(rows) rows and gather every row's identity
+        tensors from the bank (rows past len(rows), the bucket's padding, keep valid old data)."""
+        upload_into(self.slots, rows.slots.astype(np.int64, copy=False))
+        upload_into(self.mels, rows.mels.astype(np.float32, copy=False))
+        upload_into(self.poses, rows.poses.astype(np.float32, copy=False))
+        upload_into(self.mouth_weights, rows.mouth_weights.astype(np.float32, copy=False).reshape(-1, 1))
+        any_random = bool(rows.random_noise.any())
+        if any_random:
+            upload_into(self.random, rows.random_noise.astype(np.bool_, copy=False))
+        for src, dst in zip(bank.terms, self.terms):
+            torch.index_select(src, 0, self.slots, out=dst)
+        torch.index_select(bank.starts, 0, self.slots, out=self.start)
+        for src, dst in zip(bank.noise, self.noise):
+            torch.index_select(src, 0, self.slots, out=dst)
+            if any_random:  # rows in "random" mode: a fresh draw (padding rows may get one too: harmless)
+                fresh = torch.randn(dst.shape, generator=rng, device=dst.device, dtype=torch.float32)
+                dst.copy_(torch.where(self.random[:, None, None, None], fresh.to(dst.dtype), dst))
+        if any_random:
+            self.random.zero_()  # the next call's rows start non-random
+
+
+class _EmulatedGraph:
+    """CPU stand-in for a captured CUDA graph: runs `fn` once at "capture" and again at every replay,
+    writing the results into the tensors the capture returned (a real graph's static outputs)."""
+
+    def __init__(self, fn) -> None:
+        self._fn = fn
+        self.outputs = fn()
+
+    def replay(self) -> None:
+        new = self._fn()
+        pairs = zip(self.outputs, new) if isinstance(self.outputs, tuple) else [(self.outputs, new)]
+        for static, value in pairs:
+            static.copy_(value)
+
+
+@dataclass
+class _BucketGraphs:
+    inputs: _Inputs
+    audio: "torch.cuda.CUDAGraph | _EmulatedGraph"
+    generator: "torch.cuda.CUDAGraph | _EmulatedGraph"
+    rest: torch.Tensor
+    frames: torch.Tensor
+    finite: torch.Tensor
+
+
+class RenderRuntime:
+    """Per-networks render state (see the module doc). Made by `PcavsNetworks.runtime` on first use."""
+
+    def __init__(self, networks: "PcavsNetworks") -> None:
+        self.networks = networks
+        self.device = networks.device
+        self.dtype = networks.generator_dtype
+        self.cuda = is_cuda(self.device)
+        self.lock = threading.RLock()
+        self.stats = RenderStats()
+        self.use_graphs = self.cuda
+        self.pad_to_buckets = self.cuda
+        self.buckets: tuple[int, ...] = DEFAULT_BUCKETS
+        self._graphs: dict[int, _BucketGraphs | None] = {}
+        self._pool = None
+        self._warming = False
+        self.emulate_graphs = False
+        if self.cuda:
+            # Once, at set-up: the weights were copied on the loading thread's stream; every stream
+            # (render, pose worker) must see them. The render path itself never syncs the device.
+            torch.cuda.synchronize(self.device)
+        self.stream = render_stream(self.device)
+        with torch.inference_mode():
+            self.bank = IdentityBank(networks.generator, self.device, self.dtype)
+        self._rng = torch.Generator(device=self.device).manual_seed(0)
+
+    # ------------------------------------------------------------------ configuration
+    def configure(self, graphs: bool | None = None, buckets: Sequence[int] | None = None,
+                  pad_to_buckets: bool | None = None, emulate_graphs: bool | None = None) -> None:
+        """Change how rows are run. Graphs need CUDA (ignored elsewhere) unless `emulate_graphs`: a CPU
+        stand-in with the graphs' semantics (fixed input buffers filled per call, outputs overwritten
+        by every replay), so the CPU tests run the graphed flow. Padding to buckets is implied by graphs
+        and can be asked for alone."""
+        with self.lock:
+            if buckets is not None:
+                if not buckets or min(buckets) < 1:
+                    raise ValueError("buckets must be positive batch sizes")
+                self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+                self._graphs.clear()
+            if emulate_graphs is not None:
+                self.emulate_graphs = bool(emulate_graphs)
+                self._graphs.clear()
+            if graphs is not None or emulate_graphs is not None:
+                self.use_graphs = bool(graphs if graphs is not None else self.use_graphs) and (
+                    self.cuda or self.emulate_graphs)
+                if not self.use_graphs:
+                    self._graphs.clear()
+            if pad_to_buckets is not None:
+                self.pad_to_buckets = bool(pad_to_buckets)
+            self.pad_to_buckets = self.pad_to_buckets or self.use_graphs
+
+    # ------------------------------------------------------------------ identities
+    @torch.inference_mode()
+    def add_identity(self, style: IdentityStyle, start: torch.Tensor,
+                     noise: Sequence[torch.Tensor] | None) -> int:
+        with self.lock:
+            slot = self.bank.add(style, start, noise)
+            # The bank is written on this thread's stream and read on the render stream.
+            sync_current_stream(self.device)
+            return slot
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            self.bank.release(slot)
+
+    # ------------------------------------------------------------------ the two passes
+    def _rest(self, inputs: _Inputs) -> torch.Tensor:
+        """Audio encoder → ×mouth weight → mouth code, next to the pose code: (b, 512) float32."""
+        nets = self.networks
+        mouth = nets.pose.mouth_code(nets.audio(inputs.mels) * inputs.mouth_weights)
+        return torch.cat([mouth.float(), inputs.poses], dim=1)
+
+    def _frames(self, terms: Sequence[torch.Tensor], rest: torch.Tensor, start: torch.Tensor,
+                noise: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.networks.generator.forward_cached(IdentityStyle(tuple(terms)), rest, start, noise)
+        return frames_on_device(images)
+
+    # ------------------------------------------------------------------ rendering
+    @torch.inference_mode()
+    def render(self, rows: RowBatch, noise: Sequence[torch.Tensor] | None = None) -> Rendered:
+        """(N,224,224,3) uint8 frames, (N,) bool "row was finite" and the stage times for the rows.
+        `noise` (11 tensors, N or 1 rows) overrides every row's noise (the oracle's recorded noise) and
+        runs eagerly."""
+        n = len(rows)
+        if n == 0:
+            size = self.networks.generator.size
+            return Rendered(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool), {})
+        with self.lock, stream_scope(self.stream):
+            clock = StageClock(self.device)
+            outs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            step = max(self.buckets) if self.pad_to_buckets and noise is None else n
+            for i in range(0, n, step):
+                part = rows.rows(slice(i, i + step))
+                outs.append(self._render_part(part, clock, noise, keep=n > step))
+            frames = torch.cat([f for f, _ in outs]) if len(outs) > 1 else outs[0][0]
+            finite = torch.cat([ok for _, ok in outs]) if len(outs) > 1 else outs[0][1]
+            host_frames, host_finite = download([frames, finite])
+            clock.split("convert")
+            return Rendered(host_frames, host_finite, clock.totals_ms())
+
+    def _render_part(self, rows: RowBatch, clock: StageClock, noise: Sequence[torch.Tensor] | None,
+                     keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over at most one bucket of rows. `keep`: more parts follow, so a graph's static
+        outputs are copied out before a later replay of the same graph overwrites them."""
+        n = len(rows)
+        b = n
+        if self.pad_to_buckets and noise is None:
+            b = bucket_for(n, self.buckets) or n
+        graphs = self._graph_set(b) if self.use_graphs and noise is None else None
+        if graphs is not None:
+            graphs.inputs.fill(rows, self.bank, self._rng)
+            graphs.audio.replay()
+            clock.split("audio")
+            graphs.generator.replay()
+            clock.split("generator")
+            self.stats.graph_rows += n
+            self.stats.padded_rows += b - n
+            # Slices of the static outputs: the download copies them before the next call's replay.
+            if keep:
+                return graphs.frames[:n].clone(), graphs.finite[:n].clone()
+            return graphs.frames[:n], graphs.finite[:n]
+        inputs = _Inputs(b, self.bank)
+        inputs.fill(rows, self.bank, self._rng)
+        rest = self._rest(inputs)
+        clock.split("audio")
+        if noise is not None:
+            noise = [torch.as_tensor(t).to(self.device, self.dtype) for t in noise]
+        frames, finite = self._frames(inputs.terms, rest, inputs.start, inputs.noise if noise is None else noise)
+        clock.split("generator")
+        self.stats.eager_rows += n
+        self.stats.padded_rows += b - n
+        return frames[:n], finite[:n]
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph_set(self, b: int) -> _BucketGraphs | None:
+        if b not in self._graphs:
+            if not self._warming:
+                log.warning("capturing the render graphs for batch %d on first use (warm_up keeps this "
+                            "off a live clock)", b)
+            self._graphs[b] = self._capture(b)
+        return self._graphs[b]
+
+    def _capture(self, b: int) -> _BucketGraphs | None:
+        """Both passes for b rows captured as CUDA graphs after eager warm-up runs on a side stream
+        (cuDNN autotuning and the weight-derived caches happen there, outside the graphs)."""
+        try:
+            inputs = _Inputs(b, self.bank)
+            if self.emulate_graphs:
+                audio = _EmulatedGraph(lambda: self._rest(inputs))
+                rest = audio.outputs
+                generator = _EmulatedGraph(lambda: self._frames(inputs.terms, rest, inputs.start, inputs.noise))
+                frames, finite = generator.outputs
+            else:
+                current = torch.cuda.current_stream(self.device)
+                side = torch.cuda.Stream(device=self.device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._frames(inputs.terms, self._rest(inputs), inputs.start, inputs.noise)
+                current.wait_stream(side)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                audio = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(audio, pool=self._pool, capture_error_mode="thread_local"):
+                    rest = self._rest(inputs)
+                generator = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(generator, pool=self._pool, capture_error_mode="thread_local"):
+                    frames, finite = self._frames(inputs.terms, rest, inputs.start, inputs.noise)
+        except Exception as exc:  # noqa: BLE001 - a capture problem must not stop rendering
+            self.stats.graph_failures += 1
+            log.warning("CUDA graph capture for batch %d failed (%s: %s); that batch size runs eagerly",
+                        b, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
+        self.stats.graph_captures += 1
+        self.stats.captured_buckets.append(b)
+        return _BucketGraphs(inputs, audio, generator, rest, frames, finite)
+
+    # ------------------------------------------------------------------ warm-up
+    @torch.inference_mode()
+    def warm_up(self, batch_sizes: Sequence[int], slot: int = 0, force: bool = False) -> list[int]:
+        """Run (and on CUDA capture) every batch shape that `batch_sizes` will use, before a live clock
+        starts: cuDNN autotuning, lazy CUDA initialisation, weight-derived caches and graph capture all
+        happen here instead of in the first seconds live. Off CUDA it does nothing unless `force` (no
+        autotuning or graphs to prepare there). Returns the batch shapes prepared."""
+        if not (self.cuda or self.emulate_graphs or force):
+            return []
+        shapes: list[int] = []
+        for n in sorted(set(int(x) for x in batch_sizes if int(x) > 0), reverse=True):
+            b = bucket_for(n, self.buckets) if self.pad_to_buckets else n
+            b = b or max(self.buckets)
+            if b not in shapes:
+                shapes.append(b)
+        with self.lock:
+            self._warming = True
+            try:
+                for b in shapes:  # the largest first: smaller graphs then fit in the shared pool
+                    rows = RowBatch(np.full(b, slot, np.int64),
+                                    np.full((b, 1, N_MELS, WINDOW_ROWS), 0.5, np.float32),
+                                    np.zeros((b, POSE_DIM), np.float32), np.ones(b, np.float32), np.zeros(b, bool))
+                    self.render(rows)
+            finally:
+                self._warming = False
+        return sorted(shapes)
+
+
+def frames_on_device(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,3,H,W) in [-1,1] → ((B,H,W,3) uint8, (B,) bool finite), on the images' device. uint8 like
+    upstream `tensor2im` (truncating; spec §6), so frames stay bit-comparable with the original's; a
+    NaN row would become an arbitrary picture, hence the flag."""
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    x = (images.float() + 1.0) / 2.0 * 255.0
+    frames = x.clamp_(0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return frames, finite
