@@ -34,7 +34,6 @@ import numpy as np
 
 from common.errors import UserError
 from pcavs.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
-from pcavs.mel import samples_needed_for_frame
 from stream.playout import PlayoutBuffer
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ SINK_DESCRIPTION = "pcavs-live microphone (playback)"
 WINDOWS_CABLE = "CABLE Input"
 MAC_BLACKHOLE = "BlackHole"
 BLOCK_MS = 10                                        # device callback period
-LOOKAHEAD_MS = 1000 * samples_needed_for_frame(0) / SAMPLE_RATE  # audio past a slot the model waits for
 
 
 class VirtualMicError(UserError):
@@ -482,8 +480,10 @@ class VoiceLeadNotice:
         latency = self._latency_ms()
         if latency is None:
             return
+        # The live loop measures from each slot's own audio to its release: the model's look-ahead, the
+        # render and the output budget are all inside it.
         log.warning("the call app takes your voice straight from the microphone, about %.0f ms ahead of the "
-                    "lips on the virtual camera (model look-ahead %.0f ms + %.0f ms measured); add --out vmic "
-                    "and pick '%s' as the call's microphone to keep them in step",
-                    LOOKAHEAD_MS + latency, LOOKAHEAD_MS, latency, MIC_DESCRIPTION)
+                    "lips on the virtual camera (measured: the model's look-ahead plus rendering); add "
+                    "--out vmic and pick '%s' as the call's microphone to keep them in step",
+                    latency, MIC_DESCRIPTION)
         self.logged = True

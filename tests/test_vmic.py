@@ -405,7 +405,7 @@ def test_vcam_without_vmic_logs_the_measured_lead_once(caplog):
     with caplog.at_level(logging.WARNING, logger="stream.vmic"):
         for k in range(30):
             if k == 20:
-                latency["v"] = 180.0
+                latency["v"] = 380.0
             notice(k)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1
