@@ -52,7 +52,10 @@ class AudioDeviceError(UserError):
 
 # ---------------------------------------------------------------------------- device back end
 @dataclass(frozen=True)
-class InputDevice:
+class AudioDevice:
+    """One PortAudio device as sounddevice lists it: microphones here, the virtual microphone's outputs
+    in stream.vmic."""
+
     index: int
     name: str
     hostapi: str
@@ -78,7 +81,7 @@ class AudioBackend(Protocol):
     """What MicrophoneSource needs from an audio system; `SoundDeviceBackend` is the real one, tests
     inject a fake that drives the callback by hand."""
 
-    def input_devices(self) -> list[InputDevice]: ...
+    def input_devices(self) -> list[AudioDevice]: ...
     def default_input_index(self) -> int | None: ...
     def supports(self, index: int, rate: int, channels: int) -> bool: ...
     def open_input(self, index: int, rate: int, channels: int, blocksize: int,
@@ -96,14 +99,14 @@ class SoundDeviceBackend:
             raise AudioDeviceError(NO_DEVICES_MESSAGE) from None
         self._sd = sounddevice
 
-    def input_devices(self) -> list[InputDevice]:
+    def input_devices(self) -> list[AudioDevice]:
         sd = self._sd
         try:
             apis = [api["name"] for api in sd.query_hostapis()]
             devices = sd.query_devices()
         except sd.PortAudioError as exc:
             raise AudioDeviceError(f"cannot query audio devices ({exc}); {NO_DEVICES_MESSAGE}") from None
-        return [InputDevice(int(d["index"]), str(d["name"]), apis[d["hostapi"]] if d["hostapi"] < len(apis)
+        return [AudioDevice(int(d["index"]), str(d["name"]), apis[d["hostapi"]] if d["hostapi"] < len(apis)
                             else "?", int(d["max_input_channels"]), float(d["default_samplerate"]))
                 for d in devices if d["max_input_channels"] > 0]
 
@@ -139,7 +142,7 @@ def list_input_devices(backend: AudioBackend | None = None) -> list[str]:
     return [d.label() for d in backend.input_devices()]
 
 
-def _resolve_device(backend: AudioBackend, device: str | int | None) -> InputDevice:
+def _resolve_device(backend: AudioBackend, device: str | int | None) -> AudioDevice:
     devices = backend.input_devices()
     if not devices:
         raise AudioDeviceError(NO_DEVICES_MESSAGE)
@@ -196,7 +199,7 @@ class MicrophoneSource:
         self._stopped = False
         self._lock = threading.Lock()
 
-    def _choose_format(self, dev: InputDevice) -> tuple[int, int]:
+    def _choose_format(self, dev: AudioDevice) -> tuple[int, int]:
         rates = [SAMPLE_RATE] + ([int(dev.default_rate)] if int(dev.default_rate) != SAMPLE_RATE else [])
         channel_options = [1] + ([min(2, dev.max_channels)] if dev.max_channels > 1 else [])
         for channels in channel_options:

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from capture.audio_sources import AudioDevice
 from common.errors import UserError
 from pcavs.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
 from stream.playout import PlayoutBuffer
@@ -52,18 +53,6 @@ class VirtualMicError(UserError):
 
 
 # ---------------------------------------------------------------------------- device back end
-@dataclass(frozen=True)
-class OutputDevice:
-    index: int
-    name: str
-    hostapi: str
-    max_channels: int
-    default_rate: float
-
-    def label(self) -> str:
-        return f"{self.index}: {self.name} ({self.hostapi}, {self.max_channels} ch, {self.default_rate:g} Hz)"
-
-
 class OutputStreamLike(Protocol):
     @property
     def active(self) -> bool: ...
@@ -80,7 +69,7 @@ FillCallback = Callable[[np.ndarray], None]  # fills the (frames, channels) floa
 class OutputBackend(Protocol):
     """What VirtualMicSink needs from an audio system; `SoundDeviceOutput` is the real one."""
 
-    def output_devices(self) -> list[OutputDevice]: ...
+    def output_devices(self) -> list[AudioDevice]: ...
     def supports(self, index: int, rate: int, channels: int) -> bool: ...
     def open_output(self, index: int, rate: int, channels: int, blocksize: int, fill: FillCallback,
                     pulse_sink: str | None = None) -> OutputStreamLike: ...
@@ -119,14 +108,14 @@ class SoundDeviceOutput:
                                   hint="install it (apt install libportaudio2)") from None
         self._sd = sounddevice
 
-    def output_devices(self) -> list[OutputDevice]:
+    def output_devices(self) -> list[AudioDevice]:
         sd = self._sd
         try:
             apis = [api["name"] for api in sd.query_hostapis()]
             devices = sd.query_devices()
         except sd.PortAudioError as exc:
             raise VirtualMicError(f"cannot list audio output devices ({exc})") from None
-        return [OutputDevice(int(d["index"]), str(d["name"]), apis[d["hostapi"]] if d["hostapi"] < len(apis)
+        return [AudioDevice(int(d["index"]), str(d["name"]), apis[d["hostapi"]] if d["hostapi"] < len(apis)
                              else "?", int(d["max_output_channels"]), float(d["default_samplerate"]))
                 for d in devices if d["max_output_channels"] > 0]
 
@@ -260,7 +249,7 @@ class PulseVirtualMic:
 
 
 # ---------------------------------------------------------------------------- choosing the device
-def _match(devices: Sequence[OutputDevice], wanted: str) -> OutputDevice | None:
+def _match(devices: Sequence[AudioDevice], wanted: str) -> AudioDevice | None:
     text = wanted.strip()
     if text.isdigit():
         return next((d for d in devices if d.index == int(text)), None)
@@ -269,13 +258,13 @@ def _match(devices: Sequence[OutputDevice], wanted: str) -> OutputDevice | None:
     return (exact or partial or [None])[0]
 
 
-def _listing(devices: Sequence[OutputDevice]) -> str:
+def _listing(devices: Sequence[AudioDevice]) -> str:
     return "; ".join(d.label() for d in devices) or "none"
 
 
 @dataclass(frozen=True)
 class MicTarget:
-    device: OutputDevice
+    device: AudioDevice
     pulse_sink: str | None   # the PulseAudio sink PortAudio's "pulse" device must play into, if any
     pick: str                # what the user selects as the microphone in the call app
 

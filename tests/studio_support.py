@@ -36,7 +36,10 @@ class AnchorDetector:
 
 
 class ColourAvatar:
-    """What the fake renderer needs of an Avatar: its colour (the aligned photo's mean) and pose_code."""
+    """What the fake renderer needs of an Avatar: its colour (the aligned photo's mean) and pose_code
+    (and the device the live pose path puts its worker stream on)."""
+
+    device = "cpu"
 
     def __init__(self, aligned: np.ndarray) -> None:
         self.colour = aligned.reshape(-1, 3).mean(0).round().astype(np.uint8)

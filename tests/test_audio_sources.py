@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from capture.audio_sources import (NO_DEVICES_MESSAGE, AudioChunk, AudioDeviceError, FileAudioSource,
-                                   InputDevice, MicrophoneSource, list_input_devices)
+                                   AudioDevice, MicrophoneSource, list_input_devices)
 from capture.audio_files import AudioFileError, load_audio_16k
 
 
@@ -165,12 +165,12 @@ class FakeStream:
 
 
 class FakeBackend:
-    def __init__(self, devices: list[InputDevice], supported: set[tuple[int, int, int]],
+    def __init__(self, devices: list[AudioDevice], supported: set[tuple[int, int, int]],
                  default: int | None = None) -> None:
         self.devices, self.supported, self.default = devices, supported, default
         self.streams: list[FakeStream] = []
 
-    def input_devices(self) -> list[InputDevice]:
+    def input_devices(self) -> list[AudioDevice]:
         return list(self.devices)
 
     def default_input_index(self) -> int | None:
@@ -185,8 +185,8 @@ class FakeBackend:
         return stream
 
 
-BUILTIN = InputDevice(0, "Built-in Audio Analog Stereo", "ALSA", 2, 48000.0)
-HEADSET = InputDevice(3, "USB Headset Mic", "ALSA", 1, 16000.0)
+BUILTIN = AudioDevice(0, "Built-in Audio Analog Stereo", "ALSA", 2, 48000.0)
+HEADSET = AudioDevice(3, "USB Headset Mic", "ALSA", 1, 16000.0)
 
 
 def _backend(**kw) -> FakeBackend:

@@ -22,7 +22,7 @@ from pcavs.constants import MEL_ROWS_PER_FRAME
 from pipeline.timeline import CLIP_CENTRE
 from stream.delay import DelayedSink
 from stream.playout import PlayoutBuffer
-from stream.vmic import (MIC_DESCRIPTION, PULSE_SINK_NAME, PULSE_SOURCE_NAME, OutputDevice, PulseVirtualMic,
+from stream.vmic import (MIC_DESCRIPTION, PULSE_SINK_NAME, PULSE_SOURCE_NAME, AudioDevice, PulseVirtualMic,
                          VirtualMicError, VirtualMicSink, VoiceLeadNotice)
 
 SLOT = 640
@@ -153,7 +153,7 @@ class FakeStream:
 
 
 class FakeOutput:
-    def __init__(self, devices: list[OutputDevice], supported: set[tuple[int, int, int]]) -> None:
+    def __init__(self, devices: list[AudioDevice], supported: set[tuple[int, int, int]]) -> None:
         self.devices, self.supported = devices, supported
         self.streams: list[FakeStream] = []
         self.opened: list[dict] = []
@@ -206,10 +206,10 @@ class FakePactl:
         raise AssertionError(args)
 
 
-PULSE = OutputDevice(0, "pulse", "ALSA", 32, 44100.0)
-CABLE = OutputDevice(3, "CABLE Input (VB-Audio Virtual Cable)", "Windows WASAPI", 2, 48000.0)
-HOLE = OutputDevice(2, "BlackHole 2ch", "Core Audio", 2, 48000.0)
-SPEAKERS = OutputDevice(1, "Speakers", "MME", 2, 48000.0)
+PULSE = AudioDevice(0, "pulse", "ALSA", 32, 44100.0)
+CABLE = AudioDevice(3, "CABLE Input (VB-Audio Virtual Cable)", "Windows WASAPI", 2, 48000.0)
+HOLE = AudioDevice(2, "BlackHole 2ch", "Core Audio", 2, 48000.0)
+SPEAKERS = AudioDevice(1, "Speakers", "MME", 2, 48000.0)
 
 
 def _sink(devices, supported, system, pactl=None, **kw):

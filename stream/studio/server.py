@@ -129,10 +129,7 @@ class StudioServer(WebRTCServer):
         app.router.add_post("/sessions/{id}/view", self._handle_view)
         app.router.add_post("/sessions/{id}/stop", self._handle_stop)
         app.router.add_get("/sessions/{id}/stats", self._handle_stats)
-        app.router.add_static("/static/", self.web_root)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await self._serve_app(app, sock)
         self._watchdog = asyncio.ensure_future(self._watch_sessions())
 
     async def _shutdown(self) -> None:

@@ -248,6 +248,11 @@ class WebRTCServer:
         app.router.add_get("/ice", self._handle_ice)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_get("/health", self._handle_health)
+        await self._serve_app(app, sock)
+
+    async def _serve_app(self, app: web.Application, sock: socket.socket) -> None:
+        """Static files under /static/ and the app on the already-bound socket (subclasses add their routes
+        first)."""
         app.router.add_static("/static/", self.web_root)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
