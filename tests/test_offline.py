@@ -17,6 +17,7 @@ from pcavs.mel import StreamingMel, wav_to_mel
 from pipeline.offline import OfflineOptions, OfflineRenderer, sequence_pose
 from pipeline.timeline import AudioTimeline
 from tests.test_alignment import synthetic_landmarks
+from tests.test_scheduler import RecordingSink, speechlike
 
 
 class ChunkSource:
@@ -55,28 +56,6 @@ class RecordingRenderer:
         self.windows.extend(np.asarray(mel_windows))
         self.poses.extend([None] * len(mel_windows) if pose_codes is None else np.asarray(pose_codes))
         return np.full((len(mel_windows), 8, 8, 3), 128, np.uint8)
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.audio: list[np.ndarray] = []
-        self.indices: list[int] = []
-        self.opened = self.closed = False
-
-    def open(self, width, height, fps, sample_rate):
-        self.opened = (width, height, fps, sample_rate)
-
-    def write(self, frame, audio, frame_index):
-        self.audio.append(audio)
-        self.indices.append(frame_index)
-
-    def close(self):
-        self.closed = True
-
-
-def speechlike(seconds: float) -> np.ndarray:
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
 
 
 def render(audio, upstream_numbering=False, pose=None, source=None, **options):

@@ -158,6 +158,20 @@ def test_admission_refuses_a_session_beyond_the_limit_with_the_reason(studio):
     run(main())
 
 
+def test_a_studio_with_a_token_refuses_requests_without_it(studio):
+    """The token guards creating sessions and the studio's own stats (sessions then use their own keys)."""
+    srv, _, _ = studio(token="t0k")
+
+    async def main():
+        assert (await http("POST", base(srv) + "sessions?sample=1"))[0] == 403
+        assert (await http("POST", base(srv) + "sessions?sample=1&token=wrong"))[0] == 403
+        assert (await http("GET", base(srv) + "stats"))[0] == 403
+        assert (await http("POST", base(srv) + "sessions?sample=1&token=t0k"))[0] == 201
+        assert (await http("GET", base(srv) + "stats?token=t0k"))[0] == 200
+
+    run(main())
+
+
 @pytest.mark.parametrize("data, status, needle", [
     (b"\x89PNG" + bytes(11 * 2**20), 413, "larger than 10 MB"),
     (b"not an image at all", 400, "not an image"),

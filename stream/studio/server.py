@@ -147,6 +147,22 @@ class StudioServer(WebRTCServer):
             return _error(404, "no such session (it has ended); press Start for a new one")
         return sess
 
+    async def _session_request(self, request: web.Request, view_key_too: bool = False
+                          ) -> tuple[_Session, dict] | web.Response:
+        """The session named in the path and the request's JSON body, when the body carries that
+        session's own key (or, with `view_key_too`, its share link's view key); else the refusal."""
+        sess = self._lookup(request)
+        if isinstance(sess, web.Response):
+            return sess
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        if _key_matches(body.get("secret"), sess.secret):
+            return sess, body
+        if view_key_too and _key_matches(body.get("view"), sess.view):
+            return sess, body
+        return _error(403, "wrong share link" if view_key_too else "wrong session key")
+
     async def _end(self, sess: _Session, reason: str) -> None:
         """End a session (idempotent): peers closed, tracks stopped, backend stopped off the loop."""
         if sess.ending:
@@ -284,14 +300,10 @@ class StudioServer(WebRTCServer):
         return body
 
     async def _handle_stop(self, request: web.Request) -> web.Response:
-        sess = self._lookup(request)
-        if isinstance(sess, web.Response):
-            return sess
-        body = await self._read_body(request)
-        if isinstance(body, web.Response):
-            return body
-        if not _key_matches(body.get("secret"), sess.secret):
-            return _error(403, "wrong session key")
+        found = await self._session_request(request)
+        if isinstance(found, web.Response):
+            return found
+        sess, _ = found
         await self._end(sess, "stopped")
         return web.json_response({"ok": True, "ended": sess.end_reason})
 
@@ -338,14 +350,10 @@ class StudioServer(WebRTCServer):
         return pc.localDescription, received
 
     async def _handle_offer(self, request: web.Request) -> web.Response:
-        sess = self._lookup(request)
-        if isinstance(sess, web.Response):
-            return sess
-        body = await self._read_body(request)
-        if isinstance(body, web.Response):
-            return body
-        if not _key_matches(body.get("secret"), sess.secret):
-            return _error(403, "wrong session key")
+        found = await self._session_request(request)
+        if isinstance(found, web.Response):
+            return found
+        sess, body = found
         sdp = self._offer_of(body)
         if isinstance(sdp, web.Response):
             return sdp
@@ -375,14 +383,10 @@ class StudioServer(WebRTCServer):
         return web.json_response({"sdp": answer.sdp, "type": answer.type})
 
     async def _handle_view(self, request: web.Request) -> web.Response:
-        sess = self._lookup(request)
-        if isinstance(sess, web.Response):
-            return sess
-        body = await self._read_body(request)
-        if isinstance(body, web.Response):
-            return body
-        if not (_key_matches(body.get("view"), sess.view) or _key_matches(body.get("secret"), sess.secret)):
-            return _error(403, "wrong share link")
+        found = await self._session_request(request, view_key_too=True)
+        if isinstance(found, web.Response):
+            return found
+        sess, body = found
         sdp = self._offer_of(body)
         if isinstance(sdp, web.Response):
             return sdp
