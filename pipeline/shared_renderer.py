@@ -35,7 +35,8 @@ from pcavs.engine import SessionRequest, StageTimes, render_sessions
 
 log = logging.getLogger(__name__)
 
-# A session that asked within this many seconds is expected to ask again soon (see SharedRenderer._gather).
+# A session that asked within this many seconds (plus two batch durations: a session waits out the batch
+# in progress and its own before it can ask again) is expected to ask again soon (SharedRenderer._gather).
 ACTIVE_S = 0.5
 
 RenderRows = Callable[[Sequence[SessionRequest]], Sequence[np.ndarray]]
@@ -256,16 +257,18 @@ class SharedRenderer:
 
         Without this, sessions settle into taking turns: each request arrives while another session's
         batch runs, so every batch has one row and N sessions cost N passes. Waiting until every
-        session that asked within `ACTIVE_S` has a request pending, but never longer than one batch
-        (`gather_max_s`, and the last batch's duration), lets them share one pass. A session that
-        stops asking is no longer waited for after `ACTIVE_S`; the wait it costs is in `batch_wait_ms`.
+        session that asked recently has a request pending, but never longer than one batch
+        (`gather_max_s`, and the last batch's duration), lets them share one pass. "Recently" is
+        `ACTIVE_S` plus two batch durations, so slow batches (a CPU) do not make every session look idle.
+        A session that stops asking is no longer waited for after that; the wait is in `batch_wait_ms`.
         """
         if not self._pending:
             return
         deadline = time.monotonic() + min(self.gather_max_s, self._last_batch_s)
+        recent_s = ACTIVE_S + 2 * self._last_batch_s
         while not self._stopping:
             now = time.monotonic()
-            active = {h for h in self._handles if h.last_submit is not None and now - h.last_submit < ACTIVE_S}
+            active = {h for h in self._handles if h.last_submit is not None and now - h.last_submit < recent_s}
             if now >= deadline or not self._pending or active <= self._pending.keys():
                 return
             self._cond.wait(deadline - now)
