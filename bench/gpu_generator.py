@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stage import Report, peak_memory_mb, print_table, random_networks, resolve, stage_args, summary, wall_ms  # noqa: E402
+from bench.stage import (peak_memory_mb, print_table, stage_args, start_generator_stage, summary,  # noqa: E402
+                         wall_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,20 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,32,128,256")
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args(argv)
-    device, dtype = resolve(args)
     batches = [1, 2] if args.smoke else [int(b) for b in args.batches.split(",")]
     runs = 3 if args.smoke else args.runs
-    report = Report("generator", args.json, args.deadline_s)
-    report.set("device", device)
-    report.set("dtype", str(dtype).removeprefix("torch."))
+    device, dtype, report, nets = start_generator_stage("generator", args)
 
     from pcavs.engine import Avatar, EngineOptions, StageTimes
     from pcavs.runtime import RowBatch
 
-    from pcavs.device import configure_cudnn
-
-    configure_cudnn(device)  # as a live session does: autotuned during the warm-up
-    nets = random_networks(device, dtype, size=28 if args.smoke else 224)
     runtime = nets.runtime
     photo = torch.rand(3, 224, 224) * 2 - 1
     avatar = Avatar(nets, photo, EngineOptions(device=device, dtype=dtype))

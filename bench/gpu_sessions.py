@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stage import (Report, peak_memory_mb, print_table, random_networks, resolve, stage_args,  # noqa: E402
-                         summary, wall_ms)
+from bench.stage import (peak_memory_mb, print_table, stage_args, start_generator_stage, summary,  # noqa: E402
+                         wall_ms)
 from pcavs.constants import FPS  # noqa: E402
 
 TICK_BUDGET_MS = 1000.0 / FPS
@@ -32,19 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", default="1,16,64,100,128,256")
     ap.add_argument("--ticks", type=int, default=30)
     args = ap.parse_args(argv)
-    device, dtype = resolve(args)
     counts = [1, 2] if args.smoke else [int(n) for n in args.sessions.split(",")]
     ticks = 3 if args.smoke else args.ticks
-    report = Report("sessions", args.json, args.deadline_s)
-    report.set("device", device)
-    report.set("dtype", str(dtype).removeprefix("torch."))
+    device, dtype, report, nets = start_generator_stage("sessions", args)
 
     from pcavs.engine import Avatar, EngineOptions, SessionRequest, StageTimes, render_sessions, warm_up
 
-    from pcavs.device import configure_cudnn
-
-    configure_cudnn(device)  # as a live session does: autotuned during the warm-up
-    nets = random_networks(device, dtype, size=28 if args.smoke else 224)
     rng = np.random.default_rng(0)
     t0 = time.monotonic()
     avatars = []

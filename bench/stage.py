@@ -187,3 +187,17 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str], echo
     if echo:
         print(text, flush=True)
     return text
+
+
+def start_generator_stage(name: str, args: argparse.Namespace) -> tuple[str, torch.dtype, "Report", object]:
+    """What every generator stage starts with: the device and dtype, its Report (both recorded), cuDNN
+    set as a live session sets it (autotuned during the warm-up), and random networks (a 28-pixel
+    generator with --smoke)."""
+    from pcavs.device import configure_cudnn
+
+    device, dtype = resolve(args)
+    report = Report(name, args.json, args.deadline_s)
+    report.set("device", device)
+    report.set("dtype", str(dtype).removeprefix("torch."))
+    configure_cudnn(device)
+    return device, dtype, report, random_networks(device, dtype, size=28 if args.smoke else 224)

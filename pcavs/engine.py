@@ -25,14 +25,13 @@ import torch
 
 from pcavs.checkpoints import PcavsNetworks
 from pcavs.constants import MOUTH_DIM, POSE_DIM
-from pcavs.device import resolve_device
 from pcavs.gpu import download, upload
 from pcavs.networks.generator import IdentityStyle
 from pcavs.preprocess import to_network_input
 from pcavs.runtime import RowBatch, frames_on_device
 
 __all__ = ["Avatar", "DEFAULT_MOUTH_WEIGHT", "EngineOptions", "NoiseBank", "NoiseMode", "SessionRequest", "StageTimes",
-           "encode_poses", "generate", "render_sessions", "resolve_device", "to_uint8_frames", "warm_up"]
+           "encode_poses", "generate", "render_sessions", "to_uint8_frames", "warm_up"]
 
 NoiseMode = Literal["fixed", "random", "zero"]
 DEFAULT_MOUTH_WEIGHT = 1.2  # hard-coded default of upstream inference(), spec §3.5
