@@ -97,11 +97,12 @@ class StatusPrinter:
             log.info(line)
 
 
-def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tuple[Avatar, AlignedFace]:
-    """Load the networks and encode the identity once. Returns the avatar and the aligned photo: its
-    224² crop doubles as the placeholder frame before the first generated one, its matrix places the
-    generated face back into the photo (output.framing = "paste"). `detector` is only called when the
-    photo has no landmark sidecar."""
+def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]
+                 ) -> tuple[Avatar, AlignedFace, np.ndarray]:
+    """Load the networks and encode the identity once. Returns the avatar, the aligned photo (its 224²
+    crop doubles as the placeholder frame before the first generated one, its matrix places the generated
+    face back into the photo for output.framing = "paste") and the photo itself (RGB uint8, read once).
+    `detector` is only called when the photo has no landmark sidecar."""
     m = config.model
     options = engine_options(m.device, m.dtype, m.noise, m.noise_seed, m.mouth_weight)  # device checked here
     photo = Path(config.identity.photo)
@@ -111,7 +112,8 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]) -> tu
     networks = load_engine(m.checkpoint_dir, options)
     side = sidecar_path(photo)
     landmarks = load_landmark_sidecar(side) if side.is_file() else None  # a sidecar needs no detector
-    return encode_identity(networks, options, rgb, str(photo), landmarks, detector)
+    avatar, face = encode_identity(networks, options, rgb, str(photo), landmarks, detector)
+    return avatar, face, rgb
 
 
 def build_audio(config: Config, realtime: bool):
@@ -175,7 +177,8 @@ class LiveSession:
             self._landmarks = FaceAlignmentDetector(device=device)
         return self._landmarks.with_detect_max_side(detect_max_side)
 
-    def _sinks(self, face: AlignedFace | None):
+    def _sinks(self, face: AlignedFace | None, photo: np.ndarray | None):
+        """The configured outputs; `face` and `photo` (None with an injected renderer) for paste framing."""
         from stream.framing import FramedSink, SharedFramer, make_framer, size_for
         from stream.sinks import FanOutSink
         output = self.config.output
@@ -186,10 +189,10 @@ class LiveSession:
             if size is None:
                 return sink
             if size not in framers:
-                paste = output.framing == "paste" and face is not None  # an injected renderer has no photo
-                photo = read_rgb(self.config.identity.photo) if paste else None
-                framers[size] = SharedFramer(make_framer("paste" if paste else "fit", size, photo,
-                                                         None if face is None else face.matrix))
+                paste = output.framing == "paste" and face is not None and photo is not None
+                framers[size] = SharedFramer(make_framer("paste" if paste else "fit", size,
+                                                         photo if paste else None,
+                                                         face.matrix if paste else None))
             return FramedSink(sink, framers[size])
 
         vmic = None
@@ -274,14 +277,15 @@ class LiveSession:
         self.start_server()
         injected = self.run_options.build_renderer
         face: AlignedFace | None = None
+        photo: np.ndarray | None = None
         if injected is not None:
             avatar, placeholder = injected(self.config)
         else:
-            avatar, face = build_avatar(
+            avatar, face, photo = build_avatar(
                 self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
             placeholder = face.image
         source, mel = build_audio(self.config, self.realtime)
-        sink = self._sinks(face)
+        sink = self._sinks(face, photo)
         if self.run_options.wrap_sink is not None:
             sink = self.run_options.wrap_sink(sink)
         max_frames = None if self.run_options.max_seconds is None else int(self.run_options.max_seconds * FPS)
