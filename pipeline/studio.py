@@ -27,6 +27,7 @@ import numpy as np
 
 from common.errors import UserError
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
+from capture.pose_rate import DEFAULT_RATE_HZ
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs.mel import StreamingGain, StreamingMel
 from pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity, make_scheduler, start_live_pose
@@ -80,7 +81,7 @@ class StudioSession:
 
     def __init__(self, avatar, placeholder: np.ndarray, renderer: SharedRenderer,
                  pose_detector: Callable[[], LandmarkDetector] | None, pose_smoothing: float | None,
-                 device: str | None, pose_rate_hz: float = 12.5) -> None:
+                 device: str | None, pose_rate_hz: float = DEFAULT_RATE_HZ) -> None:
         self.avatar, self.placeholder = avatar, placeholder
         self._pose_rate_hz = pose_rate_hz
         self.metrics = LiveMetrics()
@@ -182,7 +183,7 @@ class StudioSessions:
 
     def __init__(self, encode: EncodeIdentity, renderer: SharedRenderer,
                  pose_detector: Callable[[], LandmarkDetector] | None = None,
-                 pose_smoothing: float | None = 0.5, device: str | None = None, pose_rate_hz: float = 12.5) -> None:
+                 pose_smoothing: float | None = 0.5, device: str | None = None, pose_rate_hz: float = DEFAULT_RATE_HZ) -> None:
         self.encode, self.renderer = encode, renderer
         self.pose_detector, self.pose_smoothing, self.device = pose_detector, pose_smoothing, device
         self.pose_rate_hz = pose_rate_hz

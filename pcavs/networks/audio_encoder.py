@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-N_MELS = 80
-MEL_WINDOW = 20
+from pcavs.constants import N_MELS
+
 AUDIO_FEATURE_DIM = 512
 NUM_CLASSES = 5830
 LAYER_BLOCKS = (3, 4, 6, 3)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnext50_32x4d
 
-ID_FEATURE_DIM = 2048
+from pcavs.constants import ID_DIM
+
 ID_MAP_CHANNELS = 512
 ID_MAP_SIZE = 7
 NUM_CLASSES = 5830  # size of the unused training-time identity classifier `fc`
@@ -28,7 +29,7 @@ class IdentityEncoder(nn.Module):
         self.model = resnext50_32x4d(weights=None)
         self.conv1x1 = nn.Conv2d(2048, ID_MAP_CHANNELS, kernel_size=1, padding=0, bias=True)
         # Identity-classification head used only in training; kept so the checkpoint's `fc.*` has a home.
-        self.fc = nn.Linear(ID_FEATURE_DIM, NUM_CLASSES)
+        self.fc = nn.Linear(ID_DIM, NUM_CLASSES)
 
     def trunk(self, img: torch.Tensor) -> torch.Tensor:
         """layer4 feature map (B,2048,H/32,W/32)."""
