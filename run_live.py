@@ -10,15 +10,15 @@
     python run_live.py doctor                            # what this machine lacks, and how to get it
 
 The entry point from a source checkout; an installed package runs the same program as `pcavs-live`
-(`cli.main`, which holds the command line: run is the default command, then serve, fetch, devices, doctor).
+(`pcavs_live.cli.main`, which holds the command line: run is the default command, then serve, fetch, devices, doctor).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cli.main import LIVE_TARGETS, build_run_parser, exit_now, install_stop_handlers, overrides_from_args  # noqa: F401
-from cli.main import main as _main
+from pcavs_live.cli.main import LIVE_TARGETS, build_run_parser, exit_now, install_stop_handlers, overrides_from_args  # noqa: F401
+from pcavs_live.cli.main import main as _main
 
 __all__ = ["LIVE_TARGETS", "build_parser", "install_stop_handlers", "main", "overrides_from_args", "parse_args"]
 

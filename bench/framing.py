@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli.config import SAMPLE_PHOTO  # noqa: E402
+from pcavs_live.cli.config import SAMPLE_PHOTO  # noqa: E402
 from pcavs.alignment import FaceAligner, read_rgb  # noqa: E402
 from pcavs.constants import CROP_SIZE  # noqa: E402
 from stream.framing import FitFramer, PasteFramer, SharedFramer, parse_size  # noqa: E402

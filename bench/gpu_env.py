@@ -20,7 +20,7 @@ from bench.stage import Report, stage_args  # noqa: E402
 # device check itself needs.
 THIRD_PARTY = ("numpy", "scipy", "torch", "torchvision", "cv2", "librosa", "soundfile", "soxr", "face_alignment",
                "skimage", "aiohttp", "aiortc", "av", "sounddevice", "pyvirtualcam", "PIL", "pytest")
-PROJECT = ("pcavs.engine", "pcavs.runtime", "pcavs.alignment.tracking", "capture.pose_rate", "pipeline.session")
+PROJECT = ("pcavs.engine", "pcavs.runtime", "pcavs.alignment.tracking", "capture.pose_rate", "pcavs_live.pipeline.session")
 
 
 def main(argv: list[str] | None = None) -> int:

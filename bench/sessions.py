@@ -1,6 +1,6 @@
 """Many live sessions on one device, the studio's way: N sessions, one SharedRenderer.
 
-Each synthetic session is a real session (pipeline/builders.py): a real-time looped speech source, its
+Each synthetic session is a real session (pcavs_live/pipeline/builders.py): a real-time looped speech source, its
 own AudioTimeline, its own Avatar on the shared networks, a SessionHandle of one `SharedRenderer`
 (`pcavs.engine.render_sessions`: every ready frame across sessions in one pass) and a null sink, driven
 by the same Scheduler as the CLI and the studio. For N = 1, 2, 4, 8, 16 (and up to 256 on CUDA) it runs
@@ -31,11 +31,11 @@ from capture.audio_sources import FileAudioSource  # noqa: E402
 from capture.looped_audio import LoopedAudioSource  # noqa: E402
 from pcavs.engine import Avatar, EngineOptions, render_sessions  # noqa: E402
 from pcavs.mel import StreamingGain, StreamingMel  # noqa: E402
-from pipeline.builders import make_scheduler  # noqa: E402
-from pipeline.metrics import FrameRecord, LiveMetrics  # noqa: E402
-from pipeline.scheduler import SchedulerOptions  # noqa: E402
-from pipeline.shared_renderer import RendererClosed, SharedRenderer  # noqa: E402
-from pipeline.timeline import AudioTimeline  # noqa: E402
+from pcavs_live.pipeline.builders import make_scheduler  # noqa: E402
+from pcavs_live.pipeline.metrics import FrameRecord, LiveMetrics  # noqa: E402
+from pcavs_live.pipeline.scheduler import SchedulerOptions  # noqa: E402
+from pcavs_live.pipeline.shared_renderer import RendererClosed, SharedRenderer  # noqa: E402
+from pcavs_live.pipeline.timeline import AudioTimeline  # noqa: E402
 
 SPEECH = Path(__file__).resolve().parent.parent / "assets" / "sample" / "speech.wav"
 

@@ -136,10 +136,10 @@ class SleepyRenderer:
 
 # ---------------------------------------------------------------------------- the child: one session
 def serve(args: argparse.Namespace) -> int:
-    from cli.config import dotted_overrides, load_config
-    from cli.errors import run_with_user_errors
-    from cli.logging_setup import setup_logging
-    from pipeline.session import LiveSession, RunOptions
+    from pcavs_live.cli.config import dotted_overrides, load_config
+    from pcavs_live.cli.errors import run_with_user_errors
+    from pcavs_live.cli.logging_setup import setup_logging
+    from pcavs_live.pipeline.session import LiveSession, RunOptions
     from run_live import install_stop_handlers
 
     setup_logging(0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from pcavs.constants import SAMPLE_RATE
 
 

@@ -1,11 +1,11 @@
 """Audio sources: a live microphone and an audio/video file, both delivering 16 kHz mono float32 chunks.
 
-The audio source is the clock of the live loop (pipeline/scheduler.py): each chunk says where it lies
+The audio source is the clock of the live loop (pcavs_live/pipeline/scheduler.py): each chunk says where it lies
 on the source's own sample timeline (`start_sample`) and when it became available (`captured_at`). A
 source that has to drop audio (a consumer that fell behind) skips ahead in `start_sample` instead of
 hiding the gap, so the timeline stays true and the scheduler can fill the hole with silence.
 
-Queues are bounded (`common.queues.DropOldestQueue`): the microphone and a real-time file drop their
+Queues are bounded (`pcavs_live.common.queues.DropOldestQueue`): the microphone and a real-time file drop their
 *oldest* block when full (live audio must not build latency), a fast file blocks its producer until
 the consumer catches up.
 """
@@ -19,8 +19,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from common.errors import UserError
-from common.queues import DropOldestQueue
+from pcavs_live.common.errors import UserError
+from pcavs_live.common.queues import DropOldestQueue
 from pcavs.constants import SAMPLE_RATE
 from capture.audio_files import load_audio_16k
 

@@ -28,7 +28,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from capture.audio_sources import AudioChunk
-from common.queues import DropOldestQueue
+from pcavs_live.common.queues import DropOldestQueue
 from pcavs.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)

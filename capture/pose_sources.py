@@ -28,7 +28,7 @@ from typing import Callable, Protocol, Sequence
 import cv2
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from pcavs.alignment import AlignedFace, ClipAligner, LandmarkDetector, largest_face
 from pcavs.constants import FPS, POSE_DIM
 

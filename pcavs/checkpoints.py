@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from pcavs.networks.audio_encoder import AudioEncoder
 from pcavs.networks.identity_encoder import IdentityEncoder
 from pcavs.networks.pose_encoder import PoseEncoder

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 
 _DEVICE = re.compile(r"cpu|mps|cuda(?::(\d+))?")
 _BF16_MIN_CAPABILITY = (8, 0)  # bfloat16 tensor-core kernels start with Ampere (sm_80)

@@ -13,7 +13,7 @@ The STFT is re-implemented here in numpy (lws is only the test oracle) because l
 whole signal, while the live path needs rows as soon as their audio exists: row m covers samples
 [160m − 1120, 160m + 160), so it is complete once 160(m+1) samples have arrived, and window k (rows
 [4k, 4k+20), upstream's output frame k) is complete at sample 160(4k + 20). Which window a displayed slot
-uses is `pipeline.timeline`'s business (by default slot t shows window t−2: audio up to 40t+120 ms).
+uses is `pcavs_live.pipeline.timeline`'s business (by default slot t shows window t−2: audio up to 40t+120 ms).
 
 The one thing a live stream cannot reproduce is the whole-file RMS normalisation. `StreamingMel` takes
 either a fixed gain (bit-for-bit the file-mode rows when it equals the file's gain) or a

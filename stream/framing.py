@@ -22,7 +22,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from pcavs.constants import CROP_SIZE
 
 Size = tuple[int, int]  # (width, height)

@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from pcavs.constants import FPS, SAMPLE_RATE
 
 log = logging.getLogger(__name__)

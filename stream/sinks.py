@@ -14,7 +14,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import platform
 
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 
 MODPROBE = 'sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label="pcavs-live"'
 

@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from capture.audio_sources import AudioDevice
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from pcavs.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
 from stream.playout import PlayoutBuffer
 

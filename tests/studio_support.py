@@ -15,8 +15,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 from pcavs.alignment import FaceAligner, load_landmark_sidecar, read_rgb, sidecar_path
-from pipeline.shared_renderer import SharedRenderer
-from pipeline.studio import StudioSessions
+from pcavs_live.pipeline.shared_renderer import SharedRenderer
+from pcavs_live.pipeline.studio import StudioSessions
 from stream.studio import StudioServer
 from stream.webrtc import use_host_addresses
 from tests.test_browser_viewer import REPO

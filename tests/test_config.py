@@ -1,5 +1,5 @@
-"""cli.config (layering, typing, errors, --print-config round trip), the bundled sample it points at,
-and the small CLI helpers cli.errors / cli.logging_setup."""
+"""pcavs_live.cli.config (layering, typing, errors, --print-config round trip), the bundled sample it points at,
+and the small CLI helpers pcavs_live.cli.errors / pcavs_live.cli.logging_setup."""
 from __future__ import annotations
 
 import io
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import UserError
-from cli.config import (DEFAULT_CONFIG_PATH, PROJECT_ROOT, SAMPLE_PHOTO, SAMPLE_SPEECH, SECTIONS, Config,
+from pcavs_live.common.errors import UserError
+from pcavs_live.cli.config import (DEFAULT_CONFIG_PATH, PROJECT_ROOT, SAMPLE_PHOTO, SAMPLE_SPEECH, SECTIONS, Config,
                         ConfigError, allowed_words, cli_options, config_to_toml, dotted_overrides, load_config)
-from cli.errors import EXIT_INTERRUPTED, run_with_user_errors
-from cli.logging_setup import setup_logging
+from pcavs_live.cli.errors import EXIT_INTERRUPTED, run_with_user_errors
+from pcavs_live.cli.logging_setup import setup_logging
 
 
 def write(tmp_path: Path, text: str, name: str = "user.toml") -> Path:
@@ -274,7 +274,7 @@ def test_sample_speech_format_and_sizes():
     assert total < 1_000_000
 
 
-# --------------------------------------------------------------------------- cli.errors
+# --------------------------------------------------------------------------- pcavs_live.cli.errors
 def test_user_error_prints_one_line_and_hint():
     err = io.StringIO()
 
@@ -341,7 +341,7 @@ def test_exit_codes_success_interrupt_and_custom():
     assert run_with_user_errors(busy, False, stderr=io.StringIO()) == 4
 
 
-# --------------------------------------------------------------------------- cli.logging_setup
+# --------------------------------------------------------------------------- pcavs_live.cli.logging_setup
 @pytest.fixture
 def restore_logging():
     root = logging.getLogger()

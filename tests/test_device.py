@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import run_live
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from pcavs.device import DeviceError, configure_cudnn, resolve_device, resolve_device_and_dtype, resolve_dtype
 
 
@@ -108,11 +108,11 @@ def test_cli_device_error_is_one_line_before_any_checkpoint(monkeypatch, tmp_pat
     """run_live with --device cuda and no usable GPU: exit 2, one `error:` line, no traceback, and the
     checkpoint folder (which does not exist, so reading it would be a different error) is never read."""
     fake_gpus(monkeypatch, 0)
-    import cli.main
-    monkeypatch.setattr(cli.main, "setup_logging", lambda *a, **k: None)  # leave pytest's logging alone
-    monkeypatch.setattr(cli.main.signal, "signal", lambda *a, **k: None)  # and its Ctrl-C handler
+    import pcavs_live.cli.main
+    monkeypatch.setattr(pcavs_live.cli.main, "setup_logging", lambda *a, **k: None)  # leave pytest's logging alone
+    monkeypatch.setattr(pcavs_live.cli.main.signal, "signal", lambda *a, **k: None)  # and its Ctrl-C handler
     loaded = []
-    monkeypatch.setattr("pipeline.builders.load_networks", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("pcavs_live.pipeline.builders.load_networks", lambda *a, **k: loaded.append(a))
     out = tmp_path / "never.mp4"
     code = run_live.main(["--device", "cuda", "--checkpoints", str(tmp_path / "nothing"), "--out", str(out)])
     err = capsys.readouterr().err

@@ -2,8 +2,8 @@
 exists, and README's option table lists every long option the command line has.
 
 What the architecture check reads (inline `code` spans only; fenced blocks are diagrams):
-  a path      `pipeline/timeline.py`, `stream/web/`, `run_live.py`   → that file or folder exists
-  a module    `pcavs.engine`, `common.errors.UserError`               → found by the files that define it
+  a path      `pcavs_live/pipeline/timeline.py`, `stream/web/`, `run_live.py`   → that file or folder exists
+  a module    `pcavs.engine`, `pcavs_live.common.errors.UserError`               → found by the files that define it
   a name      `Avatar`, `FPS`, `Avatar.render`, `AudioChunk.start_sample` → a class / function / constant
               defined (or re-exported) at the top level of some project module; after a dot, a member
               of that class (its methods, class attributes, dataclass fields, `self.x` assignments,
@@ -192,10 +192,10 @@ def test_architecture_doc_names_only_things_that_exist():
 def test_architecture_doc_covers_every_package_and_pipeline_module():
     text = ARCHITECTURE.read_text(encoding="utf-8")
     spans = set(code_spans(text))
-    for package in ("common/", "pcavs/", "capture/", "pipeline/", "stream/", "cli/", "bench/"):
+    for package in ("pcavs_live/common/", "pcavs/", "capture/", "pcavs_live/pipeline/", "stream/", "pcavs_live/cli/", "bench/"):
         assert f"## {package}" in text or package in spans, package
-    for module in ("pipeline.session", "pipeline.timeline", "pipeline.metrics", "pipeline.scheduler",
-                   "common.errors", "pcavs.constants", "stream.webrtc", "pcavs.alignment", "run_live.py"):
+    for module in ("pcavs_live.pipeline.session", "pcavs_live.pipeline.timeline", "pcavs_live.pipeline.metrics", "pcavs_live.pipeline.scheduler",
+                   "pcavs_live.common.errors", "pcavs.constants", "stream.webrtc", "pcavs.alignment", "run_live.py"):
         assert module in spans, module
 
 
@@ -203,8 +203,8 @@ def test_checker_reports_stale_names_and_ignores_plain_words():
     doc = """
     * `Avatar.from_photo(...)`: identity once; `Avatar.step(mel_window, pose_input|None)`; `MelSpec` front end.
     * `pcavs/nothing.py`, `pcavs.nothing.Thing`, `pcavs.engine.NoSuchThing`, `stream/nowhere/`, `NoSuchClass.x`.
-    * Real: `Avatar`, `Avatar.render`, `pcavs.engine.Avatar.render`, `pipeline/timeline.py`, `stream/web/`,
-      `common.errors.UserError`, `FPS`, `AudioChunk.start_sample`, `IdentityEncoder(nn.Module)`, `run_live.py`,
+    * Real: `Avatar`, `Avatar.render`, `pcavs.engine.Avatar.render`, `pcavs_live/pipeline/timeline.py`, `stream/web/`,
+      `pcavs_live.common.errors.UserError`, `FPS`, `AudioChunk.start_sample`, `IdentityEncoder(nn.Module)`, `run_live.py`,
       `WebRTCServer.start`, `Config`, `LiveSession.run`.
     * Plain: `forward(img) -> (B,512)`, `torch.load(weights_only=True)`, `config.server.port`, `model.*`,
       `None`, `--out`, `"sample"`, `(B,3,224,224)`, `RGB uint8 HxWx3`, `noise`.

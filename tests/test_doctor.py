@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cli import doctor
-from cli.config import load_config
-from cli.doctor import EXIT_MISSING, Probes, diagnose, exit_code, render
-from cli.machine import ProbeError, PythonInfo, TorchInfo, probe_port, probe_virtual_microphone
+from pcavs_live.cli import doctor
+from pcavs_live.cli.config import load_config
+from pcavs_live.cli.doctor import EXIT_MISSING, Probes, diagnose, exit_code, render
+from pcavs_live.cli.machine import ProbeError, PythonInfo, TorchInfo, probe_port, probe_virtual_microphone
 from pcavs.alignment import LANDMARK_MODEL_FILES
 
 NETS = ("G", "V", "E", "A_sync")
@@ -182,7 +182,7 @@ def test_port_probe_sees_a_listening_socket():
 
 def test_doctor_command_prints_the_table_and_exit_code(tmp_path, monkeypatch, capsys):
     """The command-line path: options pick what is needed, the fix names the options' checkpoint folder."""
-    from cli.main import main
+    from pcavs_live.cli.main import main
 
     state = {"probes": replace(healthy(tmp_path), checkpoints=lambda folder: {net: "missing" for net in NETS})}
     monkeypatch.setattr(doctor, "Probes", lambda: state["probes"])

@@ -1,4 +1,4 @@
-"""cli.fetch_checkpoints and the shared common.download against a local HTTP server (no internet needed): the
+"""pcavs_live.cli.fetch_checkpoints and the shared pcavs_live.common.download against a local HTTP server (no internet needed): the
 upstream zip layout, Google Drive's confirm page, redirects, zip-slip archives, HTTP and network failures,
 cut-short bodies, and the command line."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from common.errors import UserError
-from cli import fetch_checkpoints as fc
-from cli.fetch_checkpoints import CheckpointFetchError, extract_checkpoints, fetch_checkpoints
+from pcavs_live.common.errors import UserError
+from pcavs_live.cli import fetch_checkpoints as fc
+from pcavs_live.cli.fetch_checkpoints import CheckpointFetchError, extract_checkpoints, fetch_checkpoints
 
 NETS = ("G", "V", "E", "A_sync")
 
@@ -183,9 +183,9 @@ def test_html_without_confirm_form_fails_clearly(server, tmp_path):
 
 
 def test_shared_downloader_never_leaves_a_partial_file(server, tmp_path):
-    """common.download (also used for the face landmark weights): a body shorter than its Content-Length or
+    """pcavs_live.common.download (also used for the face landmark weights): a body shorter than its Content-Length or
     an HTML page keeps the old file and leaves no .part file; a whole body replaces the file."""
-    from common.download import DownloadError, download
+    from pcavs_live.common.download import DownloadError, download
 
     dest = tmp_path / "weights.pth"
     dest.write_bytes(b"old")

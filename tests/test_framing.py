@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cli.config import SAMPLE_PHOTO
+from pcavs_live.cli.config import SAMPLE_PHOTO
 from pcavs.alignment import FaceAligner, MOUTH_TARGET, read_rgb
 from pcavs.constants import CROP_SIZE
 from stream.framing import (CALL_SIZE, FitFramer, FramedSink, FramingError, PasteFramer, SharedFramer,
@@ -195,8 +195,8 @@ def test_session_records_a_640x480_mp4_with_the_face_pasted_into_the_photo(tmp_p
     output.framing reach the recorder."""
     import av
 
-    from cli.config import load_config
-    from pipeline.session import LiveSession, RunOptions
+    from pcavs_live.cli.config import load_config
+    from pcavs_live.pipeline.session import LiveSession, RunOptions
     from tests.conftest import parity_weights_dir
 
     class WhiteFace:

@@ -399,8 +399,8 @@ def test_runtime_is_shared_by_every_avatar_of_the_networks(nets, avatars):
 
 
 def test_prepare_engine_sets_cudnn_warms_up_and_watches_nonfinite(avatars, monkeypatch):
-    from pipeline.engine_setup import prepare_engine
-    from pipeline.metrics import LiveMetrics
+    from pcavs_live.pipeline.engine_setup import prepare_engine
+    from pcavs_live.pipeline.metrics import LiveMetrics
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as face_alignment leaves it
     metrics = LiveMetrics()
     assert prepare_engine(avatars[0], (1,), metrics) == []  # nothing to prepare on a CPU

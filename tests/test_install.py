@@ -24,9 +24,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-import cli.config
-from cli import doctor, fetch
-from cli.paths import BUNDLED_ROOT, user_data_dir
+import pcavs_live.cli.config
+from pcavs_live.cli import doctor, fetch
+from pcavs_live.cli.paths import BUNDLED_ROOT, user_data_dir
 from tests.conftest import REPO_ROOT
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -70,15 +70,19 @@ def test_doctor_suggests_the_pinned_torch():
     assert doctor.TORCH_PINS == f"torch{deps['torch'].specifier} torchvision{deps['torchvision'].specifier}"
 
 
+# What a wheel puts at the top of site-packages (besides its .dist-info).
+WHEEL_TOP_LEVEL = ("pcavs_live", "capture", "pcavs", "stream", "configs", "assets")
+
+
 def _packaged_sources() -> list[Path]:
-    packages = ("common", "capture", "pcavs", "pipeline", "stream", "cli")
+    packages = ("pcavs_live", "capture", "pcavs", "stream")
     return [p for package in packages for p in (REPO_ROOT / package).rglob("*.py")]
 
 
 def test_runtime_dependencies_are_exactly_what_the_code_imports():
     """Every third-party module the installed packages import (at the top or inside a function) comes from
     a declared dependency, and every declared dependency is imported by something."""
-    ours = {"common", "capture", "pcavs", "pipeline", "stream", "cli", "configs", "assets"}
+    ours = set(WHEEL_TOP_LEVEL)
     imported: set[str] = set()
     for path in _packaged_sources():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -110,17 +114,17 @@ def test_user_data_dir_per_os(tmp_path):
 def test_installed_layout_writes_to_home_and_reads_bundled_files(tmp_path, monkeypatch):
     """An installed package's relative paths: the user's folder first, the bundled file as a fallback."""
     home = tmp_path / "home"
-    monkeypatch.setattr(cli.config, "HOME_DIR", home)
-    config = cli.config.load_config(None, {})
+    monkeypatch.setattr(pcavs_live.cli.config, "HOME_DIR", home)
+    config = pcavs_live.cli.config.load_config(None, {})
     assert config.model.checkpoint_dir == home / "checkpoints" / "demo"
     assert config.output.file == home / "out" / "session.mp4"
     assert config.identity.photo == BUNDLED_ROOT / "assets" / "sample" / "astronaut.png"
     own = home / "assets" / "sample" / "astronaut.png"
     own.parent.mkdir(parents=True)
     own.write_bytes(b"")
-    assert cli.config.load_config(None, {}).identity.photo == own
+    assert pcavs_live.cli.config.load_config(None, {}).identity.photo == own
     # command-line paths stay relative to the current directory, with no fallback
-    assert cli.config.load_config(None, {"identity.photo": "assets/sample/astronaut.png"},
+    assert pcavs_live.cli.config.load_config(None, {"identity.photo": "assets/sample/astronaut.png"},
                                   cwd=tmp_path).identity.photo == tmp_path / "assets" / "sample" / "astronaut.png"
 
 
@@ -201,7 +205,7 @@ def test_fetch_offline_prints_one_line_per_missing_file(tmp_path, capsys):
 
 
 def test_fetch_command_uses_the_config_and_the_folder_the_program_reads(tmp_path, site, monkeypatch, capsys):
-    from cli.main import main
+    from pcavs_live.cli.main import main
     from pcavs.alignment import LANDMARK_MODEL_FILES, default_landmark_model_dir
 
     assert fetch.landmark_files() == LANDMARK_MODEL_FILES
@@ -222,7 +226,7 @@ def test_fetch_command_uses_the_config_and_the_folder_the_program_reads(tmp_path
 
 # --------------------------------------------------------------------------- the commands
 def test_the_command_comes_first_and_run_is_the_default():
-    from cli.main import split_command
+    from pcavs_live.cli.main import split_command
     assert split_command([]) == ("run", [])
     assert split_command(["--out", "x.mp4"]) == ("run", ["--out", "x.mp4"])
     assert split_command(["doctor", "--out", "vcam"]) == ("doctor", ["--out", "vcam"])
@@ -231,7 +235,7 @@ def test_the_command_comes_first_and_run_is_the_default():
 
 def test_serve_is_the_studio_and_run_the_default(capsys):
     """`serve` is the multi-session studio (its own options, e.g. --max-sessions); `run` keeps --out."""
-    from cli.main import main
+    from pcavs_live.cli.main import main
     assert main(["serve", "--max-sessions", "3", "--print-config"]) == 0
     assert "max_sessions = 3" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the studio takes its outputs from the browsers, not --out
@@ -242,7 +246,7 @@ def test_serve_is_the_studio_and_run_the_default(capsys):
 
 
 def test_devices_lists_three_sections(capsys):
-    from cli.main import main
+    from pcavs_live.cli.main import main
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
     for title in ("microphones (", "cameras (", "audio outputs:"):
@@ -263,7 +267,7 @@ def _copy_source(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO_ROOT / name, dest / name)
-    for name in ("common", "capture", "pcavs", "pipeline", "stream", "cli", "configs", "assets"):
+    for name in WHEEL_TOP_LEVEL:
         shutil.copytree(REPO_ROOT / name, dest / name, ignore=ignore)
 
 
@@ -281,7 +285,11 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_source_tree(tmp_p
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     assert {"configs/default.toml", "assets/sample/astronaut.png", "assets/sample/speech.wav",
-            "stream/web/index.html", "pcavs/networks/generator.py", "cli/main.py"} <= names
+            "stream/web/index.html", "pcavs/networks/generator.py", "pcavs_live/cli/main.py"} <= names
+    # Top-level names in site-packages: the specified layout plus one project-named package, nothing generic
+    # such as cli/common/pipeline that another distribution could also install.
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top_level == set(WHEEL_TOP_LEVEL), top_level
 
     # A venv of its own, without pip; the dependencies (torch...) come from this environment's site-packages
     # through a .pth file, which adds that folder only (its own .pth files, e.g. an editable install of
@@ -303,9 +311,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_source_tree(tmp_p
         return subprocess.run([str(venv / "bin" / "pcavs-live"), *args], cwd=work, env=env, capture_output=True,
                               text=True, timeout=300, stdin=subprocess.DEVNULL)
 
-    where = subprocess.run([vpy, "-c", "import cli, configs, stream; print(cli.__file__)"], cwd=work, env=env,
+    where = subprocess.run([vpy, "-c", "import pcavs_live.cli, configs, stream; print(pcavs_live.cli.__file__)"], cwd=work, env=env,
                            check=True, capture_output=True, text=True).stdout.strip()
-    assert Path(where).resolve() == (site / "cli" / "__init__.py").resolve()
+    assert Path(where).resolve() == (site / "pcavs_live" / "cli" / "__init__.py").resolve()
 
     helped = run("--help")
     assert helped.returncode == 0, helped.stderr

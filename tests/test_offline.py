@@ -14,8 +14,8 @@ from capture.pose_sources import encode_pose_video
 from pcavs.alignment import TEMPLATE
 from pcavs.constants import POSE_DIM, SAMPLES_PER_FRAME
 from pcavs.mel import StreamingMel, wav_to_mel
-from pipeline.offline import OfflineOptions, OfflineRenderer, sequence_pose
-from pipeline.timeline import AudioTimeline
+from pcavs_live.pipeline.offline import OfflineOptions, OfflineRenderer, sequence_pose
+from pcavs_live.pipeline.timeline import AudioTimeline
 from tests.test_alignment import synthetic_landmarks
 from tests.test_scheduler import RecordingSink, speechlike
 

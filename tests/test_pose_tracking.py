@@ -226,8 +226,8 @@ def test_live_pose_path_tracks_caps_and_interpolates():
     tracking, codes published and interpolated, counters in the metrics."""
     import time
 
-    from pipeline.engine_setup import start_live_pose
-    from pipeline.metrics import LiveMetrics
+    from pcavs_live.pipeline.engine_setup import start_live_pose
+    from pcavs_live.pipeline.metrics import LiveMetrics
 
     class Avatar:  # what the pose path uses of an avatar
         device = "cpu"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from common.queues import DropOldestQueue
+from pcavs_live.common.queues import DropOldestQueue
 
 
 def test_full_queue_drops_the_oldest_and_counts_each_drop() -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from cli.config import load_config
-from pipeline.session import LiveSession, RunOptions
+from pcavs_live.cli.config import load_config
+from pcavs_live.pipeline.session import LiveSession, RunOptions
 from tests.conftest import REPO_ROOT, parity_weights_dir
 
 
@@ -38,7 +38,7 @@ def test_print_config_reflects_the_options():
 
 def test_every_config_option_sets_its_key(tmp_path):
     """Each option declared on a config field reaches its key (options beat --set)."""
-    from cli.config import cli_options
+    from pcavs_live.cli.config import cli_options
     from run_live import overrides_from_args, parse_args
 
     values = {"--checkpoints": "ckpt", "--device": "cuda:1", "--audio": "talk.wav", "--audio-device": "3",
@@ -132,7 +132,7 @@ def test_pose_video_with_lost_face_holds_the_last_pose(tmp_path, short_speech):
     """A pose video whose face disappears for a few frames: the run completes, the pose worker reports
     the lost frames, every output slot is filled."""
     from pcavs.alignment import load_landmark_sidecar, read_rgb
-    from cli.config import SAMPLE_PHOTO
+    from pcavs_live.cli.config import SAMPLE_PHOTO
     photo = read_rgb(SAMPLE_PHOTO)
     video = tmp_path / "pose.mp4"
     with av.open(str(video), "w") as c:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from capture.audio_sources import AudioChunk
-from pipeline.scheduler import Scheduler, SchedulerOptions
-from pipeline.timeline import AudioTimeline
+from pcavs_live.pipeline.scheduler import Scheduler, SchedulerOptions
+from pcavs_live.pipeline.timeline import AudioTimeline
 
 
 class HopMel:

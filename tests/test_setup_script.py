@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.config import PROJECT_ROOT
+from pcavs_live.cli.config import PROJECT_ROOT
 
 TEST_COMMAND = "bash scripts/setup.sh --dev && .venv/bin/python -m pytest -q"
 SETUP = PROJECT_ROOT / "scripts" / "setup.sh"

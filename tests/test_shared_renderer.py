@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline.shared_renderer import RendererClosed, SharedRenderer
+from pcavs_live.pipeline.shared_renderer import RendererClosed, SharedRenderer
 from tests.studio_support import PaintRenderer
 
 

@@ -272,8 +272,8 @@ def test_serve_wires_the_studio_from_the_config_with_real_networks():
     identity encoder, admission from server.max_sessions, and a clean stop."""
     import threading
 
-    from cli.config import load_config
-    from pipeline.studio import ServeOptions, serve
+    from pcavs_live.cli.config import load_config
+    from pcavs_live.pipeline.studio import ServeOptions, serve
     from tests.conftest import parity_weights_dir
 
     config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "model.device": "cpu",

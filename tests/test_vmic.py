@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pcavs.constants import MEL_ROWS_PER_FRAME
-from pipeline.timeline import CLIP_CENTRE
+from pcavs_live.pipeline.timeline import CLIP_CENTRE
 from stream.delay import DelayedSink
 from stream.playout import PlayoutBuffer
 from stream.vmic import (MIC_DESCRIPTION, PULSE_SINK_NAME, PULSE_SOURCE_NAME, AudioDevice, PulseVirtualMic,
@@ -414,7 +414,7 @@ def test_vcam_without_vmic_logs_the_measured_lead_once(caplog):
 
 def test_run_live_accepts_out_vmic():
     from run_live import overrides_from_args, parse_args
-    from cli.config import load_config
+    from pcavs_live.cli.config import load_config
 
     o = overrides_from_args(parse_args(["--out", "vcam", "--out", "vmic", "--size", "1280x720", "--framing", "fit"]))
     config = load_config(None, o)
@@ -482,7 +482,7 @@ def _click_track() -> tuple[np.ndarray, list[int]]:
 def _has_click_at_slot_start(window: np.ndarray) -> bool:
     """window (80, 20) mel rows of one slot. A click 40 samples into slot k falls in rows 4k..4k+7
     (each row covers [160m-1120, 160m+160)); slot k's window is rows [4(k-2), 4(k-2)+20) (the model's
-    trained timing, pipeline.timeline), so the click is at window rows 8-15 for slot k, 4-11 for slot k+1
+    trained timing, pcavs_live.pipeline.timeline), so the click is at window rows 8-15 for slot k, 4-11 for slot k+1
     and 12-19 for slot k-1. Silence is exactly 0, so 'loud' is '> 0'."""
     first = MEL_ROWS_PER_FRAME * CLIP_CENTRE
     return bool(window[:, first].max() > 0 and window[:, first + 4].max() > 0)
@@ -503,7 +503,7 @@ class MarkerRenderer:
 
 def test_marker_rule_picks_exactly_the_click_slots():
     from pcavs.mel import FixedGain, StreamingMel
-    from pipeline.timeline import AudioTimeline
+    from pcavs_live.pipeline.timeline import AudioTimeline
 
     audio, slots = _click_track()
     timeline = AudioTimeline(StreamingMel(FixedGain(1.0)), history_seconds=RUN_S + 1)
@@ -575,8 +575,8 @@ def test_voice_and_lips_leave_vmic_and_vcam_together(pulse_server, recording_cam
 
     import stream.delay
     import stream.vmic
-    from cli.config import load_config
-    from pipeline.session import LiveSession, RunOptions
+    from pcavs_live.cli.config import load_config
+    from pcavs_live.pipeline.session import LiveSession, RunOptions
     from tests.conftest import parity_weights_dir
 
     made: dict[str, list] = {"vmic": [], "delay": []}  # the session's sinks, to read their logs after
@@ -715,8 +715,8 @@ def test_ctrl_c_unloads_exactly_the_modules_the_run_loaded(pulse_server):
 
 @pytest.mark.slow
 def test_vcam_without_vmic_warns_once_in_a_session(recording_camera, caplog, speech_wav_path):
-    from cli.config import load_config
-    from pipeline.session import LiveSession, RunOptions
+    from pcavs_live.cli.config import load_config
+    from pcavs_live.pipeline.session import LiveSession, RunOptions
     from tests.conftest import parity_weights_dir
 
     name, sent, shape = recording_camera

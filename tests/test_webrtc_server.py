@@ -14,8 +14,8 @@ from aioice import stun
 from aioice.turn import make_integrity_key
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from cli.config import load_config
-from pipeline.session import LiveSession
+from pcavs_live.cli.config import load_config
+from pcavs_live.pipeline.session import LiveSession
 from stream.webrtc import ServerError, WebRTCServer, use_host_addresses
 from tests.test_run_live import run_cli
 from tests.test_webrtc import LOOPBACK, base_url, get_json, post_json, run

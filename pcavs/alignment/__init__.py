@@ -9,7 +9,7 @@ One job per module:
   average, exactly as upstream aligned a clip) and `LiveAligner` (live pose frames against a running
   average, an online approximation of that);
 * `detector` — `FaceAlignmentDetector`, the `face_alignment` package (SFD + 2D-FAN-4) from local weight
-  files that are fetched once through `common.download`;
+  files that are fetched once through `pcavs_live.common.download`;
 * `errors` — `AlignmentError` and its kinds.
 
 Landmarks come from an injectable `LandmarkDetector`, so everything but `detector` runs without weights.

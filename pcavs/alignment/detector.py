@@ -3,7 +3,7 @@
 What face_alignment 1.5.0 fetches (face_alignment/api.py `models_urls`, detection/sfd/sfd_detector.py):
 both go through torch.hub into `torch.hub.get_dir()/checkpoints`, i.e. $TORCH_HOME/hub/checkpoints
 (default ~/.cache/torch/hub/checkpoints). We fetch them ourselves (with a timeout, through
-`common.download`) into a configurable folder and hand the local paths to face_alignment, so no hidden
+`pcavs_live.common.download`) into a configurable folder and hand the local paths to face_alignment, so no hidden
 download can hang the program.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common.download import DownloadError, download
+from pcavs_live.common.download import DownloadError, download
 from pcavs.alignment.errors import LandmarkModelUnavailable
 from pcavs.alignment.images import as_rgb_uint8
 

@@ -1,7 +1,7 @@
 """What can go wrong while aligning a face: one-line user errors, all catchable as `AlignmentError`."""
 from __future__ import annotations
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 
 
 class AlignmentError(UserError):

@@ -3,7 +3,7 @@
 `StudioServer` (server.py) is the page and HTTP/WebRTC API, one session per browser, each with its own
 keys and its own outgoing tracks (`SessionOutput`, output.py); uploads are checked by `decode_photo`
 (uploads.py). What a session *does* (identity, sources, scheduler, shared renderer) is the backend's:
-`pipeline.studio` provides it, so this package stays below `pipeline/`.
+`pcavs_live.pipeline.studio` provides it, so this package stays below `pipeline/`.
 """
 from stream.studio.output import SessionOutput
 from stream.studio.server import SessionFactory, SessionRuntime, StudioServer

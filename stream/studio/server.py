@@ -39,7 +39,7 @@ from aiohttp import web
 from aiortc import RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from stream.sinks import FrameSink
 from stream.studio.output import SessionOutput
 from stream.studio.uploads import MAX_PHOTO_SIDE, MAX_UPLOAD_BYTES, UploadError, decode_photo
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 class SessionRuntime(Protocol):
-    """One session's pipeline (pipeline/studio.py), as the server drives it."""
+    """One session's pipeline (pcavs_live/pipeline/studio.py), as the server drives it."""
 
     def start(self, audio: MediaStreamTrack, video: MediaStreamTrack | None, loop: asyncio.AbstractEventLoop,
               sink: FrameSink, on_end: Callable[[str], None]) -> None: ...

@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PHOTO_SIDE = 4096

@@ -1,7 +1,7 @@
 """The hand-over from the sink's thread to the server's event loop.
 
 The render loop must never wait on a viewer, so the sink puts each frame (and each slot's audio) into
-a small `DropOldestQueue` (common/queues.py) that drops the oldest item when nobody reads (counted in
+a small `DropOldestQueue` (pcavs_live/common/queues.py) that drops the oldest item when nobody reads (counted in
 `dropped`). The reader here is a coroutine on the server's loop rather than a thread, so this adapter
 adds only the wake-up: a put schedules one `call_soon_threadsafe` to set an asyncio.Event, coalesced
 so a burst of puts costs one wake-up. Storage, dropping and counting are the queue's.
@@ -14,7 +14,7 @@ from typing import Any
 
 from aiortc.mediastreams import MediaStreamError
 
-from common.queues import DropOldestQueue
+from pcavs_live.common.queues import DropOldestQueue
 
 
 class LatestBuffer:

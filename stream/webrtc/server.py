@@ -35,7 +35,7 @@ from aiohttp import web
 from aiortc import (RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender,
                     RTCSessionDescription)
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from stream.webrtc.buffer import LatestBuffer
 from stream.webrtc.ice import (ice_server_as_json, unusable_host_address, unusable_ice_server,
                                use_host_addresses)

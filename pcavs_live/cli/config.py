@@ -25,7 +25,7 @@ skipped, so argparse defaults can be passed as they are). String override values
 key's type ("9000" → 9000, "webrtc,file" → ["webrtc", "file"]); values from files must have the right
 TOML type already.
 
-Relative paths in files are relative to the project root (`cli.paths.HOME_DIR`: the checkout, or a per-user
+Relative paths in files are relative to the project root (`pcavs_live.cli.paths.HOME_DIR`: the checkout, or a per-user
 folder for an installed package, where a path that is not there falls back to the bundled file of that name);
 relative paths in overrides are relative to the current directory (that is what a user typing
 `--identity me.jpg` means). Loaded configs hold absolute paths.
@@ -45,8 +45,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from cli.paths import BUNDLED_ROOT, HOME_DIR
-from common.errors import UserError
+from pcavs_live.cli.paths import BUNDLED_ROOT, HOME_DIR
+from pcavs_live.common.errors import UserError
 
 PROJECT_ROOT = BUNDLED_ROOT  # the folder holding configs/ and assets/: the checkout, or the installed packages'
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.toml"
@@ -326,7 +326,7 @@ def _resolve_path(text: str, base_dir: Path, bundled_fallback: bool = False) -> 
     path = Path(text).expanduser()
     resolved = Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
     if bundled_fallback and not path.is_absolute() and not resolved.exists() and (BUNDLED_ROOT / path).exists():
-        return Path(os.path.normpath(BUNDLED_ROOT / path))  # e.g. the installed sample photo (see cli.paths)
+        return Path(os.path.normpath(BUNDLED_ROOT / path))  # e.g. the installed sample photo (see pcavs_live.cli.paths)
     return resolved
 
 

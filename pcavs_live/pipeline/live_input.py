@@ -22,7 +22,7 @@ import numpy as np
 
 from capture.audio_sources import AudioSource
 from pcavs.constants import SAMPLES_PER_FRAME
-from pipeline.timeline import AudioTimeline
+from pcavs_live.pipeline.timeline import AudioTimeline
 
 log = logging.getLogger(__name__)
 

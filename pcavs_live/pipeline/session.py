@@ -20,23 +20,23 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from capture.audio_sources import FileAudioSource, MicrophoneSource
 from capture.looped_audio import LoopedAudioSource
-from cli.config import Config
+from pcavs_live.cli.config import Config
 from pcavs.alignment import (AlignedFace, FaceAlignmentDetector, LandmarkDetector, load_landmark_sidecar, read_rgb,
                              sidecar_path)
 from pcavs.constants import FPS
 from pcavs.device import resolve_device
 from pcavs.engine import Avatar, encode_poses
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
-from pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, engine_options, load_engine, make_scheduler,
+from pcavs_live.pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, engine_options, load_engine, make_scheduler,
                                start_live_pose)
-from pipeline.engine_setup import prepare_engine
-from pipeline.metrics import LiveMetrics, format_status_line
-from pipeline.offline import OfflineOptions, OfflineRenderer, SlotPose, sequence_pose
-from pipeline.scheduler import Renderer, RunSummary, SchedulerOptions
-from pipeline.timeline import AudioTimeline, model_frame_index
+from pcavs_live.pipeline.engine_setup import prepare_engine
+from pcavs_live.pipeline.metrics import LiveMetrics, format_status_line
+from pcavs_live.pipeline.offline import OfflineOptions, OfflineRenderer, SlotPose, sequence_pose
+from pcavs_live.pipeline.scheduler import Renderer, RunSummary, SchedulerOptions
+from pcavs_live.pipeline.timeline import AudioTimeline, model_frame_index
 from stream.sinks import FrameSink
 
 if TYPE_CHECKING:

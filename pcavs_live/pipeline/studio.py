@@ -1,6 +1,6 @@
 """Studio sessions: what runs behind each browser of `stream.studio.StudioServer`.
 
-A `StudioSession` is one session in the same structure as the CLI's run (pipeline/builders.py): its
+A `StudioSession` is one session in the same structure as the CLI's run (pcavs_live/pipeline/builders.py): its
 own identity (photo encoded once, sharing the one loaded `PcavsNetworks`), the browser's microphone as
 its audio source (`BrowserAudioSource` → its own `AudioTimeline`), the browser's camera through its own
 `PoseWorker` (or the photo's pose), `SessionOutput` as its sink, and the same `Scheduler`, on a thread
@@ -25,16 +25,16 @@ from typing import Callable
 
 import numpy as np
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
 from capture.pose_rate import DEFAULT_RATE_HZ
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs.mel import StreamingGain, StreamingMel
-from pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity, make_scheduler, start_live_pose
-from pipeline.metrics import LiveMetrics
-from pipeline.scheduler import SchedulerOptions
-from pipeline.shared_renderer import RendererClosed, SharedRenderer
-from pipeline.timeline import AudioTimeline
+from pcavs_live.pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity, make_scheduler, start_live_pose
+from pcavs_live.pipeline.metrics import LiveMetrics
+from pcavs_live.pipeline.scheduler import SchedulerOptions
+from pcavs_live.pipeline.shared_renderer import RendererClosed, SharedRenderer
+from pcavs_live.pipeline.timeline import AudioTimeline
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event 
           ready: Callable[[object], None] | None = None) -> int:
     """Load the networks once, start the shared renderer and the studio server, run until `stop`."""
     from pcavs.engine import render_sessions
-    from pipeline.builders import engine_options, load_engine
+    from pcavs_live.pipeline.builders import engine_options, load_engine
     from stream.studio import StudioServer
     from stream.webrtc import ice_servers
 

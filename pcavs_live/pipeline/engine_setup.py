@@ -25,7 +25,7 @@ from pcavs.device import configure_cudnn
 from pcavs.engine import Avatar
 from pcavs.gpu import WorkerStream
 from pcavs.preprocess import to_network_input
-from pipeline.metrics import LiveMetrics
+from pcavs_live.pipeline.metrics import LiveMetrics
 
 log = logging.getLogger(__name__)
 

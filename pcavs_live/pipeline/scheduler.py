@@ -1,12 +1,12 @@
 """The live loop: audio clock → mel windows → engine → sinks.
 
 Three threads meet at the audio timeline and none waits for another:
-  * the audio pump (`pipeline.live_input.AudioPump`) moves input into the timeline as it arrives, so
+  * the audio pump (`pcavs_live.pipeline.live_input.AudioPump`) moves input into the timeline as it arrives, so
     no render, however slow, costs input audio;
   * the render worker (`RenderWorker`) renders the *newest* ready slot whenever it is free, so nothing
     backs up and a slow generator skips slots rather than falling behind;
   * the caller's thread is the output clock: slot k goes out at `ready_at(k) + L` (smoothed by
-    `pipeline.output_clock.OutputClock` into a steady 25 fps that follows the input's own clock) with
+    `pcavs_live.pipeline.output_clock.OutputClock` into a steady 25 fps that follows the input's own clock) with
     its own 40 ms of audio and the frame rendered for it, or, when that frame is not there, the newest
     frame rendered for an earlier slot. Every slot goes out exactly once, in order, never in bursts.
 L, the latency budget, is fixed before the audio starts: the worker renders twice to warm up and
@@ -15,9 +15,9 @@ frame rendered for slot k is there when slot k goes out (lips in sync) while the
 Stopping is seen within a fraction of a second; the worker finishes at most the render it is in.
 
 Frame k becomes renderable the moment the audio its mel window needs has arrived (the model's
-inherent look-ahead, spec §4); `pipeline.timeline.AudioTimeline` decides which audio that is.
+inherent look-ahead, spec §4); `pcavs_live.pipeline.timeline.AudioTimeline` decides which audio that is.
 
-Rendering a file (not in real time: every frame, in batches) is `pipeline.offline.OfflineRenderer`.
+Rendering a file (not in real time: every frame, in batches) is `pcavs_live.pipeline.offline.OfflineRenderer`.
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ import numpy as np
 
 from capture.audio_sources import AudioSource
 from pcavs.engine import Avatar, StageTimes
-from pipeline.live_input import AudioPump, LiveTimeline
-from pipeline.metrics import FrameRecord, LiveMetrics
-from pipeline.output_clock import OutputClock
+from pcavs_live.pipeline.live_input import AudioPump, LiveTimeline
+from pcavs_live.pipeline.metrics import FrameRecord, LiveMetrics
+from pcavs_live.pipeline.output_clock import OutputClock
 from pcavs.constants import FPS, HOP, SAMPLE_RATE
 from pcavs.mel import StreamingMel
-from pipeline.timeline import AudioTimeline
+from pcavs_live.pipeline.timeline import AudioTimeline
 from stream.sinks import FrameSink
 
 log = logging.getLogger(__name__)

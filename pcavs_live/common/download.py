@@ -1,6 +1,6 @@
 """Fetch one URL into one file, so that a failed or interrupted fetch never leaves a file that looks done.
 
-Two things download at run time: the PC-AVS demo checkpoints (`cli/fetch_checkpoints.py`) and the face
+Two things download at run time: the PC-AVS demo checkpoints (`pcavs_live/cli/fetch_checkpoints.py`) and the face
 landmark weights (`pcavs/alignment/detector.py`). Both need the same care, kept here once:
 
 * a timeout on every socket operation, so a dead server cannot hang the program;
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 
 USER_AGENT = "pcavs-live/1.0 (+python urllib)"
 CHUNK = 1 << 20

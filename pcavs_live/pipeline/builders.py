@@ -3,8 +3,8 @@
 A session is: an identity (`encode_identity`: the photo aligned and encoded once, sharing the networks
 `load_engine` loaded), an audio source and its `AudioTimeline`, a pose provider (`start_live_pose`, or
 none for the photo's own pose), sinks, and the `Scheduler` that drives them
-(`make_scheduler`, the one place a Scheduler is constructed). `pipeline.session.LiveSession` builds one
-session from a Config and its local devices; `pipeline.studio` builds one per browser, with the
+(`make_scheduler`, the one place a Scheduler is constructed). `pcavs_live.pipeline.session.LiveSession` builds one
+session from a Config and its local devices; `pcavs_live.pipeline.studio` builds one per browser, with the
 browser's tracks as sources and a `SharedRenderer` handle as its renderer.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pcavs.checkpoints import PcavsNetworks, load_networks
 from pcavs.device import resolve_device_and_dtype
 from pcavs.engine import Avatar, EngineOptions
 from pcavs.preprocess import to_network_input
-from pipeline.engine_setup import prepare_engine, start_live_pose
-from pipeline.metrics import LiveMetrics
-from pipeline.scheduler import Renderer, Scheduler, SchedulerOptions
-from pipeline.timeline import AudioTimeline
+from pcavs_live.pipeline.engine_setup import prepare_engine, start_live_pose
+from pcavs_live.pipeline.metrics import LiveMetrics
+from pcavs_live.pipeline.scheduler import Renderer, Scheduler, SchedulerOptions
+from pcavs_live.pipeline.timeline import AudioTimeline
 from stream.sinks import FrameSink
 
 __all__ = ["POSE_DETECT_MAX_SIDE", "encode_identity", "engine_options", "load_engine", "make_scheduler",

@@ -1,7 +1,7 @@
 """Download the authors' PC-AVS demo checkpoints (demo.zip) and install them into checkpoints/demo.
 
-    .venv/bin/python -m cli.fetch_checkpoints            # URL and folder from configs/default.toml
-    .venv/bin/python -m cli.fetch_checkpoints --zip ~/Downloads/demo.zip   # a zip fetched by hand
+    .venv/bin/python -m pcavs_live.cli.fetch_checkpoints            # URL and folder from configs/default.toml
+    .venv/bin/python -m pcavs_live.cli.fetch_checkpoints --zip ~/Downloads/demo.zip   # a zip fetched by hand
 
 Why the extra care: the file comes from Google Drive, which answers large downloads with an HTML
 "can't scan this file for viruses" page instead of the file. We follow that page's confirm form once; if
@@ -25,9 +25,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from common.download import CHUNK, DownloadError, download
-from common.errors import UserError
-from cli.errors import run_with_user_errors
+from pcavs_live.common.download import CHUNK, DownloadError, download
+from pcavs_live.common.errors import UserError
+from pcavs_live.cli.errors import run_with_user_errors
 
 INFERENCE_NETS = ("G", "V", "E", "A_sync")
 CHECKPOINT_NAME = re.compile(r"latest_net_[A-Za-z0-9_]+\.pth")
@@ -42,7 +42,7 @@ class CheckpointFetchError(UserError):
 
 def manual_hint(dest: Path) -> str:
     return (f"download demo.zip by hand from {DRIVE_VIEW_URL} and run "
-            f"`python -m cli.fetch_checkpoints --zip PATH/TO/demo.zip` (or unzip it so that "
+            f"`python -m pcavs_live.cli.fetch_checkpoints --zip PATH/TO/demo.zip` (or unzip it so that "
             f"{dest}/latest_net_G.pth exists)")
 
 
@@ -198,7 +198,7 @@ def _missing(status: dict[str, str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cli.fetch_checkpoints", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pcavs_live.cli.fetch_checkpoints", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, help="config file (default: configs/default.toml)")
     parser.add_argument("--url", help="download URL (default: model.checkpoint_url)")
     parser.add_argument("--dest", type=Path, help="checkpoint folder (default: model.checkpoint_dir)")
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
-        from cli.config import load_config
+        from pcavs_live.cli.config import load_config
 
         config = load_config(args.config, {"model.checkpoint_url": args.url, "model.checkpoint_dir": args.dest})
         dest = config.model.checkpoint_dir

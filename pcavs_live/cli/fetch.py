@@ -2,7 +2,7 @@
 runs need no network.
 
 Two kinds of files:
-* the PC-AVS checkpoints `latest_net_{G,V,E,A_sync}.pth` (the authors' demo.zip; `cli.fetch_checkpoints`
+* the PC-AVS checkpoints `latest_net_{G,V,E,A_sync}.pth` (the authors' demo.zip; `pcavs_live.cli.fetch_checkpoints`
   downloads, unpacks and verifies them by loading them into the networks);
 * face_alignment's face detector (SFD) and landmark network (2D-FAN-4), which the program otherwise
   downloads on the first run that needs a face detector (a photo without a landmark sidecar, a webcam or a
@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli.fetch_checkpoints import (DRIVE_VIEW_URL, INFERENCE_NETS, USABLE, CheckpointFetchError,
+from pcavs_live.cli.fetch_checkpoints import (DRIVE_VIEW_URL, INFERENCE_NETS, USABLE, CheckpointFetchError,
                                    fetch_checkpoints, install_zip)
-from common.download import download as download_file
-from common.errors import UserError
+from pcavs_live.common.download import download as download_file
+from pcavs_live.common.errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's check_hash convention: name-<sha256 prefix>.ext
 # Full SHA-256 of the face_alignment 1.5.0 weight files (their names carry the first ten digits); a file
@@ -42,7 +42,7 @@ Download = Callable[[str, Path, bool], None]      # (url, destination, progress)
 
 
 def download(url: str, dest: Path, progress: bool) -> None:
-    """The project's one downloader (common.download) in the shape `fetch_weight_file` injects."""
+    """The project's one downloader (pcavs_live.common.download) in the shape `fetch_weight_file` injects."""
     download_file(url, dest, progress=progress, what=dest.name)
 Describe = Callable[[Path], dict[str, str]]           # checkpoint folder → {network: "present"|"missing"|...}
 

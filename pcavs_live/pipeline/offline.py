@@ -21,9 +21,9 @@ from capture.audio_sources import AudioSource
 from capture.pose_sources import PoseSequence
 from pcavs.constants import FPS, SAMPLE_RATE
 from pcavs.engine import StageTimes
-from pipeline.metrics import FrameRecord, LiveMetrics
-from pipeline.scheduler import Renderer, RunSummary
-from pipeline.timeline import AudioTimeline, model_frame_index
+from pcavs_live.pipeline.metrics import FrameRecord, LiveMetrics
+from pcavs_live.pipeline.scheduler import Renderer, RunSummary
+from pcavs_live.pipeline.timeline import AudioTimeline, model_frame_index
 from stream.sinks import FrameSink
 
 log = logging.getLogger(__name__)

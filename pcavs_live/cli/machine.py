@@ -2,8 +2,8 @@
 virtual microphone, a free port.
 
 Each probe is a small function that returns plain data, or raises `UserError` whose message says what is
-wrong. `cli.doctor` turns them into a table and `pcavs-live devices` prints the lists; tests replace the
-probes (`cli.doctor.Probes`) to control what the machine looks like. Heavy imports (torch, sounddevice,
+wrong. `pcavs_live.cli.doctor` turns them into a table and `pcavs-live devices` prints the lists; tests replace the
+probes (`pcavs_live.cli.doctor.Probes`) to control what the machine looks like. Heavy imports (torch, sounddevice,
 pyvirtualcam, OpenCV) happen inside the probes, so a probe that is not called costs nothing.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 
 # The virtual microphone each OS's call apps can pick: the device we play into and the name they see.
 VB_CABLE_OUTPUT = "CABLE Input"      # Windows, VB-Audio Virtual Cable: we play into "CABLE Input" ...

@@ -4,7 +4,7 @@ Two kinds of files, two folders:
 
 * Bundled, read-only: `configs/default.toml` and the sample in `assets/sample/`. The wheel installs them
   beside the code (site-packages/configs, site-packages/assets), the same layout as the checkout, so
-  `BUNDLED_ROOT` is simply the folder holding the `cli` package in both cases.
+  `BUNDLED_ROOT` is simply the folder holding the `pcavs_live` package in both cases.
 * Written by the user or for the user: checkpoints (`checkpoints/demo`), recordings (`out/`). In a
   checkout they stay in the checkout, as before. An installed package must not write into
   site-packages (it may be read-only, and a reinstall should not touch a user's 600 MB of weights), so
@@ -24,7 +24,7 @@ from pathlib import Path
 HOME_ENV = "PCAVS_LIVE_HOME"  # overrides HOME_DIR (a checkout's or the per-user one)
 APP_NAME = "pcavs-live"
 
-BUNDLED_ROOT = Path(__file__).resolve().parent.parent  # holds cli/, configs/, assets/ (checkout or site-packages)
+BUNDLED_ROOT = Path(__file__).resolve().parents[2]  # holds pcavs_live/, configs/, assets/ (checkout or site-packages)
 # A wheel never contains pyproject.toml: its presence means we run from the source tree (or an editable install).
 IS_CHECKOUT = (BUNDLED_ROOT / "pyproject.toml").is_file()
 

@@ -2,7 +2,7 @@
 
 A user can cause many failures (a missing photo, a busy camera, a wrong key in a config file). Those
 deserve a sentence that names the thing to fix, while genuine bugs still deserve a full traceback.
-Modules raise `common.errors.UserError` or a subclass; the entry point wraps its `main` in
+Modules raise `pcavs_live.common.errors.UserError` or a subclass; the entry point wraps its `main` in
 `run_with_user_errors`, which draws the line between the two.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from common.errors import EXIT_USER_ERROR, UserError
+from pcavs_live.common.errors import EXIT_USER_ERROR, UserError
 
 __all__ = ["EXIT_USER_ERROR", "EXIT_INTERRUPTED", "UserError", "format_user_error", "run_with_user_errors"]
 

@@ -3,7 +3,7 @@
 Why one owner: the networks are loaded once and the device runs one thing at a time anyway, so N
 sessions each calling the generator with batch 1 would queue on the device and pay N launches of every
 layer. Here each session's scheduler calls its `SessionHandle.render` (the `Renderer` protocol of
-pipeline/scheduler.py), which only puts the request in that session's one-slot mailbox and waits; the
+pcavs_live/pipeline/scheduler.py), which only puts the request in that session's one-slot mailbox and waits; the
 renderer thread takes everything pending across sessions, renders it with one call of `render_rows`
 (`pcavs.engine.render_sessions`: one audio-encoder and one generator pass, each row with its own
 identity map, identity style part and noise), and wakes each session with its rows.

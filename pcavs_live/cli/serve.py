@@ -14,9 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
-from cli.config import config_to_toml, dotted_overrides, load_config
-from cli.errors import run_with_user_errors
-from cli.logging_setup import setup_logging
+from pcavs_live.cli.config import config_to_toml, dotted_overrides, load_config
+from pcavs_live.cli.errors import run_with_user_errors
+from pcavs_live.cli.logging_setup import setup_logging
 
 # The keys that matter to the studio, each with its own option (the rest: --set SECTION.KEY=VALUE).
 OPTIONS = (("--host", "server.host", str), ("--port", "server.port", int), ("--token", "server.token", str),
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "run_live.py serve") -> int:
         if args.print_config:
             sys.stdout.write(config_to_toml(config))
             return 0
-        from pipeline.studio import serve
+        from pcavs_live.pipeline.studio import serve
         stop = threading.Event()
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

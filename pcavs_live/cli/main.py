@@ -7,8 +7,8 @@
     pcavs-live doctor [options]   what the configured run needs that this machine lacks, and the fix
 
 The command, when given, comes first. Options that set a config key are derived from the config schema
-(`cli.config.cli_options`), so run, serve and doctor accept the same ones and a key is never restated here.
-The work itself lives elsewhere: `pipeline.session` (run), `cli.fetch`, `cli.machine`, `cli.doctor`.
+(`pcavs_live.cli.config.cli_options`), so run, serve and doctor accept the same ones and a key is never restated here.
+The work itself lives elsewhere: `pcavs_live.pipeline.session` (run), `pcavs_live.cli.fetch`, `pcavs_live.cli.machine`, `pcavs_live.cli.doctor`.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cli.config import OUTPUT_TARGETS, cli_options, config_to_toml, dotted_overrides, load_config
-from cli.errors import run_with_user_errors
-from cli.logging_setup import setup_logging
+from pcavs_live.cli.config import OUTPUT_TARGETS, cli_options, config_to_toml, dotted_overrides, load_config
+from pcavs_live.cli.errors import run_with_user_errors
+from pcavs_live.cli.logging_setup import setup_logging
 
 log = logging.getLogger("run_live")
 
@@ -197,11 +197,11 @@ def _run(argv: list[str], prog: str) -> int:
             print("\n".join(devices) if devices else "no audio input devices found")
             return 0
         if args.fetch_checkpoints:  # skips the download when the checkpoints already verify
-            from cli.fetch_checkpoints import main as fetch_main
+            from pcavs_live.cli.fetch_checkpoints import main as fetch_main
             return fetch_main(["--url", config.model.checkpoint_url, "--dest", str(config.model.checkpoint_dir)]
                               + (["-q"] if args.quiet else []) + (["--debug"] if args.debug else []))
 
-        from pipeline.session import LiveSession, RunOptions
+        from pcavs_live.pipeline.session import LiveSession, RunOptions
         with LiveSession(config, RunOptions(realtime=args.realtime, max_seconds=args.max_seconds,
                                             status_interval_s=0 if args.quiet else 1.0)) as session:
             stop = install_stop_handlers(session.live)
@@ -242,7 +242,7 @@ def _fetch(argv: list[str], prog: str) -> int:
     setup_logging(-1 if args.quiet else 0)
 
     def body() -> int:
-        from cli.fetch import fetch_all, report
+        from pcavs_live.cli.fetch import fetch_all, report
         overrides = dotted_overrides(args.set)
         if args.checkpoints is not None:
             overrides["model.checkpoint_dir"] = args.checkpoints
@@ -259,8 +259,8 @@ def _devices(argv: list[str], prog: str) -> int:
     args = build_devices_parser(f"{prog} devices").parse_args(argv)
 
     def body() -> int:
-        from cli.machine import probe_audio_outputs, probe_cameras, probe_microphones
-        from common.errors import UserError
+        from pcavs_live.cli.machine import probe_audio_outputs, probe_cameras, probe_microphones
+        from pcavs_live.common.errors import UserError
         sections: list[tuple[str, Callable[[], list[str]]]] = [
             ("microphones (--audio mic --audio-device NAME|INDEX)", probe_microphones),
             ("cameras (--pose webcam --webcam-index N)", probe_cameras),
@@ -283,8 +283,8 @@ def _doctor(argv: list[str], prog: str) -> int:
     setup_logging(-1)  # the table is the output; library warnings would only break it up
 
     def body() -> int:
-        from cli.config import DEFAULT_CONFIG_PATH
-        from cli.doctor import diagnose, exit_code, render
+        from pcavs_live.cli.config import DEFAULT_CONFIG_PATH
+        from pcavs_live.cli.doctor import diagnose, exit_code, render
         config = load_config(args.config, overrides_from_args(args))
         fetch = f"{command_line(prog)} fetch"
         if args.config is not None:
@@ -300,7 +300,7 @@ def _doctor(argv: list[str], prog: str) -> int:
 
 
 def _serve(argv: list[str], prog: str) -> int:
-    from cli.serve import main as serve_main
+    from pcavs_live.cli.serve import main as serve_main
     return serve_main(argv, prog=f"{prog} serve")
 
 

@@ -9,7 +9,7 @@ detector will run (a photo without a landmark sidecar, or a webcam/video pose), 
 that is not needed is still shown (with its fix) but does not fail the command.
 
 Each check is a small function of a probe's result and the config; the probes (`Probes`, defaults in
-`cli.machine`) are parameters, so tests decide what the machine looks like.
+`pcavs_live.cli.machine`) are parameters, so tests decide what the machine looks like.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli.config import Config
-from cli.machine import (PythonInfo, TorchInfo, probe_microphones, probe_port, probe_python, probe_torch,
+from pcavs_live.cli.config import Config
+from pcavs_live.cli.machine import (PythonInfo, TorchInfo, probe_microphones, probe_port, probe_python, probe_torch,
                          probe_virtual_camera, probe_virtual_microphone, virtual_microphone_fix)
-from common.errors import UserError
+from pcavs_live.common.errors import UserError
 
 EXIT_MISSING = 1
 MIN_PYTHON = (3, 11)
@@ -59,12 +59,12 @@ def _describe_checkpoints(folder: Path) -> dict[str, str]:
 
 
 def _landmark_dir() -> Path:
-    from cli.fetch import default_landmark_dir
+    from pcavs_live.cli.fetch import default_landmark_dir
     return default_landmark_dir()
 
 
 def _landmark_status(folder: Path) -> dict[str, str]:
-    from cli.fetch import landmark_status
+    from pcavs_live.cli.fetch import landmark_status
     return landmark_status(folder)
 
 
