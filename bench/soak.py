@@ -139,7 +139,7 @@ def serve(args: argparse.Namespace) -> int:
     from pcavs_live.cli.config import dotted_overrides, load_config
     from pcavs_live.cli.errors import run_with_user_errors
     from pcavs_live.cli.logging_setup import setup_logging
-    from pcavs_live.pipeline.session import LiveSession, RunOptions
+    from pcavs_live.pipeline.session import RunOptions, SessionBuilder
     from run_live import install_stop_handlers
 
     setup_logging(0)
@@ -149,14 +149,13 @@ def serve(args: argparse.Namespace) -> int:
         overrides.update({"server.host": "127.0.0.1", "server.port": args.port, "output.targets": ["webrtc"],
                           "server.token": ""})
         config = load_config(args.config, overrides)
-        renderer = None
+        avatar = None
         if args.renderer_delay_s is not None:
-            delay = args.renderer_delay_s
-            renderer = lambda _config: (SleepyRenderer(delay), np.full((224, 224, 3), 80, np.uint8))  # noqa: E731
-        run = RunOptions(realtime=True, status_interval_s=0, ice_host_addresses=("127.0.0.1",),
-                         build_renderer=renderer, wrap_sink=StampingSink)
-        with LiveSession(config, run) as session:
-            stop = install_stop_handlers(session.live)
+            avatar = (SleepyRenderer(args.renderer_delay_s), np.full((224, 224, 3), 80, np.uint8))
+        builder = SessionBuilder(config, RunOptions(realtime=True, status_interval_s=0), avatar=avatar,
+                                 ice_host_addresses=("127.0.0.1",), wrap_sink=StampingSink)
+        stop = install_stop_handlers(builder.live)
+        with builder, builder.build() as session:
             summary = session.run(stop)
             dropped = session.server.dropped if session.server is not None else None
         print(json.dumps({"frames_out": summary.frames_out, "frames_generated": summary.frames_generated,

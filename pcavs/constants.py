@@ -5,6 +5,8 @@ the engine's style layout), so they live here, at the bottom of the import graph
 """
 from __future__ import annotations
 
+from typing import Literal
+
 SAMPLE_RATE = 16000                               # Hz, mono audio everywhere
 FPS = 25                                          # output frame rate: one frame per 40 ms slot
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS            # 640 samples of audio per slot
@@ -18,3 +20,5 @@ ID_DIM = 2048                                     # identity feature (identity e
 POSE_DIM = 12                                     # head-pose code (spec §3.2 headpose_embed)
 STYLE_DIM = 2560                                  # generator style = [identity | mouth | pose]
 MOUTH_DIM = STYLE_DIM - ID_DIM - POSE_DIM         # 500 (spec §3.5)
+
+NoiseMode = Literal["fixed", "random", "zero"]     # generator noise: one draw per session, per frame, none

@@ -18,22 +18,21 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from pcavs.checkpoints import PcavsNetworks
-from pcavs.constants import MOUTH_DIM, POSE_DIM
+from pcavs.constants import MOUTH_DIM, POSE_DIM, NoiseMode
 from pcavs.gpu import download, upload
 from pcavs.networks.generator import IdentityStyle
 from pcavs.preprocess import to_network_input
 from pcavs.runtime import RowBatch, frames_on_device
 
 __all__ = ["Avatar", "DEFAULT_MOUTH_WEIGHT", "EngineOptions", "NoiseBank", "NoiseMode", "SessionRequest", "StageTimes",
-           "encode_poses", "generate", "render_sessions", "to_uint8_frames", "warm_up"]
+           "encode_poses", "render_sessions", "to_uint8_frames", "warm_up"]
 
-NoiseMode = Literal["fixed", "random", "zero"]
 DEFAULT_MOUTH_WEIGHT = 1.2  # hard-coded default of upstream inference(), spec §3.5
 _ENCODER_DTYPE = torch.float32
 
@@ -219,14 +218,6 @@ def _hold_nonfinite(frames: np.ndarray, finite: np.ndarray, avatars: Sequence[Av
     for avatar, frame in zip(avatars, frames):
         avatar._last_good = frame
     return frames
-
-
-@torch.inference_mode()
-def generate(networks: PcavsNetworks, identity_style: IdentityStyle, rest: torch.Tensor, start: torch.Tensor,
-             noise: Sequence[torch.Tensor] | None) -> torch.Tensor:
-    """One eager generator pass for any mix of frames (rows of `identity_style`/`rest`/`start` may come
-    from different avatars; a batch of 1 broadcasts). No synchronisation: the caller's download waits."""
-    return networks.generator.forward_cached(identity_style, rest, start, noise)
 
 
 @dataclass

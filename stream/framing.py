@@ -26,7 +26,6 @@ from pcavs_live.common.errors import UserError
 from pcavs.constants import CROP_SIZE
 
 Size = tuple[int, int]  # (width, height)
-CALL_SIZE: Size = (640, 480)  # what a virtual camera gets unless output.size says otherwise
 FRAMINGS = ("fit", "paste")
 FEATHER_PX = 24.0  # width of the mask's soft border, in crop pixels
 MASK_INSET_PX = 6  # the mask reaches zero this far inside the crop's edge (the crop's border may be black)
@@ -49,11 +48,12 @@ def parse_size(text: str) -> Size | None:
     return None if size == (CROP_SIZE, CROP_SIZE) else size
 
 
-def size_for(setting: str, target: str) -> Size | None:
-    """The picture size one output gets. "auto": a virtual camera gets CALL_SIZE (call apps expect a
-    camera-shaped picture), the browser viewer and the mp4 keep the native crop."""
+def size_for(setting: str, auto: Size | None) -> Size | None:
+    """The picture size one output gets: `setting` (output.size), where "auto" means the output's own
+    size rule `auto` (its registry entry's: a virtual camera is call-sized, the viewer and the mp4 keep
+    the native crop, None)."""
     if setting.strip().lower() == "auto":
-        return CALL_SIZE if target == "vcam" else None
+        return auto
     return parse_size(setting)
 
 

@@ -16,6 +16,7 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 from pcavs.alignment import FaceAligner, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs_live.pipeline.shared_renderer import SharedRenderer
+from pcavs_live.cli.config import load_config
 from pcavs_live.pipeline.studio import StudioSessions
 from stream.studio import StudioServer
 from stream.webrtc import use_host_addresses
@@ -81,7 +82,8 @@ def start_studio(max_sessions: int = 4, lost_timeout_s: float = 3.0, connect_tim
     renderer). The caller stops both."""
     paint = PaintRenderer(delay_s)
     renderer = SharedRenderer(paint).start()
-    factory = StudioSessions(encode_colour, renderer, pose_detector=AnchorDetector, pose_smoothing=0.0)
+    factory = StudioSessions(encode_colour, renderer, load_config(None, {"pose.smoothing": 0.0}),
+                             pose_detector=AnchorDetector)
     srv = StudioServer(factory, port=0, ice_host_addresses=LOOPBACK, max_sessions=max_sessions,
                        lost_timeout_s=lost_timeout_s, connect_timeout_s=connect_timeout_s, **kwargs)
     srv.start()

@@ -205,7 +205,7 @@ def test_checker_reports_stale_names_and_ignores_plain_words():
     * `pcavs/nothing.py`, `pcavs.nothing.Thing`, `pcavs.engine.NoSuchThing`, `stream/nowhere/`, `NoSuchClass.x`.
     * Real: `Avatar`, `Avatar.render`, `pcavs.engine.Avatar.render`, `pcavs_live/pipeline/timeline.py`, `stream/web/`,
       `pcavs_live.common.errors.UserError`, `FPS`, `AudioChunk.start_sample`, `IdentityEncoder(nn.Module)`, `run_live.py`,
-      `WebRTCServer.start`, `Config`, `LiveSession.run`.
+      `WebRTCServer.start`, `Config`, `Session.run`.
     * Plain: `forward(img) -> (B,512)`, `torch.load(weights_only=True)`, `config.server.port`, `model.*`,
       `None`, `--out`, `"sample"`, `(B,3,224,224)`, `RGB uint8 HxWx3`, `noise`.
     ```

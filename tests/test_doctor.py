@@ -55,7 +55,7 @@ def line_of(table: str, check: str) -> str:
 def test_all_ok_exits_zero_and_every_row_says_ok(tmp_path):
     rows = diagnose(config_for(tmp_path), healthy(tmp_path))
     assert [r.check for r in rows] == ["python", "torch", "checkpoints", "face weights", "microphone",
-                                       "virtual camera", "virtual mic", "viewer port"]
+                                       "viewer port", "virtual camera", "virtual mic"]  # outputs: registry order
     assert all(r.ok for r in rows), render(rows)
     assert exit_code(rows) == 0
     table = render(rows)

@@ -12,7 +12,9 @@ import pytest
 from pcavs_live.cli.config import SAMPLE_PHOTO
 from pcavs.alignment import FaceAligner, MOUTH_TARGET, read_rgb
 from pcavs.constants import CROP_SIZE
-from stream.framing import (CALL_SIZE, FitFramer, FramedSink, FramingError, PasteFramer, SharedFramer,
+from pcavs_live.pipeline.outputs import OUTPUTS
+from pcavs_live.pipeline.outputs.vcam import CALL_SIZE
+from stream.framing import (FitFramer, FramedSink, FramingError, PasteFramer, SharedFramer,
                             feathered_mask, make_framer, parse_size, size_for)
 
 SIZES = [(640, 480), (1280, 720), (480, 640)]
@@ -39,10 +41,11 @@ def _letterbox_expected(photo: np.ndarray, size) -> tuple[np.ndarray, float, flo
 
 # ------------------------------------------------------------------ sizes
 def test_sizes_per_output():
-    assert size_for("auto", "vcam") == CALL_SIZE == (640, 480)
-    assert size_for("auto", "file") is None and size_for("auto", "webrtc") is None
-    assert size_for("1280x720", "file") == (1280, 720) and size_for("1280x720", "vcam") == (1280, 720)
-    assert size_for("native", "vcam") is None
+    auto = {name: output.auto_size for name, output in OUTPUTS.items()}  # each output's size rule
+    assert size_for("auto", auto["vcam"]) == CALL_SIZE == (640, 480)
+    assert size_for("auto", auto["file"]) is None and size_for("auto", auto["webrtc"]) is None
+    assert size_for("1280x720", auto["file"]) == (1280, 720) and size_for("1280x720", auto["vcam"]) == (1280, 720)
+    assert size_for("native", auto["vcam"]) is None
     assert parse_size("224x224") is None                 # the crop itself: nothing to frame
     for bad in ("640*480", "0x480", "big"):
         with pytest.raises(FramingError, match="output.size"):
@@ -191,12 +194,12 @@ def test_shared_framer_frames_each_distinct_picture_once_for_all_sinks():
 
 @pytest.mark.slow
 def test_session_records_a_640x480_mp4_with_the_face_pasted_into_the_photo(tmp_path):
-    """Through LiveSession (stand-in checkpoints, a fast stand-in renderer): output.size and
+    """Through SessionBuilder (stand-in checkpoints, a fast stand-in renderer): output.size and
     output.framing reach the recorder."""
     import av
 
     from pcavs_live.cli.config import load_config
-    from pcavs_live.pipeline.session import LiveSession, RunOptions
+    from pcavs_live.pipeline.session import RunOptions, SessionBuilder
     from tests.conftest import parity_weights_dir
 
     class WhiteFace:
@@ -206,8 +209,8 @@ def test_session_records_a_640x480_mp4_with_the_face_pasted_into_the_photo(tmp_p
     out = tmp_path / "call.mp4"
     config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "output.targets": ["file"],
                                 "output.file": str(out), "output.size": "640x480", "output.framing": "paste"})
-    with LiveSession(config, RunOptions(realtime=False, max_seconds=0.4, status_interval_s=0,
-                                        renderer=WhiteFace())) as session:
+    with SessionBuilder(config, RunOptions(realtime=False, max_seconds=0.4, status_interval_s=0),
+                        renderer=WhiteFace()).build() as session:
         summary = session.run(threading.Event())
     assert summary.frames_out == 10
     with av.open(str(out)) as c:

@@ -73,7 +73,7 @@ def test_every_slot_is_rendered_in_batches_with_its_audio():
     source = ChunkSource(audio)
     summary, renderer, sink = render(audio, source=source)
     assert summary.frames_out == summary.frames_generated == 75 == math.ceil(len(audio) / SAMPLES_PER_FRAME)
-    assert summary.frames_dropped == 0 and not summary.stopped_early
+    assert summary.frames_repeated == 0 and not summary.stopped_early
     assert sink.indices == list(range(75))
     assert renderer.batches == [4] * 18 + [3]
     np.testing.assert_array_equal(np.concatenate(sink.audio)[: len(audio)], audio)

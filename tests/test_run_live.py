@@ -12,7 +12,7 @@ import pytest
 import soundfile
 
 from pcavs_live.cli.config import load_config
-from pcavs_live.pipeline.session import LiveSession, RunOptions
+from pcavs_live.pipeline.session import RunOptions, SessionBuilder
 from tests.conftest import REPO_ROOT, parity_weights_dir
 
 
@@ -147,7 +147,7 @@ def test_pose_video_with_lost_face_holds_the_last_pose(tmp_path, short_speech):
     config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "audio.source": str(short_speech),
                                 "pose.source": str(video), "output.targets": ["file"],
                                 "output.file": str(tmp_path / "posed.mp4")})
-    with LiveSession(config, RunOptions(realtime=False, status_interval_s=0, landmark_detector=detector)) as s:
+    with SessionBuilder(config, RunOptions(realtime=False, status_interval_s=0), landmark_detector=detector).build() as s:
         summary = s.run(threading.Event())
         snap = s.metrics.snapshot()
     assert summary.frames_out == 30
@@ -167,9 +167,9 @@ def test_default_job_streams_the_sample_to_a_webrtc_viewer():
     config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "server.port": "0"})
     assert config.output.targets == ("webrtc",) and config.audio.source == "sample"
     stop = threading.Event()
-    session = LiveSession(config, RunOptions(status_interval_s=0, ice_host_addresses=("127.0.0.1",)))
+    session = SessionBuilder(config, RunOptions(status_interval_s=0), ice_host_addresses=("127.0.0.1",))
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.setdefault("summary", session.run(stop)))
+    runner = threading.Thread(target=lambda: result.setdefault("summary", session.build().run(stop)))
     runner.start()
     try:
         deadline = time.monotonic() + 120

@@ -576,7 +576,7 @@ def test_voice_and_lips_leave_vmic_and_vcam_together(pulse_server, recording_cam
     import stream.delay
     import stream.vmic
     from pcavs_live.cli.config import load_config
-    from pcavs_live.pipeline.session import LiveSession, RunOptions
+    from pcavs_live.pipeline.session import RunOptions, SessionBuilder
     from tests.conftest import parity_weights_dir
 
     made: dict[str, list] = {"vmic": [], "delay": []}  # the session's sinks, to read their logs after
@@ -603,9 +603,9 @@ def test_voice_and_lips_leave_vmic_and_vcam_together(pulse_server, recording_cam
                                 "audio.gain": "none", "output.targets": ["vcam", "vmic"],
                                 "vcam.backend": name})
     caplog.set_level(logging.INFO, logger="stream.vmic")
-    session = LiveSession(config, RunOptions(realtime=True, status_interval_s=0, renderer=MarkerRenderer()))
+    session = SessionBuilder(config, RunOptions(realtime=True, status_interval_s=0), renderer=MarkerRenderer())
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.setdefault("summary", session.run(threading.Event())))
+    runner = threading.Thread(target=lambda: result.setdefault("summary", session.build().run(threading.Event())))
     runner.start()
     chunks: list[tuple[float, int, bytes]] = []
     try:
@@ -670,7 +670,7 @@ def test_voice_and_lips_leave_vmic_and_vcam_together(pulse_server, recording_cam
           f"first third {first:+.1f} ms, last third {last:+.1f} ms (drift {last - first:+.1f} ms); "
           f"all {len(everything)} matched: median {statistics.median(everything):+.1f} ms; "
           f"{len(after_disturbance)} after a logged disturbance: {[round(float(o), 1) for o in after_disturbance]}; "
-          f"frames {summary.frames_out} ({summary.frames_dropped} repeated), {len(windows)} disturbances, "
+          f"frames {summary.frames_out} ({summary.frames_repeated} repeated), {len(windows)} disturbances, "
           f"{len(late_sends)} late camera sends; clean: {[round(float(o), 1) for o in clean]}")
     print("\n".join(r.getMessage() for r in caplog.records if r.name == "stream.vmic"))
     assert len(clean) >= 0.5 * len(slots), "too few undisturbed clicks to judge"
@@ -716,15 +716,15 @@ def test_ctrl_c_unloads_exactly_the_modules_the_run_loaded(pulse_server):
 @pytest.mark.slow
 def test_vcam_without_vmic_warns_once_in_a_session(recording_camera, caplog, speech_wav_path):
     from pcavs_live.cli.config import load_config
-    from pcavs_live.pipeline.session import LiveSession, RunOptions
+    from pcavs_live.pipeline.session import RunOptions, SessionBuilder
     from tests.conftest import parity_weights_dir
 
     name, sent, shape = recording_camera
     config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "output.targets": ["vcam"],
                                 "vcam.backend": name, "audio.source": str(speech_wav_path)})
     caplog.set_level(logging.WARNING, logger="stream.vmic")
-    with LiveSession(config, RunOptions(realtime=False, max_seconds=2.4, status_interval_s=0,
-                                        renderer=MarkerRenderer())) as session:
+    with SessionBuilder(config, RunOptions(realtime=False, max_seconds=2.4, status_interval_s=0),
+                        renderer=MarkerRenderer()).build() as session:
         session.run(threading.Event())
     warnings = [r.getMessage() for r in caplog.records if r.name == "stream.vmic"]
     assert len(warnings) == 1 and "--out vmic" in warnings[0]

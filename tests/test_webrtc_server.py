@@ -15,7 +15,7 @@ from aioice.turn import make_integrity_key
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from pcavs_live.cli.config import load_config
-from pcavs_live.pipeline.session import LiveSession
+from pcavs_live.pipeline.session import SessionBuilder
 from stream.webrtc import ServerError, WebRTCServer, use_host_addresses
 from tests.test_run_live import run_cli
 from tests.test_webrtc import LOOPBACK, base_url, get_json, post_json, run
@@ -234,9 +234,9 @@ def test_ice_keys_from_the_config_reach_the_peer_connections():
             "server.port": "0", "output.targets": "webrtc", "server.ice_host_addresses": "127.0.0.1",
             "server.stun_url": f"stun:127.0.0.1:{port}", "server.turn_url": f"turn:127.0.0.1:{port}",
             "server.turn_username": "viewer", "server.turn_credential": "s3cret"})
-        session = LiveSession(config)
+        session = SessionBuilder(config)
         try:
-            await loop.run_in_executor(None, session.start_server)
+            await loop.run_in_executor(None, session.prepare)
             base = base_url(session.server)
             status, answer = await post_json(base + "offer", {"sdp": await probe_offer(), "type": "offer"})
             assert status == 200, answer

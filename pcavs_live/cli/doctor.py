@@ -2,9 +2,11 @@
 with the exact fix, and an exit code that is non-zero when something the run needs is missing.
 
 Rows: Python; torch and the device the run would use; the checkpoints (present and loadable); the
-face_alignment weights (present, SHA-256 checked); microphones; virtual camera; virtual microphone; the
-viewer's port. Whether a row is *needed* follows the configuration: the virtual camera only when
-output.targets has vcam, the microphone only for --audio mic, the face_alignment weights only when a face
+face_alignment weights (present, SHA-256 checked); microphones; then one row per output that has a doctor
+check in the output registry (`pcavs_live.pipeline.outputs.OUTPUTS`: the viewer's port, the virtual
+camera, the virtual microphone), in the registry's order. Whether a row is *needed* follows the
+configuration: an output's row only when output.targets has it, the microphone only for an audio input
+that is a device (`pcavs_live.pipeline.inputs.AUDIO_INPUTS`), the face_alignment weights only when a face
 detector will run (a photo without a landmark sidecar, or a webcam/video pose), and so on. A missing row
 that is not needed is still shown (with its fix) but does not fail the command.
 
@@ -18,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcavs_live.cli.config import Config
 from pcavs_live.cli.machine import (PythonInfo, TorchInfo, probe_microphones, probe_port, probe_python, probe_torch,
-                         probe_virtual_camera, probe_virtual_microphone, virtual_microphone_fix)
+                                    probe_virtual_camera, probe_virtual_microphone)
 from pcavs_live.common.errors import UserError
+from pcavs_live.pipeline.inputs import audio_input, pose_input
+from pcavs_live.pipeline.options import Config
+from pcavs_live.pipeline.outputs import OUTPUTS, Output
 
 EXIT_MISSING = 1
 MIN_PYTHON = (3, 11)
@@ -30,10 +34,6 @@ MIN_PYTHON = (3, 11)
 TORCH_PINS = "torch==2.14.1 torchvision==0.29.1"
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu130"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-VCAM_LINUX_FIX = ('sudo apt-get install v4l2loopback-dkms && sudo modprobe v4l2loopback devices=1 exclusive_caps=1 '
-                  'card_label="pcavs-live"')
-VCAM_OBS_FIX = ("install OBS Studio (https://obsproject.com), click Start Virtual Camera once, then Stop "
-                "Virtual Camera and close OBS")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ def _landmark_status(folder: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Probes:
-    """How doctor looks at the machine; each field replaceable (tests pass fakes)."""
+    """How doctor looks at the machine; each field replaceable (tests pass fakes). An output's doctor
+    check (`pcavs_live.pipeline.outputs.DoctorCheck`) names the field that looks for it."""
 
     system: str = field(default_factory=platform.system)                            # "Linux", "Windows", "Darwin"
     python: Callable[[], PythonInfo] = probe_python
@@ -88,12 +89,7 @@ class Probes:
 def needs_face_detector(config: Config) -> bool:
     """A detector runs for a pose video or webcam, or for a photo without its landmark sidecar."""
     from pcavs.alignment import sidecar_path
-    return config.pose.video_path is not None or config.pose.source == "webcam" \
-        or not sidecar_path(config.identity.photo).is_file()
-
-
-def _targets(config: Config) -> tuple[str, ...]:
-    return tuple(config.output.targets)
+    return pose_input(config.pose).needs_detector or not sidecar_path(config.identity.photo).is_file()
 
 
 # --------------------------------------------------------------------------- the checks
@@ -185,7 +181,7 @@ def _matching_device(labels: list[str], wanted: str) -> str | None:
 
 
 def check_microphones(probe: Callable[[], list[str]], config: Config, system: str) -> Row:
-    needed = config.audio.is_mic
+    needed = audio_input(config.audio).device
     try:
         devices = probe()
     except UserError as exc:
@@ -204,35 +200,16 @@ def check_microphones(probe: Callable[[], list[str]], config: Config, system: st
     return Row("microphone", True, f"{devices[0]}{more}", needed=needed)
 
 
-def check_virtual_camera(probe: Callable[[str | None, str | None], str], config: Config, system: str) -> Row:
-    needed = "vcam" in _targets(config)
+def check_output(output: Output, probes: Probes, config: Config, system: str) -> Row:
+    """An output's row, from its registry entry's doctor check: needed when output.targets has it."""
+    check = output.doctor
+    assert check is not None
+    needed = output.name in config.output.targets
     try:
-        found = probe(config.vcam.device, config.vcam.backend)
+        found = getattr(probes, check.probe)(*check.args(config, system))
     except UserError as exc:
-        fix = VCAM_LINUX_FIX if system == "Linux" else VCAM_OBS_FIX
-        return Row("virtual camera", False, str(exc), fix, needed)
-    return Row("virtual camera", True, found, needed=needed)
-
-
-def check_virtual_microphone(probe: Callable[[str], str], config: Config, system: str) -> Row:
-    needed = "vmic" in _targets(config)
-    try:
-        found = probe(system)
-    except UserError as exc:
-        return Row("virtual mic", False, str(exc), virtual_microphone_fix(system), needed)
-    return Row("virtual mic", True, found, needed=needed)
-
-
-def check_port(probe: Callable[[str, int], str], config: Config) -> Row:
-    needed = "webrtc" in _targets(config)
-    host, port = config.server.host, config.server.port
-    try:
-        found = probe(host, port)
-    except UserError as exc:
-        return Row("viewer port", False, str(exc),
-                   f"stop the program that uses it, or pick another port: --port {port + 1 if port < 65535 else 8080}",
-                   needed)
-    return Row("viewer port", True, found, needed=needed)
+        return Row(check.title, False, str(exc), check.fix(config, system), needed)
+    return Row(check.title, True, found, needed=needed)
 
 
 # --------------------------------------------------------------------------- the table
@@ -245,10 +222,7 @@ def diagnose(config: Config, probes: Probes | None = None, fetch_command: str = 
         check_checkpoints(p.checkpoints, config.model.checkpoint_dir, fetch_command),
         check_landmarks(p.landmarks, p.landmark_dir, needs_face_detector(config), fetch_command),
         check_microphones(p.microphones, config, p.system),
-        check_virtual_camera(p.virtual_camera, config, p.system),
-        check_virtual_microphone(p.virtual_microphone, config, p.system),
-        check_port(p.port, config),
-    ]
+    ] + [check_output(output, p, config, p.system) for output in OUTPUTS.values() if output.doctor is not None]
 
 
 def render(rows: list[Row]) -> str:

@@ -20,8 +20,7 @@ from pathlib import Path
 from pcavs_live.common.errors import UserError
 
 # The virtual microphone each OS's call apps can pick: the device we play into and the name they see.
-VB_CABLE_OUTPUT = "CABLE Input"      # Windows, VB-Audio Virtual Cable: we play into "CABLE Input" ...
-VB_CABLE_MIC = "CABLE Output"        # ... and the call app's microphone is "CABLE Output"
+VB_CABLE_OUTPUT = "CABLE Input"      # Windows, VB-Audio Virtual Cable: we play into "CABLE Input"
 BLACKHOLE = "BlackHole"              # macOS: "BlackHole 2ch" is both the output we play into and the mic
 
 
@@ -132,18 +131,6 @@ def probe_virtual_camera(device: str | None, backend: str | None, width: int = 2
         return f"{cam.device} ({cam.backend})"
     finally:
         cam.close()
-
-
-def virtual_microphone_fix(system: str) -> str:
-    if system == "Windows":
-        return (f"install VB-CABLE (https://vb-audio.com/Cable/): unzip, run VBCABLE_Setup_x64.exe as "
-                f"administrator, reboot; then pick '{VB_CABLE_MIC}' as the microphone in the call app")
-    if system == "Darwin":
-        return ("install BlackHole: brew install blackhole-2ch (or the installer from "
-                "https://existential.audio/blackhole/); then pick 'BlackHole 2ch' as the microphone in the call app")
-    return ("install and start a PulseAudio-compatible sound server: sudo apt-get install pulseaudio "
-            "pulseaudio-utils && pulseaudio --start (PipeWire desktops: sudo apt-get install pipewire-pulse "
-            "pulseaudio-utils)")
 
 
 def probe_virtual_microphone(system: str | None = None, outputs: list[str] | None = None) -> str:

@@ -1,7 +1,7 @@
 """The `pcavs-live` command (and `python run_live.py`, the same program): argument parsing for its commands.
 
     pcavs-live [run] [options]    animate the photo and stream it; `run` is the default command
-    pcavs-live serve [options]    run with the browser viewer as an output, and print its URL
+    pcavs-live serve [options]    the studio: each browser drives its own avatar (many sessions, one generator)
     pcavs-live fetch              download and verify everything the program loads (then it runs offline)
     pcavs-live devices            microphones, cameras and audio outputs
     pcavs-live doctor [options]   what the configured run needs that this machine lacks, and the fix
@@ -22,13 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pcavs_live.cli.config import OUTPUT_TARGETS, cli_options, config_to_toml, dotted_overrides, load_config
+from pcavs_live.cli.config import cli_options, config_to_toml, dotted_overrides, load_config
 from pcavs_live.cli.errors import run_with_user_errors
 from pcavs_live.cli.logging_setup import setup_logging
+from pcavs_live.pipeline.outputs import live_words, parse_out
 
 log = logging.getLogger("run_live")
 
-LIVE_TARGETS = tuple(t for t in OUTPUT_TARGETS if t != "file")  # --out words; anything else is a file
+LIVE_TARGETS = live_words()  # --out words that name an output (the output registry); anything else is a file
 
 COMMANDS: dict[str, str] = {
     "run": "animate the photo and stream it (the default: `{cmd} [options]` is `{cmd} run [options]`)",
@@ -104,14 +105,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             o[option.key] = value
     if getattr(args, "out", None):
-        targets = []
-        for out in args.out:
-            if out in LIVE_TARGETS:
-                targets.append(out)
-            else:
-                targets.append("file")
-                o["output.file"] = out
-        o["output.targets"] = list(dict.fromkeys(targets))
+        targets, path = parse_out(args.out)  # the output registry's words, else a file path, else an error
+        o["output.targets"] = targets
+        if path is not None:
+            o["output.file"] = path
     return o
 
 
@@ -201,14 +198,15 @@ def _run(argv: list[str], prog: str) -> int:
             return fetch_main(["--url", config.model.checkpoint_url, "--dest", str(config.model.checkpoint_dir)]
                               + (["-q"] if args.quiet else []) + (["--debug"] if args.debug else []))
 
-        from pcavs_live.pipeline.session import LiveSession, RunOptions
-        with LiveSession(config, RunOptions(realtime=args.realtime, max_seconds=args.max_seconds,
-                                            status_interval_s=0 if args.quiet else 1.0)) as session:
-            stop = install_stop_handlers(session.live)
+        from pcavs_live.pipeline.session import RunOptions, SessionBuilder
+        builder = SessionBuilder(config, RunOptions(realtime=args.realtime, max_seconds=args.max_seconds,
+                                                    status_interval_s=0 if args.quiet else 1.0))
+        stop = install_stop_handlers(builder.live)
+        with builder, builder.build() as session:
             summary = session.run(stop)
             snap = session.metrics.snapshot()
         print(f"\n{summary.frames_out} frames out ({summary.frames_generated} generated, "
-              f"{summary.frames_dropped} repeated) in {summary.wall_s:.1f} s", file=sys.stderr)
+              f"{summary.frames_repeated} repeated) in {summary.wall_s:.1f} s", file=sys.stderr)
         if snap.get("latency_ms_median") is not None:
             print(f"capture→frame latency median {snap['latency_ms_median']} ms (max {snap['latency_ms_max']} ms), "
                   f"generator {snap['generator_ms_median']} ms, {snap['generated_fps']} generated fps",

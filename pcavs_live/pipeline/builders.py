@@ -1,11 +1,11 @@
 """The pieces every session is built from, shared by the CLI's one run and the studio's many.
 
 A session is: an identity (`encode_identity`: the photo aligned and encoded once, sharing the networks
-`load_engine` loaded), an audio source and its `AudioTimeline`, a pose provider (`start_live_pose`, or
+`load_model_networks` loaded), an audio source and its `AudioTimeline`, a pose provider (`start_live_pose`, or
 none for the photo's own pose), sinks, and the `Scheduler` that drives them
-(`make_scheduler`, the one place a Scheduler is constructed). `pcavs_live.pipeline.session.LiveSession` builds one
-session from a Config and its local devices; `pcavs_live.pipeline.studio` builds one per browser, with the
-browser's tracks as sources and a `SharedRenderer` handle as its renderer.
+(`make_scheduler`, the one place a Scheduler is constructed). `pcavs_live.pipeline.session.SessionBuilder` builds
+every session: from a Config and its local devices (the CLI's run), or with the browser's tracks as sources
+and a `SharedRenderer` handle as its renderer (each studio session, `pcavs_live.pipeline.studio`).
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from pcavs.engine import Avatar, EngineOptions
 from pcavs.preprocess import to_network_input
 from pcavs_live.pipeline.engine_setup import prepare_engine, start_live_pose
 from pcavs_live.pipeline.metrics import LiveMetrics
+from pcavs_live.pipeline.options import ModelConfig
 from pcavs_live.pipeline.scheduler import Renderer, Scheduler, SchedulerOptions
 from pcavs_live.pipeline.timeline import AudioTimeline
 from stream.sinks import FrameSink
 
-__all__ = ["POSE_DETECT_MAX_SIDE", "encode_identity", "engine_options", "load_engine", "make_scheduler",
+__all__ = ["POSE_DETECT_MAX_SIDE", "encode_identity", "engine_options", "load_model_networks", "make_scheduler",
            "prepare_engine", "start_live_pose"]
 
 log = logging.getLogger(__name__)
@@ -36,19 +37,22 @@ log = logging.getLogger(__name__)
 POSE_DETECT_MAX_SIDE = 320
 
 
-def engine_options(device: str, dtype_name: str, noise: str, noise_seed: int, mouth_weight: float) -> EngineOptions:
-    """The `[model]` config keys as EngineOptions (device resolved: "auto" → cuda or cpu)."""
-    device, dtype = resolve_device_and_dtype(device, dtype_name)  # one line for a device problem, before any
+def engine_options(model: ModelConfig) -> EngineOptions:
+    """The `[model]` section as EngineOptions (device resolved: "auto" → cuda or cpu)."""
+    dtype_name = model.dtype
+    device, dtype = resolve_device_and_dtype(model.device, dtype_name)  # one line for a device problem, before any
     # checkpoint is read; "auto" dtype: bf16 on sm_80+ GPUs, float32 elsewhere
     if dtype != torch.float32 and device == "cpu":
         log.warning("%s on the CPU runs on PyTorch's reference kernels (~35x slower than float32 on CPUs "
                     "without native half-precision convolutions); it is meant for GPUs", dtype_name)
-    return EngineOptions(device=device, dtype=dtype, noise=noise, noise_seed=noise_seed, mouth_weight=mouth_weight)
+    return EngineOptions(device=device, dtype=dtype, noise=model.noise, noise_seed=model.noise_seed,
+                         mouth_weight=model.mouth_weight)
 
 
-def load_engine(checkpoint_dir, options: EngineOptions) -> PcavsNetworks:
-    """The networks, loaded once per process and device; every session's Avatar shares them."""
-    return load_networks(checkpoint_dir, device=options.device, dtype=options.dtype)
+def load_model_networks(model: ModelConfig, options: EngineOptions) -> PcavsNetworks:
+    """The networks of `model.checkpoint_dir` on `options`' device and dtype, loaded once per process and
+    device; every session's Avatar shares them."""
+    return load_networks(model.checkpoint_dir, device=options.device, dtype=options.dtype)
 
 
 def encode_identity(networks: PcavsNetworks, options: EngineOptions, rgb: np.ndarray, name: str,

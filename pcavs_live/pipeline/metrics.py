@@ -32,7 +32,7 @@ class LiveMetrics:
         self._recent: deque[FrameRecord] = deque(maxlen=window)
         self._emitted = 0
         self._generated = 0
-        self._dropped = 0
+        self._repeated = 0  # slots that showed an earlier frame again (no new one was ready)
         self._late = 0
         self._discarded = 0
         self._input_silence_ms = 0.0
@@ -49,7 +49,7 @@ class LiveMetrics:
                 self._generated += 1
                 self._late += rec.late
             else:
-                self._dropped += 1
+                self._repeated += 1
 
     def set_pose_status(self, **status: object) -> None:
         with self._lock:
@@ -80,7 +80,7 @@ class LiveMetrics:
             snap: dict[str, object] = {
                 "frames_out": self._emitted,
                 "frames_generated": self._generated,
-                "frames_dropped": self._dropped,
+                "frames_repeated": self._repeated,
                 "frames_late": self._late,
                 "frames_discarded": self._discarded,
                 "input_silence_ms": round(self._input_silence_ms, 1),
@@ -111,6 +111,6 @@ def format_status_line(snap: dict[str, object]) -> str:
     def f(key: str, unit: str = "") -> str:
         v = snap.get(key)
         return "-" if v is None else f"{v}{unit}"
-    return (f"out {snap['frames_out']} | gen {snap['frames_generated']} | dropped {snap['frames_dropped']} | "
+    return (f"out {snap['frames_out']} | gen {snap['frames_generated']} | repeated {snap['frames_repeated']} | "
             f"latency {f('latency_ms_median', ' ms')} (max {f('latency_ms_max', ' ms')}) | "
             f"G {f('generator_ms_median', ' ms')} | gen fps {f('generated_fps')} | out fps {f('output_fps')}")

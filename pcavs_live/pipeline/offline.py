@@ -145,5 +145,5 @@ class OfflineRenderer:
             self.sink.close()
         snap = self.metrics.snapshot()
         return RunSummary(frames_out=int(snap["frames_out"]), frames_generated=int(snap["frames_generated"]),
-                          frames_dropped=int(snap["frames_dropped"]), wall_s=time.monotonic() - t0,
+                          frames_repeated=int(snap["frames_repeated"]), wall_s=time.monotonic() - t0,
                           stopped_early=stopped_early)

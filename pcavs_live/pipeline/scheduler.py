@@ -69,7 +69,7 @@ class SchedulerOptions:
 class RunSummary:
     frames_out: int
     frames_generated: int
-    frames_dropped: int
+    frames_repeated: int         # slots that showed an earlier frame again
     wall_s: float
     stopped_early: bool
 
@@ -199,7 +199,7 @@ class Scheduler:
         stopped_early = self._run_live(stop)
         snap = self.metrics.snapshot()
         return RunSummary(frames_out=int(snap["frames_out"]), frames_generated=int(snap["frames_generated"]),
-                          frames_dropped=int(snap["frames_dropped"]), wall_s=time.monotonic() - t0,
+                          frames_repeated=int(snap["frames_repeated"]), wall_s=time.monotonic() - t0,
                           stopped_early=stopped_early)
 
     # ================================================================ live

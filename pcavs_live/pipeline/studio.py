@@ -7,7 +7,9 @@ its audio source (`BrowserAudioSource` → its own `AudioTimeline`), the browser
 the session owns. Its renderer is a handle of the process's one `SharedRenderer`, so every session's
 ready frame goes through one batched network pass.
 
-`StudioSessions` is the server's factory: it encodes identities (`IdentityEncoder`: the bundled sample
+A session is built by the CLI's own `SessionBuilder`, with the browser's parts given to it.
+
+`StudioSessions` is the server's factory: it encodes identities (`AvatarFactory`: the bundled sample
 with its landmark sidecar, or an uploaded photo through the landmark detector) and attaches sessions to
 the shared renderer. `serve` wires the whole studio from a Config (`run_live.py serve`).
 """
@@ -27,14 +29,13 @@ import numpy as np
 
 from pcavs_live.common.errors import UserError
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
-from capture.pose_rate import DEFAULT_RATE_HZ
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs.mel import StreamingGain, StreamingMel
-from pcavs_live.pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity, make_scheduler, start_live_pose
+from pcavs_live.pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity
 from pcavs_live.pipeline.metrics import LiveMetrics
-from pcavs_live.pipeline.scheduler import SchedulerOptions
+from pcavs_live.pipeline.options import Config
+from pcavs_live.pipeline.session import RunOptions, Session, SessionBuilder
 from pcavs_live.pipeline.shared_renderer import RendererClosed, SharedRenderer
-from pcavs_live.pipeline.timeline import AudioTimeline
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ def release_device_memory(device: str | None) -> None:
         torch.cuda.empty_cache()
 
 
-class IdentityEncoder:
-    """Photo → Avatar on the shared networks. The sample uses its landmark sidecar; uploads use the
+class AvatarFactory:
+    """Photo → Avatar on the shared networks (it runs the network `IdentityEncoder`; it is not one).
+    The sample uses its landmark sidecar; uploads use the
     landmark detector (a photo without a face: `FaceNotFoundError`, one line for the page)."""
 
     def __init__(self, networks, options, sample_photo: Path,
@@ -80,18 +82,18 @@ class StudioSession:
     """One browser's session: built by `start`, torn down by `stop` (idempotent, from any thread)."""
 
     def __init__(self, avatar, placeholder: np.ndarray, renderer: SharedRenderer,
-                 pose_detector: Callable[[], LandmarkDetector] | None, pose_smoothing: float | None,
-                 device: str | None, pose_rate_hz: float = DEFAULT_RATE_HZ) -> None:
+                 pose_detector: Callable[[], LandmarkDetector] | None, config: Config,
+                 device: str | None) -> None:
         self.avatar, self.placeholder = avatar, placeholder
-        self._pose_rate_hz = pose_rate_hz
+        self.config = config
         self.metrics = LiveMetrics()
         self._renderer = renderer
-        self._pose_detector, self._pose_smoothing = pose_detector, pose_smoothing
+        self._pose_detector = pose_detector
         self._device = device
         self.handle = None
         self._source: BrowserAudioSource | None = None
         self._video: BrowserVideoSource | None = None
-        self._pose_worker = None
+        self._session: Session | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stopped = False
@@ -105,26 +107,26 @@ class StudioSession:
                 raise RuntimeError("a studio session starts once")
             self._started_at = time.monotonic()
             self._source = BrowserAudioSource(audio, loop)
-            timeline = AudioTimeline(StreamingMel(StreamingGain()))
-            pose, checks = None, []
+            detector = None
             if video is not None and self._pose_detector is not None:
                 self._video = BrowserVideoSource(video, loop)
-                self._pose_worker, pose = start_live_pose(self._video, self.avatar, self._pose_detector(),
-                                                          self._pose_smoothing, self._pose_rate_hz, self.metrics)
-                checks = [self._pose_worker.check]
+                detector = self._pose_detector()
             elif video is not None:
                 log.info("no landmark detector for camera pose; using the photo's pose")
             self.handle = self._renderer.handle(self.avatar)
-            scheduler = make_scheduler(self._source, timeline, self.handle, sink, self.placeholder, pose,
-                                       self.metrics, SchedulerOptions(), health_checks=checks)
-            self._thread = threading.Thread(target=self._run, args=(scheduler, on_end),
+            self._session = SessionBuilder(
+                self.config, RunOptions(realtime=True, status_interval_s=0), landmark_detector=detector,
+                avatar=(self.avatar, self.placeholder), renderer=self.handle,
+                audio=(self._source, StreamingMel(StreamingGain())), sinks=sink, pose_frames=self._video,
+                metrics=self.metrics).build()
+            self._thread = threading.Thread(target=self._run, args=(self._session, on_end),
                                             name="studio-session", daemon=True)
             self._thread.start()
 
-    def _run(self, scheduler, on_end: Callable[[str], None]) -> None:
+    def _run(self, session: Session, on_end: Callable[[str], None]) -> None:
         reason = "the browser's audio ended"
         try:
-            summary = scheduler.run(self._stop)
+            summary = session.run(self._stop)
             if summary.stopped_early:
                 reason = "stopped"
         except RendererClosed:
@@ -150,8 +152,9 @@ class StudioSession:
             snap.update(self.handle.stats())
         if self._source is not None:
             snap["audio_chunks_dropped"] = self._source.dropped_chunks
-        if self._pose_worker is not None:
-            snap["pose_frames_processed"] = self._pose_worker.frames_processed
+        worker = None if self._session is None else self._session.pose_worker
+        if worker is not None:
+            snap["pose_frames_processed"] = worker.frames_processed
         return snap
 
     def stop(self) -> None:
@@ -166,32 +169,30 @@ class StudioSession:
             self._thread.join(10)
             if self._thread.is_alive():
                 log.error("studio session thread did not stop within 10 s")
-        if self._pose_worker is not None:
-            self._pose_worker.stop()
+        if self._session is not None:
+            self._session.close()        # the pose worker
         if self._source is not None:
             self._source.stop()
         if self._video is not None:
             self._video.close()
         # Drop every reference to the session's tensors and buffers, then return the memory.
-        self.avatar = self.handle = self._source = self._video = self._pose_worker = self._thread = None
+        self.avatar = self.handle = self._source = self._video = self._session = self._thread = None
         self.placeholder = None
         release_device_memory(self._device)
 
 
 class StudioSessions:
-    """The server's session factory: one `SharedRenderer` and one identity encoder for all sessions."""
+    """The server's session factory: one `SharedRenderer` and one avatar factory for all sessions; each
+    session's pose smoothing and rate come from `config.pose`."""
 
-    def __init__(self, encode: EncodeIdentity, renderer: SharedRenderer,
-                 pose_detector: Callable[[], LandmarkDetector] | None = None,
-                 pose_smoothing: float | None = 0.5, device: str | None = None, pose_rate_hz: float = DEFAULT_RATE_HZ) -> None:
-        self.encode, self.renderer = encode, renderer
-        self.pose_detector, self.pose_smoothing, self.device = pose_detector, pose_smoothing, device
-        self.pose_rate_hz = pose_rate_hz
+    def __init__(self, encode: EncodeIdentity, renderer: SharedRenderer, config: Config,
+                 pose_detector: Callable[[], LandmarkDetector] | None = None, device: str | None = None) -> None:
+        self.encode, self.renderer, self.config = encode, renderer, config
+        self.pose_detector, self.device = pose_detector, device
 
     def create(self, photo: np.ndarray | None, name: str) -> StudioSession:
         avatar, aligned = self.encode(photo, name)
-        return StudioSession(avatar, aligned, self.renderer, self.pose_detector, self.pose_smoothing, self.device,
-                             self.pose_rate_hz)
+        return StudioSession(avatar, aligned, self.renderer, self.pose_detector, self.config, self.device)
 
     def stats(self) -> dict:
         return self.renderer.stats()
@@ -204,13 +205,13 @@ class ServeOptions:
     lost_timeout_s: float = 5.0
 
 
-def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event | None = None,
+def serve(config: Config, options: ServeOptions = ServeOptions(), stop: threading.Event | None = None,
           ready: Callable[[object], None] | None = None) -> int:
     """Load the networks once, start the shared renderer and the studio server, run until `stop`."""
     from pcavs.engine import render_sessions
-    from pcavs_live.pipeline.builders import engine_options, load_engine
+    from pcavs_live.pipeline.builders import engine_options, load_model_networks
+    from pcavs_live.pipeline.outputs.webrtc import ice_servers_for
     from stream.studio import StudioServer
-    from stream.webrtc import ice_servers
 
     stop = stop or threading.Event()
     s, m = config.server, config.model
@@ -227,18 +228,17 @@ def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event 
                 shared.append(FaceAlignmentDetector(device=opts.device))
             return _LockedDetector(shared[0].with_detect_max_side(max_side), detector_lock)
 
-    opts = engine_options(m.device, m.dtype, m.noise, m.noise_seed, m.mouth_weight)
+    opts = engine_options(m)
     renderer = SharedRenderer(render_sessions)
-    factory = StudioSessions(IdentityEncoder(None, opts, Path(config.identity.photo), detector), renderer,
-                             pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), pose_smoothing=config.pose.smoothing,
-                             device=opts.device, pose_rate_hz=config.pose.rate_hz)
+    factory = StudioSessions(AvatarFactory(None, opts, Path(config.identity.photo), detector), renderer, config,
+                             pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), device=opts.device)
     server = StudioServer(factory, host=s.host, port=s.port, token=s.token, max_sessions=s.max_sessions,
-                          ice_servers=ice_servers(s.stun_url, s.turn_url, s.turn_username, s.turn_credential),
+                          ice_servers=ice_servers_for(s),
                           ice_host_addresses=s.ice_host_addresses if hosts is None else hosts,
                           lost_timeout_s=options.lost_timeout_s)
     server.start()               # a port in use is reported before the networks load
     try:
-        factory.encode.networks = load_engine(m.checkpoint_dir, opts)
+        factory.encode.networks = load_model_networks(m, opts)
         renderer.start()
         print(f"studio: open {server.url}  (up to {s.max_sessions} sessions)", file=sys.stderr, flush=True)
         if ready is not None:
