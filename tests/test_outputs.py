@@ -171,3 +171,30 @@ def test_every_output_with_a_doctor_check_names_a_doctor_probe():
 def test_the_output_modules_live_where_the_doc_says():
     folder = Path(__import__("pcavs_live.pipeline.outputs", fromlist=["x"]).__file__).parent
     assert {p.stem for p in folder.glob("*.py")} >= set(OUTPUTS)
+
+
+# ------------------------------------------------------------------ config below the pipeline
+def test_the_pipeline_owns_the_schema_and_never_imports_the_cli():
+    import ast
+
+    import pcavs_live.cli.config as loader
+    from pcavs_live.cli.paths import BUNDLED_ROOT
+    root = Path(options.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "pcavs_live.cli" or n.startswith("pcavs_live.cli.") for n in names), path
+    assert loader.Config is options.Config and loader.SECTIONS is options.SECTIONS
+    sections = {cls.__name__ for cls in options.SECTIONS.values()}
+    assert not sections & {name for name, value in vars(loader).items()
+                           if dataclasses.is_dataclass(value) and value.__module__ == loader.__name__}
+    assert options.BUNDLED_ROOT == BUNDLED_ROOT and options.SAMPLE_SPEECH.is_file()
+
+
+def test_noise_mode_is_defined_once():
+    import pcavs.engine
+    from pcavs.constants import NoiseMode
+    assert pcavs.engine.NoiseMode is NoiseMode
+    assert typing.get_type_hints(options.ModelConfig)["noise"] is NoiseMode
+    assert not hasattr(pcavs.engine, "generate")
