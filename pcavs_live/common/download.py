@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import logging
 import os
 import urllib.parse
 from dataclasses import dataclass
@@ -97,15 +96,15 @@ class DriveDownloader:
 
 @contextlib.contextmanager
 def _pooch_quiet(quiet: bool):
-    """pooch logs every download at INFO on its own handler; silence it for `--quiet`."""
+    """pooch logs every download on its own handler; silence it for `--quiet`. (`disabled`, not setLevel:
+    pooch's logger lives outside logging's manager, so a new level would not reach its cached check.)"""
     logger = pooch.get_logger()
-    level = logger.level
-    if quiet:
-        logger.setLevel(logging.WARNING)
+    was = logger.disabled
+    logger.disabled = was or quiet
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.disabled = was
 
 
 def _reason(exc: BaseException) -> str:
