@@ -390,3 +390,28 @@ def test_cli_skips_download_when_complete(tmp_path, monkeypatch, capsys):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_fetch_command_installs_a_hand_downloaded_zip_offline(tmp_path, monkeypatch, capsys):
+    """`pcavs-live fetch --zip demo.zip`: no network needed; a zip-slip archive is refused (one error line,
+    nothing written) and the by-hand line is printed again."""
+    from pcavs_live.cli import fetch
+    from pcavs_live.cli.main import main
+
+    monkeypatch.setattr(fetch, "_describe", describe_stub)
+    monkeypatch.setattr(fetch, "landmark_files", dict)  # the face weights are another test's business
+    good = _write(tmp_path / "demo.zip", DEMO_ZIP)
+    dest = tmp_path / "ck"
+    args = ["fetch", "-q", "--checkpoints", str(dest), "--set", "model.checkpoint_url=http://127.0.0.1:9/demo.zip"]
+    assert main([*args, "--zip", str(good)]) == 0, capsys.readouterr()
+    assert describe_stub(dest) == {n: "ok" for n in NETS}
+    assert "installed, verified" in capsys.readouterr().out
+
+    evil = _write(tmp_path / "evil.zip", make_zip({"demo/latest_net_G.pth": fake_pth("G"),
+                                                   "../../latest_net_V.pth": b"pwned"}))
+    other = tmp_path / "other"
+    assert main(["fetch", "-q", "--checkpoints", str(other), "--zip", str(evil)]) == 2
+    captured = capsys.readouterr()
+    assert "unsafe path '../../latest_net_V.pth'" in captured.out and "fetch --zip" in captured.out
+    assert captured.err.startswith("error: ") and captured.err.count("error:") == 1
+    assert not other.exists() and not (tmp_path.parent / "latest_net_V.pth").exists()

@@ -110,6 +110,8 @@ def _pooch_quiet(quiet: bool):
 def _reason(exc: BaseException) -> str:
     """A few words for what went wrong, without the libraries' multi-line advice."""
     import gdown.exceptions
+    if isinstance(exc, gdown.exceptions.DownloadError) and isinstance(exc.__cause__, Exception):
+        return _reason(exc.__cause__)  # gdown's "failed after N retries" / "incomplete" around the real cause
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         return f"HTTP {exc.response.status_code} {exc.response.reason}"
     if isinstance(exc, requests.Timeout):
@@ -117,7 +119,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "the transfer was cut short"
     if isinstance(exc, requests.ConnectionError):
-        return f"cannot connect ({type(exc.__context__ or exc).__name__})"
+        inner = getattr(exc.args[0], "reason", None) if exc.args else None  # urllib3's MaxRetryError → its cause
+        if type(inner).__name__ == "NameResolutionError":
+            return "the host name does not resolve (offline?)"
+        return "cannot connect to the server"
     if isinstance(exc, gdown.exceptions.FileURLRetrievalError):
         return "Google Drive would not hand out the file (quota, sign-in, or a page gdown could not pass)"
     if isinstance(exc, ValueError) and "hash" in str(exc).lower():
