@@ -177,6 +177,7 @@ def test_zip_with_top_folder_is_installed_flat(server, tmp_path, capsys):
     assert leftovers(dest.parent) == [] and leftovers(dest) == []
     err = capsys.readouterr().err
     assert "downloading" in err and "A_sync" in err
+    assert f"SHA-256 of demo.zip: {hashlib.sha256(DEMO_ZIP).hexdigest()}" in err  # to pin it in the registry
 
 
 def test_redirect_is_followed_and_existing_files_replaced(server, tmp_path):

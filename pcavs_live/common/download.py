@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,4 +161,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, ti
     if sha256 is None and _looks_like_web_page(dest):
         dest.unlink(missing_ok=True)
         raise DownloadError(url, f"the server sent a web page instead of {dest.name} (a sign-in or quota page)")
+    if sha256 is None and progress:  # so that the registry can pin it
+        print(f"SHA-256 of {dest.name}: {pooch.file_hash(str(dest))} (no digest to check it against)",
+              file=sys.stderr, flush=True)
     return dest.stat().st_size
