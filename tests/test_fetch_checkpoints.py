@@ -1,16 +1,23 @@
-"""pcavs_live.cli.fetch_checkpoints and the shared pcavs_live.common.download against a local HTTP server (no internet needed): the
-upstream zip layout, Google Drive's confirm page, redirects, zip-slip archives, HTTP and network failures,
-cut-short bodies, and the command line."""
+"""pcavs_live.cli.fetch_checkpoints and the shared pcavs_live.common.download against a local HTTP server (no
+internet needed): the upstream zip layout, Google Drive's confirm page through gdown's own code, redirects,
+zip-slip archives, HTTP and network failures, cut-short bodies (restarted by pooch, resumed by gdown),
+corrupted files refused by their hash, and the command line."""
 from __future__ import annotations
 
+import hashlib
+import importlib
 import io
+import random
+import re
 import threading
+import tomllib
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests.adapters
 
 from pcavs_live.common.errors import UserError
 from pcavs_live.cli import fetch_checkpoints as fc
@@ -41,22 +48,39 @@ DEMO_ZIP = make_zip({
 
 class Server:
     """A tiny HTTP server in a thread. `routes` maps a path to (status, headers, body); `hits` records
-    every request path with its query string."""
+    every request path with its query string, `ranges` the Range header of each request (or None).
+
+    A path in `cut_once` is answered the first time with its full Content-Length but only half its body
+    (a dropped connection); later requests get the rest when they ask for a byte range."""
 
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
         self.hits: list[str] = []
+        self.ranges: list[str | None] = []
+        self.cut_once: set[str] = set()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 outer.hits.append(self.path)
-                status, headers, body = outer.routes.get(urlsplit(self.path).path, (404, {}, b"not found"))
+                outer.ranges.append(self.headers.get("Range"))
+                path = urlsplit(self.path).path
+                status, headers, body = outer.routes.get(path, (404, {}, b"not found"))
+                headers = {"Content-Length": str(len(body)), **headers}
+                sent = body
+                if path in outer.cut_once:
+                    outer.cut_once.discard(path)
+                    sent = body[:len(body) // 2]
+                elif (match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")) and status == 200:
+                    start = int(match.group(1))
+                    status, sent = 206, body[start:]
+                    headers.update({"Content-Length": str(len(sent)),
+                                    "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
                 self.send_response(status)
-                for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                for key, value in headers.items():
                     self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(sent)
 
             def log_message(self, *args) -> None:
                 pass
@@ -92,7 +116,55 @@ def describe_stub(dest: Path) -> dict[str, str]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".part" in p.name)
+    """Temporary files: ours and gdown's (`.part`), pooch's (`tmp…`)."""
+    return sorted(p.name for p in folder.iterdir() if ".part" in p.name or p.name.startswith("tmp"))
+
+
+class ToServer(requests.adapters.HTTPAdapter):
+    """Sends every https request of a requests session to the local server instead (same path and query),
+    so gdown's own Drive code runs against Drive-like pages: gdown has no base-URL setting."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__()
+        self.base = base
+
+    def send(self, request, **kwargs):
+        parts = urlsplit(request.url)
+        local = request.copy()
+        local.url = f"{self.base}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+        local.headers["X-Original-Host"] = parts.hostname
+        return super().send(local, **kwargs)
+
+
+@pytest.fixture
+def drive(server, monkeypatch):
+    """The local server standing in for drive.google.com and drive.usercontent.google.com (gdown's session
+    gets the ToServer adapter; everything else in gdown is its own code)."""
+    gdown_download = importlib.import_module("gdown.download")
+    real_session = gdown_download._get_session
+
+    def local_session(**kwargs):
+        session, cookies_file = real_session(**kwargs)
+        session.mount("https://", ToServer(server.base))
+        return session, cookies_file
+
+    monkeypatch.setattr(gdown_download, "_get_session", local_session)
+    return server
+
+
+# Google Drive's "can't scan this file for viruses" page as Drive serves it (one line, as gdown reads it).
+DRIVE_WARNING = (
+    '<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>\n'
+    '<div class="uc-main"><p class="uc-warning-subcaption">Google Drive can\'t scan this file for viruses.</p>'
+    '<form id="download-form" action="https://drive.usercontent.google.com/download" method="get">'
+    '<input type="submit" id="uc-download-link" value="Download anyway"/>'
+    '<input type="hidden" name="id" value="FILEID"><input type="hidden" name="export" value="download">'
+    '<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-1"></form></div>\n'
+    '</body></html>\n').encode()
+DRIVE_QUOTA = (
+    '<!DOCTYPE html><html><body>\n<div class="uc-main"><p class="uc-error-caption">Sorry, you can\'t view or '
+    'download this file at this time.</p>\n<p class="uc-error-subcaption">Too many users have viewed or downloaded '
+    'this file recently. Please try accessing the file again later.</p></div>\n</body></html>\n').encode()
 
 
 # --------------------------------------------------------------------------- happy paths
@@ -104,7 +176,8 @@ def test_zip_with_top_folder_is_installed_flat(server, tmp_path, capsys):
     assert (dest / "latest_net_G.pth").read_bytes() == fake_pth("G")  # not the __MACOSX fork
     assert leftovers(dest.parent) == [] and leftovers(dest) == []
     err = capsys.readouterr().err
-    assert "MB downloaded" in err and "A_sync" in err
+    assert "downloading" in err and "A_sync" in err
+    assert f"SHA-256 of demo.zip: {hashlib.sha256(DEMO_ZIP).hexdigest()}" in err  # to pin it in the registry
 
 
 def test_redirect_is_followed_and_existing_files_replaced(server, tmp_path):
@@ -117,27 +190,78 @@ def test_redirect_is_followed_and_existing_files_replaced(server, tmp_path):
     assert server.hits == ["/moved", "/demo.zip"]
 
 
-def test_google_drive_confirm_page_is_followed(server, tmp_path):
-    server.serve("/download", DEMO_ZIP)
-    page = (b'<html><body><p>Google Drive can\'t scan this file for viruses.</p>'
-            b'<form id="download-form" action="/download" method="get">'
-            b'<input type="submit" value="Download anyway"/>'
-            b'<input type="hidden" name="id" value="FILEID"><input type="hidden" name="export" value="download">'
-            b'<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-1"></form>'
-            b'</body></html>')
-    url = server.serve("/uc", page, ctype="text/html; charset=utf-8")
-    status = fetch_checkpoints(url + "?export=download&id=FILEID", tmp_path / "demo", False, describe_stub)
+@pytest.mark.parametrize("link", ["https://drive.google.com/uc?export=download&id=FILEID",
+                                  "https://drive.google.com/file/d/FILEID/view?usp=sharing"])
+def test_google_drive_confirm_page_is_passed_by_gdown(drive, tmp_path, link):
+    """Both link forms users paste: gdown finds the file id, reads the virus-scan page's form and follows it
+    to drive.usercontent.google.com."""
+    drive.serve("/uc", DRIVE_WARNING, ctype="text/html; charset=utf-8")
+    drive.serve("/download", DEMO_ZIP, **{"Content-Disposition": 'attachment; filename="demo.zip"'})
+    status = fetch_checkpoints(link, tmp_path / "demo", False, describe_stub)
     assert status == {n: "ok" for n in NETS}
-    query = parse_qs(urlsplit(server.hits[-1]).query)
-    assert urlsplit(server.hits[-1]).path == "/download"
-    assert query == {"id": ["FILEID"], "export": ["download"], "confirm": ["t"], "uuid": ["u-1"]}
+    assert urlsplit(drive.hits[0]).path == "/uc" and parse_qs(urlsplit(drive.hits[0]).query)["id"] == ["FILEID"]
+    assert urlsplit(drive.hits[-1]).path == "/download"
+    query = parse_qs(urlsplit(drive.hits[-1]).query)
+    assert {k: query[k] for k in ("id", "export", "confirm", "uuid")} == \
+        {"id": ["FILEID"], "export": ["download"], "confirm": ["t"], "uuid": ["u-1"]}
+    assert leftovers(tmp_path) == []
 
 
-def test_drive_view_links_become_download_links():
-    view = "https://drive.google.com/file/d/1Zehr3JLIpzdg2S5zZrhIbpYPKF-4gKU_/view?usp=sharing"
-    assert fc.drive_download_url(view) == \
-        "https://drive.google.com/uc?export=download&id=1Zehr3JLIpzdg2S5zZrhIbpYPKF-4gKU_"
-    assert fc.drive_download_url("http://127.0.0.1:1/x.zip") == "http://127.0.0.1:1/x.zip"
+def test_google_drive_quota_page_is_one_line_with_manual_hint(drive, tmp_path):
+    drive.serve("/uc", DRIVE_QUOTA, ctype="text/html; charset=utf-8")
+    with pytest.raises(CheckpointFetchError, match="Google Drive would not hand out the file") as info:
+        fetch_checkpoints("https://drive.google.com/uc?export=download&id=FILEID", tmp_path / "demo", False,
+                          describe_stub)
+    assert "\n" not in str(info.value) and "--zip" in info.value.hint
+    assert leftovers(tmp_path) == []
+
+
+def test_google_drive_transfer_cut_short_is_resumed(drive, tmp_path):
+    """gdown asks for the missing bytes only (a Range request from what it had received, in 512 KB chunks:
+    hence a zip of a few MB), and the zip installs whole."""
+    filler = random.Random(0).randbytes(3 << 20)  # incompressible
+    big = make_zip({f"demo/latest_net_{n}.pth": fake_pth(n) for n in NETS} | {"demo/filler.bin": filler})
+    drive.serve("/uc", DRIVE_WARNING, ctype="text/html; charset=utf-8")
+    drive.serve("/download", big, **{"Content-Disposition": 'attachment; filename="demo.zip"'})
+    drive.cut_once.add("/download")
+    status = fetch_checkpoints("https://drive.google.com/uc?export=download&id=FILEID", tmp_path / "demo", False,
+                               describe_stub)
+    assert status == {n: "ok" for n in NETS}
+    assert [urlsplit(h).path for h in drive.hits] == ["/uc", "/download", "/download"]
+    assert drive.ranges[1] is None
+    start = int(re.fullmatch(r"bytes=(\d+)-", drive.ranges[2]).group(1))
+    assert 0 < start <= len(big) // 2
+    assert leftovers(tmp_path) == []
+
+
+def test_plain_http_transfer_cut_short_is_restarted(server, tmp_path):
+    """pooch starts a cut-short download again from the first byte (after a second's pause) and keeps only
+    a whole file whose hash matches."""
+    from pcavs_live.common.download import download
+
+    body = b"weights" * 5000
+    url = server.serve("/w.pth", body, ctype="application/octet-stream")
+    server.cut_once.add("/w.pth")
+    dest = tmp_path / "w.pth"
+    assert download(url, dest, sha256=hashlib.sha256(body).hexdigest(), timeout_s=10) == len(body)
+    assert dest.read_bytes() == body
+    assert server.hits == ["/w.pth", "/w.pth"] and server.ranges == [None, None]
+    assert leftovers(tmp_path) == []
+
+
+def test_registry_lists_every_downloaded_file_with_its_url():
+    """The registry (pooch's format) is the one list: the face weights with full SHA-256s that agree with
+    the digits in their names, and demo.zip at the URL configs/default.toml downloads it from."""
+    from pcavs.alignment import LANDMARK_MODEL_FILES, LANDMARK_WEIGHTS
+    from pcavs_live.common.download import REGISTRY_FILE, load_registry
+
+    registry = load_registry()
+    assert set(registry) == {*LANDMARK_MODEL_FILES, "demo.zip"}
+    for name, weight in LANDMARK_WEIGHTS.items():
+        assert registry[name] == weight and LANDMARK_MODEL_FILES[name] == weight.url
+        assert re.fullmatch(r"[0-9a-f]{64}", weight.sha256) and weight.sha256.startswith(name.split("-")[1][:10])
+    default = tomllib.loads((REGISTRY_FILE.parents[2] / "configs" / "default.toml").read_text())
+    assert registry["demo.zip"].url == default["model"]["checkpoint_url"]
 
 
 # --------------------------------------------------------------------------- refusals and failures
@@ -174,31 +298,40 @@ def test_connection_refused_is_a_user_error(tmp_path):
         fetch_checkpoints(url, tmp_path / "demo", False, describe_stub)
 
 
-def test_html_without_confirm_form_fails_clearly(server, tmp_path):
+def test_html_instead_of_the_zip_fails_clearly(server, tmp_path):
     url = server.serve("/quota", b"<html><body>Too many users have viewed or downloaded this file</body></html>",
                        ctype="text/html")
-    with pytest.raises(CheckpointFetchError, match="web page instead of the zip") as info:
+    with pytest.raises(CheckpointFetchError, match="web page instead of demo.zip") as info:
         fetch_checkpoints(url, tmp_path / "demo", False, describe_stub)
     assert "by hand" in info.value.hint
 
 
 def test_shared_downloader_never_leaves_a_partial_file(server, tmp_path):
-    """pcavs_live.common.download (also used for the face landmark weights): a body shorter than its Content-Length or
-    an HTML page keeps the old file and leaves no .part file; a whole body replaces the file."""
+    """pcavs_live.common.download (also used for the face landmark weights): a body shorter than its
+    Content-Length, a corrupted body (wrong SHA-256) or an HTML page keeps the old file and leaves no
+    temporary file; a whole body with the right hash replaces the file, and a second call downloads nothing."""
     from pcavs_live.common.download import DownloadError, download
 
+    good = b"new" * 10
+    digest = hashlib.sha256(good).hexdigest()
     dest = tmp_path / "weights.pth"
     dest.write_bytes(b"old")
     short = server.serve("/w.pth", b"x" * 1000, ctype="application/octet-stream", **{"Content-Length": "5000"})
-    page = server.serve("/login", b"<html>sign in</html>", ctype="text/html")
-    with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:\d+/w\.pth: ") as info:
-        download(short, dest, timeout_s=10)
+    with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:\d+/w\.pth: .*cut short") as info:
+        download(short, dest, sha256=digest, timeout_s=10)
     assert "\n" not in str(info.value) and isinstance(info.value, UserError)
-    with pytest.raises(DownloadError, match="web page instead of the file"):
-        download(page, dest, timeout_s=10)
-    assert dest.read_bytes() == b"old" and leftovers(tmp_path) == []
-    assert download(server.serve("/ok.pth", b"new" * 10, ctype="application/octet-stream"), dest) == 30
-    assert dest.read_bytes() == b"new" * 10 and leftovers(tmp_path) == []
+    corrupt = server.serve("/corrupt.pth", b"new" * 9 + b"NEW", ctype="application/octet-stream")
+    with pytest.raises(DownloadError, match="SHA-256 does not match"):
+        download(corrupt, dest, sha256=digest, timeout_s=10)
+    page = server.serve("/login", b"<html>sign in</html>", ctype="text/html")
+    with pytest.raises(DownloadError, match="web page instead of page.html"):
+        download(page, tmp_path / "page.html", timeout_s=10)
+    assert dest.read_bytes() == b"old" and leftovers(tmp_path) == [] and not (tmp_path / "page.html").exists()
+    assert download(server.serve("/ok.pth", good, ctype="application/octet-stream"), dest, sha256=digest) == 30
+    assert dest.read_bytes() == good and leftovers(tmp_path) == []
+    hits = len(server.hits)
+    assert download("http://127.0.0.1:9/ok.pth", dest, sha256=digest) == 30  # verified in place: no network
+    assert len(server.hits) == hits
 
 
 @pytest.mark.parametrize("body, pattern", [
@@ -258,3 +391,28 @@ def test_cli_skips_download_when_complete(tmp_path, monkeypatch, capsys):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_fetch_command_installs_a_hand_downloaded_zip_offline(tmp_path, monkeypatch, capsys):
+    """`pcavs-live fetch --zip demo.zip`: no network needed; a zip-slip archive is refused (one error line,
+    nothing written) and the by-hand line is printed again."""
+    from pcavs_live.cli import fetch
+    from pcavs_live.cli.main import main
+
+    monkeypatch.setattr(fetch, "_describe", describe_stub)
+    monkeypatch.setattr(fetch, "landmark_files", dict)  # the face weights are another test's business
+    good = _write(tmp_path / "demo.zip", DEMO_ZIP)
+    dest = tmp_path / "ck"
+    args = ["fetch", "-q", "--checkpoints", str(dest), "--set", "model.checkpoint_url=http://127.0.0.1:9/demo.zip"]
+    assert main([*args, "--zip", str(good)]) == 0, capsys.readouterr()
+    assert describe_stub(dest) == {n: "ok" for n in NETS}
+    assert "installed, verified" in capsys.readouterr().out
+
+    evil = _write(tmp_path / "evil.zip", make_zip({"demo/latest_net_G.pth": fake_pth("G"),
+                                                   "../../latest_net_V.pth": b"pwned"}))
+    other = tmp_path / "other"
+    assert main(["fetch", "-q", "--checkpoints", str(other), "--zip", str(evil)]) == 2
+    captured = capsys.readouterr()
+    assert "unsafe path '../../latest_net_V.pth'" in captured.out and "fetch --zip" in captured.out
+    assert captured.err.startswith("error: ") and captured.err.count("error:") == 1
+    assert not other.exists() and not (tmp_path.parent / "latest_net_V.pth").exists()

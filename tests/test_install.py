@@ -26,7 +26,8 @@ from packaging.utils import canonicalize_name
 
 import pcavs_live.cli.config
 from pcavs_live.cli import doctor, fetch
-from pcavs_live.cli.paths import BUNDLED_ROOT, user_data_dir
+from pcavs_live.cli.paths import BUNDLED_ROOT, home_dir, user_data_dir
+from pcavs_live.common.download import Weight
 from tests.conftest import REPO_ROOT
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -102,13 +103,15 @@ def test_runtime_dependencies_are_exactly_what_the_code_imports():
 
 
 # --------------------------------------------------------------------------- where files are
-def test_user_data_dir_per_os(tmp_path):
-    home = tmp_path / "u"
-    assert user_data_dir("Windows", {"LOCALAPPDATA": r"C:\Users\u\AppData\Local"}, home) == \
-        Path(r"C:\Users\u\AppData\Local") / "pcavs-live"
-    assert user_data_dir("Darwin", {}, home) == home / "Library" / "Application Support" / "pcavs-live"
-    assert user_data_dir("Linux", {}, home) == home / ".local" / "share" / "pcavs-live"
-    assert user_data_dir("Linux", {"XDG_DATA_HOME": str(tmp_path / "xdg")}, home) == tmp_path / "xdg" / "pcavs-live"
+@pytest.mark.skipif(sys.platform != "linux", reason="checks the Linux (XDG) convention; platformdirs tests the others")
+def test_user_data_dir_follows_the_os_convention(tmp_path, monkeypatch):
+    """platformdirs' per-user data folder, named after the program, and $PCAVS_LIVE_HOME above it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "u"))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    assert user_data_dir() == tmp_path / "u" / ".local" / "share" / "pcavs-live"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert user_data_dir() == tmp_path / "xdg" / "pcavs-live"
+    assert home_dir({"PCAVS_LIVE_HOME": str(tmp_path / "mine")}) == tmp_path / "mine"
 
 
 def test_installed_layout_writes_to_home_and_reads_bundled_files(tmp_path, monkeypatch):
@@ -131,15 +134,15 @@ def test_installed_layout_writes_to_home_and_reads_bundled_files(tmp_path, monke
 # --------------------------------------------------------------------------- fetch
 @pytest.fixture
 def site(tmp_path):
-    """A local web server: stand-in face weights whose names carry their own SHA-256 prefix (as the real
-    ones do), one whose name does not match its content, and a demo.zip of stand-in checkpoints."""
+    """A local web server: stand-in face weights (registry entries with their SHA-256), one whose content
+    does not match its registered hash, and a demo.zip of stand-in checkpoints."""
     root = tmp_path / "site"
     root.mkdir()
     files = {}
     for stem, ext, body in (("s3fd", ".pth", b"detector" * 1000), ("2DFAN4", ".pth.tar", b"landmarks" * 1000)):
         name = f"{stem}-{hashlib.sha256(body).hexdigest()[:10]}{ext}"
         (root / name).write_bytes(body)
-        files[name] = name
+        files[name] = hashlib.sha256(body).hexdigest()
     (root / "s3fd-0123456789.pth").write_bytes(b"not the detector")
     with zipfile.ZipFile(root / "demo.zip", "w") as z:
         for net in NETS:
@@ -150,7 +153,7 @@ def site(tmp_path):
     thread.start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}/"
     try:
-        yield base, {name: base + name for name in files}
+        yield base, {name: Weight(name, digest, base + name) for name, digest in files.items()}
     finally:
         httpd.shutdown()
         thread.join()
@@ -172,23 +175,24 @@ def test_fetch_gets_and_verifies_everything_then_needs_no_network(tmp_path, site
     fetch.report(outcomes, "pcavs-live")
     assert "runs without a network now" in capsys.readouterr().out
 
-    dead = {name: "http://127.0.0.1:9/" + name for name in files}  # nothing listens there
+    dead = {name: Weight(name, w.sha256, "http://127.0.0.1:9/" + name) for name, w in files.items()}  # nobody there
     again = fetch.fetch_all("http://127.0.0.1:9/demo.zip", ckpt, weights, progress=False, files=dead, describe=present)
     assert all(o.ok and "already there" in o.detail for o in again)
 
 
-def test_fetch_refuses_a_file_whose_hash_does_not_match_its_name(tmp_path, site):
+def test_fetch_refuses_a_file_whose_hash_does_not_match_the_registry(tmp_path, site):
     base, _ = site
     weights = tmp_path / "weights"
-    outcome = fetch.fetch_weight_file("s3fd-0123456789.pth", base + "s3fd-0123456789.pth", weights, False)
-    assert not outcome.ok and "invalid (SHA-256" in outcome.detail
-    assert not any(weights.iterdir())  # nothing half-verified left behind
+    expected = hashlib.sha256(b"the detector").hexdigest()
+    outcome = fetch.fetch_weight_file(Weight("s3fd-0123456789.pth", expected, base + "s3fd-0123456789.pth"),
+                                      weights, False)
+    assert not outcome.ok and "SHA-256 does not match" in outcome.detail
+    assert not weights.exists() or not any(weights.iterdir())  # nothing half-verified left behind
     assert outcome.manual == f"download {base}s3fd-0123456789.pth and save it as {weights / 's3fd-0123456789.pth'}"
 
 
 def test_fetch_offline_prints_one_line_per_missing_file(tmp_path, capsys):
-    files = {"s3fd-619a316812.pth": "http://127.0.0.1:9/s3fd-619a316812.pth",
-             "2DFAN4-11f355bf06.pth.tar": "http://127.0.0.1:9/2DFAN4-11f355bf06.pth.tar"}
+    files = {name: Weight(name, w.sha256, f"http://127.0.0.1:9/{name}") for name, w in fetch.landmark_files().items()}
     ckpt, weights = tmp_path / "ckpt", tmp_path / "weights"
     outcomes = fetch.fetch_all("http://127.0.0.1:9/demo.zip", ckpt, weights, prog="pcavs-live", progress=False,
                                files=files, describe=present)
@@ -199,19 +203,18 @@ def test_fetch_offline_prints_one_line_per_missing_file(tmp_path, capsys):
     by_hand = lines[lines.index("to finish by hand:") + 1:]
     assert len(by_hand) == 3
     assert "demo.zip" in by_hand[0] and "pcavs-live fetch --zip" in by_hand[0] and str(ckpt) in by_hand[0]
-    for line, (name, url) in zip(by_hand[1:], files.items()):
-        assert line.strip() == f"download {url} and save it as {weights / name}"
-    assert not any(weights.iterdir()) and not ckpt.exists()
+    for line, (name, weight) in zip(by_hand[1:], files.items()):
+        assert line.strip() == f"download {weight.url} and save it as {weights / name}"
+    assert (not weights.exists() or not any(weights.iterdir())) and not ckpt.exists()
 
 
 def test_fetch_command_uses_the_config_and_the_folder_the_program_reads(tmp_path, site, monkeypatch, capsys):
     from pcavs_live.cli.main import main
     from pcavs.alignment import LANDMARK_MODEL_FILES, default_landmark_model_dir
 
-    assert fetch.landmark_files() == LANDMARK_MODEL_FILES
-    assert set(fetch.KNOWN_SHA256) == set(LANDMARK_MODEL_FILES)  # every file the program loads is pinned...
-    for name, digest in fetch.KNOWN_SHA256.items():                # ...consistently with its own name
-        assert len(digest) == 64 and digest.startswith(fetch.expected_hash_prefix(name)), name
+    # every file the program loads is pinned to a full SHA-256 in the registry
+    assert {name: w.url for name, w in fetch.landmark_files().items()} == LANDMARK_MODEL_FILES
+    assert all(len(w.sha256) == 64 for w in fetch.landmark_files().values())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert fetch.default_landmark_dir() == default_landmark_model_dir() == tmp_path / "torch" / "hub" / "checkpoints"
 
@@ -285,7 +288,8 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_source_tree(tmp_p
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     assert {"configs/default.toml", "assets/sample/astronaut.png", "assets/sample/speech.wav",
-            "stream/web/index.html", "pcavs/networks/generator.py", "pcavs_live/cli/main.py"} <= names
+            "stream/web/index.html", "pcavs/networks/generator.py", "pcavs_live/cli/main.py",
+            "pcavs_live/common/weights.txt"} <= names
     # Top-level names in site-packages: the specified layout plus one project-named package, nothing generic
     # such as cli/common/pipeline that another distribution could also install.
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}

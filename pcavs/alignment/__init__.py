@@ -16,8 +16,8 @@ Landmarks come from an injectable `LandmarkDetector`, so everything but `detecto
 """
 from pcavs.alignment.aligners import (UPSTREAM_BIAS_MEMORY, AlignedFace, ClipAligner, FaceAligner,
                                       LandmarkDetector, LiveAligner)
-from pcavs.alignment.detector import (FAN_FILE, LANDMARK_MODEL_FILES, SFD_FILE, FaceAlignmentDetector,
-                                      default_landmark_model_dir, ensure_landmark_models)
+from pcavs.alignment.detector import (FAN_FILE, LANDMARK_MODEL_FILES, LANDMARK_WEIGHTS, SFD_FILE,
+                                      FaceAlignmentDetector, default_landmark_model_dir, ensure_landmark_models)
 from pcavs.alignment.errors import AlignmentError, FaceNotFoundError, LandmarkModelUnavailable
 from pcavs.alignment.geometry import (MOUTH_TARGET, TEMPLATE, anchor_points, face_area, largest_face,
                                       mouth_bias, similarity_matrix, warp_to_crop)
@@ -26,7 +26,7 @@ from pcavs.alignment.sidecars import SIDECAR_SUFFIX, load_landmark_sidecar, side
 
 __all__ = [
     "AlignedFace", "AlignmentError", "ClipAligner", "FAN_FILE", "FaceAligner", "FaceAlignmentDetector", "FaceNotFoundError",
-    "LANDMARK_MODEL_FILES", "LandmarkDetector", "LandmarkModelUnavailable", "LiveAligner", "MOUTH_TARGET",
+    "LANDMARK_MODEL_FILES", "LANDMARK_WEIGHTS", "LandmarkDetector", "LandmarkModelUnavailable", "LiveAligner", "MOUTH_TARGET",
     "SFD_FILE", "SIDECAR_SUFFIX", "TEMPLATE", "UPSTREAM_BIAS_MEMORY", "anchor_points", "as_rgb_uint8",
     "default_landmark_model_dir", "ensure_landmark_models", "face_area", "largest_face",
     "load_landmark_sidecar", "mouth_bias", "read_rgb", "sidecar_path", "similarity_matrix", "warp_to_crop",

@@ -2,8 +2,8 @@
 
 What face_alignment 1.5.0 fetches (face_alignment/api.py `models_urls`, detection/sfd/sfd_detector.py):
 both go through torch.hub into `torch.hub.get_dir()/checkpoints`, i.e. $TORCH_HOME/hub/checkpoints
-(default ~/.cache/torch/hub/checkpoints). We fetch them ourselves (with a timeout, through
-`pcavs_live.common.download`) into a configurable folder and hand the local paths to face_alignment, so no hidden
+(default ~/.cache/torch/hub/checkpoints). We fetch them ourselves (with a timeout and a SHA-256 check,
+through `pcavs_live.common.download` and its registry) into a configurable folder and hand the local paths to face_alignment, so no hidden
 download can hang the program.
 """
 from __future__ import annotations
@@ -16,17 +16,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pcavs_live.common.download import DownloadError, download
+from pcavs_live.common.download import DownloadError, download, load_registry
 from pcavs.alignment.errors import LandmarkModelUnavailable
 from pcavs.alignment.images import as_rgb_uint8
 
 log = logging.getLogger(__name__)
 
-LANDMARK_MODEL_FILES: dict[str, str] = {
-    "s3fd-619a316812.pth": "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth",
-    "2DFAN4-11f355bf06.pth.tar": "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar",
-}
 SFD_FILE, FAN_FILE = "s3fd-619a316812.pth", "2DFAN4-11f355bf06.pth.tar"
+LANDMARK_WEIGHTS = {name: load_registry()[name] for name in (SFD_FILE, FAN_FILE)}  # name → (sha256, url)
+LANDMARK_MODEL_FILES: dict[str, str] = {name: weight.url for name, weight in LANDMARK_WEIGHTS.items()}
 
 
 def default_landmark_model_dir() -> Path:
@@ -52,7 +50,8 @@ def ensure_landmark_models(model_dir: str | os.PathLike | None = None, allow_dow
         folder.mkdir(parents=True, exist_ok=True)
         for name in missing:
             log.info("downloading face landmark weights %s to %s", LANDMARK_MODEL_FILES[name], folder)
-            download(LANDMARK_MODEL_FILES[name], paths[name], timeout_s=timeout_s, what="weights file")
+            weight = LANDMARK_WEIGHTS[name]
+            download(LANDMARK_MODEL_FILES[name], paths[name], sha256=weight.sha256, timeout_s=timeout_s)
     except DownloadError as exc:
         raise LandmarkModelUnavailable(f"cannot download face landmark weights ({exc.reason}): {hint}") from None
     except OSError as exc:  # the folder cannot be created

@@ -4,9 +4,9 @@
     .venv/bin/python -m pcavs_live.cli.fetch_checkpoints --zip ~/Downloads/demo.zip   # a zip fetched by hand
 
 Why the extra care: the file comes from Google Drive, which answers large downloads with an HTML
-"can't scan this file for viruses" page instead of the file. We follow that page's confirm form once; if
-Drive still refuses (quota, changed page), the user gets one line saying how to download it by hand, and
-`--zip` installs that file. The archive is untrusted input, so entries with absolute paths or `..` are
+"can't scan this file for viruses" page instead of the file. gdown passes that page (through
+`pcavs_live.common.download`); if Drive still refuses (quota, changed page), the user gets one line saying
+how to download it by hand, and `--zip` installs that file. The archive is untrusted input, so entries with absolute paths or `..` are
 rejected before anything is written, and only `latest_net_*.pth` files are taken out of it (wherever they
 sit inside: the upstream zip has a `demo/` top folder). The result is checked with
 `pcavs.checkpoints.describe_checkpoints` so a truncated or wrong file is reported now, not at start-up.
@@ -14,24 +14,24 @@ sit inside: the upstream zip has a `demo/` top folder). The result is checked wi
 from __future__ import annotations
 
 import argparse
-import html.parser
 import os
 import re
 import shutil
 import sys
 import tempfile
-import urllib.parse
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from pcavs_live.common.download import CHUNK, DownloadError, download
+from pcavs_live.common.download import DownloadError, download, load_registry
 from pcavs_live.common.errors import UserError
 from pcavs_live.cli.errors import run_with_user_errors
 
 INFERENCE_NETS = ("G", "V", "E", "A_sync")
 CHECKPOINT_NAME = re.compile(r"latest_net_[A-Za-z0-9_]+\.pth")
 DRIVE_VIEW_URL = "https://drive.google.com/file/d/1Zehr3JLIpzdg2S5zZrhIbpYPKF-4gKU_/view"
+ZIP_NAME = "demo.zip"  # its registry entry (pcavs_live/common/weights.txt)
+CHUNK = 1 << 20
 
 Describe = Callable[[Path], dict[str, str]]
 
@@ -44,52 +44,6 @@ def manual_hint(dest: Path) -> str:
     return (f"download demo.zip by hand from {DRIVE_VIEW_URL} and run "
             f"`python -m pcavs_live.cli.fetch_checkpoints --zip PATH/TO/demo.zip` (or unzip it so that "
             f"{dest}/latest_net_G.pth exists)")
-
-
-# --------------------------------------------------------------------------- Google Drive links and pages
-def drive_download_url(url: str) -> str:
-    """A Drive "view" link (https://drive.google.com/file/d/ID/view) → its direct-download form; other
-    URLs unchanged. Users paste whichever link they have."""
-    match = re.match(r"https?://drive\.google\.com/file/d/([^/?#]+)", url)
-    if match:
-        return f"https://drive.google.com/uc?export=download&id={match.group(1)}"
-    return url
-
-
-class _ConfirmFormParser(html.parser.HTMLParser):
-    """Finds Drive's "download anyway" form (action + hidden inputs) or a link carrying `confirm=`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.action: str | None = None
-        self.inputs: dict[str, str] = {}
-        self.confirm_link: str | None = None
-        self._in_form = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: (v or "") for k, v in attrs}
-        if tag == "form" and self.action is None and "download" in a.get("action", ""):
-            self.action, self._in_form = a["action"], True
-        elif tag == "input" and self._in_form and a.get("name"):
-            self.inputs[a["name"]] = a.get("value", "")
-        elif tag == "a" and self.confirm_link is None and "confirm=" in a.get("href", ""):
-            self.confirm_link = a["href"]
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "form":
-            self._in_form = False
-
-
-def confirm_url(page: str, page_url: str) -> str | None:
-    """The URL behind Google Drive's large-file warning page, or None if the page has no such form."""
-    parser = _ConfirmFormParser()
-    parser.feed(page)
-    if parser.action is not None and parser.inputs:
-        action = urllib.parse.urljoin(page_url, parser.action)
-        return f"{action}?{urllib.parse.urlencode(parser.inputs)}"
-    if parser.confirm_link is not None:
-        return urllib.parse.urljoin(page_url, parser.confirm_link.replace("&amp;", "&"))
-    return None
 
 
 # --------------------------------------------------------------------------- unpack
@@ -173,8 +127,9 @@ def fetch_checkpoints(url: str, dest: Path, progress: bool, describe: Describe |
     # The temporary zip sits next to the destination: same disk, and no 700 MB left in /tmp on a crash.
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", suffix=".part", dir=dest.parent))
     try:
-        zip_path = tmp / "demo.zip"
-        download(drive_download_url(url), zip_path, progress=progress, what="zip", follow_html=confirm_url)
+        zip_path = tmp / ZIP_NAME
+        entry = load_registry()[ZIP_NAME]
+        download(url, zip_path, sha256=entry.sha256 if url == entry.url else None, progress=progress)
         status = install_zip(zip_path, dest, describe)
     except DownloadError as exc:
         raise CheckpointFetchError(str(exc), hint=manual_hint(dest)) from None

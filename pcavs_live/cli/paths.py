@@ -8,7 +8,7 @@ Two kinds of files, two folders:
 * Written by the user or for the user: checkpoints (`checkpoints/demo`), recordings (`out/`). In a
   checkout they stay in the checkout, as before. An installed package must not write into
   site-packages (it may be read-only, and a reinstall should not touch a user's 600 MB of weights), so
-  there they live in a per-user folder, `HOME_DIR`.
+  there they live in a per-user folder, `HOME_DIR` (platformdirs' user data folder unless $PCAVS_LIVE_HOME).
 
 A relative path in a config file names a file in `HOME_DIR`, or else a bundled file of that name: that
 is how the default `identity.photo = "assets/sample/astronaut.png"` finds the installed sample while
@@ -17,9 +17,10 @@ is how the default `identity.photo = "assets/sample/astronaut.png"` finds the in
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Mapping
 from pathlib import Path
+
+import platformdirs
 
 HOME_ENV = "PCAVS_LIVE_HOME"  # overrides HOME_DIR (a checkout's or the per-user one)
 APP_NAME = "pcavs-live"
@@ -29,18 +30,10 @@ BUNDLED_ROOT = Path(__file__).resolve().parents[2]  # holds pcavs_live/, configs
 IS_CHECKOUT = (BUNDLED_ROOT / "pyproject.toml").is_file()
 
 
-def user_data_dir(system: str | None = None, env: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
-    """The per-user folder an installed pcavs-live writes to, by each OS's convention."""
-    system = system or platform.system()
-    env = os.environ if env is None else env
-    home = home or Path.home()
-    if system == "Windows":
-        base = env.get("LOCALAPPDATA")
-        return (Path(base) if base else home / "AppData" / "Local") / APP_NAME
-    if system == "Darwin":
-        return home / "Library" / "Application Support" / APP_NAME
-    base = env.get("XDG_DATA_HOME")
-    return (Path(base) if base and Path(base).is_absolute() else home / ".local" / "share") / APP_NAME
+def user_data_dir() -> Path:
+    """The per-user folder an installed pcavs-live writes to, by this OS's convention (platformdirs: %LOCALAPPDATA%
+    on Windows, ~/Library/Application Support on macOS, $XDG_DATA_HOME or ~/.local/share elsewhere)."""
+    return platformdirs.user_data_path(APP_NAME, appauthor=False)
 
 
 def home_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -48,7 +41,7 @@ def home_dir(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get(HOME_ENV):
         return Path(env[HOME_ENV]).expanduser().resolve()
-    return BUNDLED_ROOT if IS_CHECKOUT else user_data_dir(env=env)
+    return BUNDLED_ROOT if IS_CHECKOUT else user_data_dir()
 
 
 HOME_DIR = home_dir()
