@@ -61,7 +61,7 @@ NoiseMode = Literal["fixed", "random", "zero"]          # the engine's own Noise
 GainMode = Literal["running", "file", "none"]
 AudioKeyword = Literal["sample", "mic"]
 PoseKeyword = Literal["still", "webcam", "none"]
-OutputTarget = Literal["webrtc", "vcam", "vmic", "file"]
+OutputTarget = Literal["webrtc", "vcam", "vmic", "file", "whip"]
 Framing = Literal["paste", "fit"]
 VcamBackend = Literal["v4l2loopback", "obs", "unitycapture"]
 
@@ -166,6 +166,12 @@ class VmicConfig:
 
 
 @dataclass(frozen=True)
+class WhipConfig:
+    endpoint: str | None = _spec(pattern=r"https?://.+", expect="'' or an http(s):// WHIP endpoint URL")
+    token: str | None = _spec()
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     photo: Path = _spec(flag="--identity", metavar="PHOTO", help="photo of the face to animate")
 
@@ -184,6 +190,7 @@ class Config:
     server: ServerConfig
     vcam: VcamConfig
     vmic: VmicConfig
+    whip: WhipConfig
     identity: IdentityConfig
     timing: TimingConfig
 

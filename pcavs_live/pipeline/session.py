@@ -219,6 +219,9 @@ class LiveSession:
                 from stream.webrtc import WebRTCSink
                 self.start_server()
                 sinks.append(framed(WebRTCSink(self.server), target))
+            elif target == "whip":
+                from stream.whip import whip_sink_from_config
+                sinks.append(framed(whip_sink_from_config(self.config.whip, self.config.server), target))
         return FanOutSink(sinks)
 
     def _voice_lead_notice(self) -> Callable[[int], None] | None:

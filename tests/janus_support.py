@@ -1,0 +1,377 @@
+"""A real Janus + simple-whip-server on loopback for the WHIP tests and bench/whip.py.
+
+`JanusStack` writes a generated Janus configuration (loopback only, free ports, the VideoRoom plugin
+with one room, the HTTP and WebSocket transports, no STUN server: nothing leaves 127.0.0.1) into a
+temporary folder, starts `janus` and Debian's simple-whip-server (node) against it, waits until both
+answer (bounded), creates one WHIP endpoint mapped to the room, and stops both on `stop`. `restart_janus`
+stops and starts Janus alone, which is what a publisher must survive.
+
+`VideoRoomSubscriber` is one viewer through Janus's VideoRoom HTTP API (create session → attach →
+join as subscriber → answer Janus's offer with aiortc → start), receiving the published video and audio.
+
+Debian's simple-whip-server lives in /usr/share/simple-whip-server and has no launcher; its config is
+`src/config.js`. We copy its two source files next to a generated config.js and bind its HTTP API to
+127.0.0.1 (upstream listens on every interface). SIMPLE_WHIP_SERVER_DIR overrides where it is found.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+JANUS_LIB = Path("/usr/lib/x86_64-linux-gnu/janus")
+WHIP_DIR = Path(os.environ.get("SIMPLE_WHIP_SERVER_DIR", "/usr/share/simple-whip-server"))
+ROOM = 1234
+READY_TIMEOUT_S = 20.0
+
+
+def missing_reason() -> str | None:
+    """Why the stack cannot run here (one line), or None."""
+    if shutil.which("janus") is None:
+        return "janus is not installed (Debian package 'janus'; scripts/setup.sh --dev installs it)"
+    lib = _janus_lib()
+    if lib is None or not (lib / "plugins" / "libjanus_videoroom.so").exists():
+        return "the Janus VideoRoom plugin is missing (Debian package 'janus')"
+    if not (WHIP_DIR / "src" / "server.js").is_file():
+        return f"simple-whip-server is not installed in {WHIP_DIR} (Debian package 'simple-whip-server')"
+    if shutil.which("node") is None:
+        return "node is not installed (simple-whip-server runs on Node.js)"
+    return None
+
+
+def _janus_lib() -> Path | None:
+    for base in (JANUS_LIB, Path("/usr/lib/janus"), Path("/usr/local/lib/janus"), Path("/opt/janus/lib/janus")):
+        if (base / "plugins").is_dir():
+            return base
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _free_udp_range(width: int = 200) -> tuple[int, int]:
+    """A random range of UDP ports for Janus's media (checked free at its start)."""
+    for _ in range(50):
+        start = 20000 + secrets.randbelow(30000)
+        ok = True
+        for port in (start, start + width // 2, start + width - 1):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+        if ok:
+            return start, start + width - 1
+    raise RuntimeError("no free UDP port range for Janus")
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, str]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@dataclass
+class JanusStack:
+    """Janus + simple-whip-server in `workdir`, loopback only (see the module notes)."""
+
+    workdir: Path
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    endpoint_id: str = "avatar"
+    janus_http_port: int = field(default_factory=free_port)
+    janus_ws_port: int = field(default_factory=free_port)
+    whip_port: int = field(default_factory=free_port)
+    rtp_range: tuple[int, int] = field(default_factory=_free_udp_range)
+    janus: subprocess.Popen | None = None
+    whip: subprocess.Popen | None = None
+
+    @property
+    def janus_url(self) -> str:
+        return f"http://127.0.0.1:{self.janus_http_port}/janus"
+
+    @property
+    def whip_url(self) -> str:
+        return f"http://127.0.0.1:{self.whip_port}/whip/endpoint/{self.endpoint_id}"
+
+    # ------------------------------------------------------------------ configuration
+    def write_config(self) -> None:
+        lib = _janus_lib()
+        assert lib is not None
+        conf = self.workdir / "janus"
+        conf.mkdir(parents=True, exist_ok=True)
+        (conf / "janus.jcfg").write_text(f"""general: {{
+    configs_folder = "{conf}"
+    plugins_folder = "{lib / 'plugins'}"
+    transports_folder = "{lib / 'transports'}"
+    events_folder = "{lib / 'events'}"
+    loggers_folder = "{lib / 'loggers'}"
+    debug_level = 3
+    session_timeout = 60
+}}
+media: {{
+    ipv6 = false
+    rtp_port_range = "{self.rtp_range[0]}-{self.rtp_range[1]}"
+}}
+nat: {{
+    nice_debug = false
+}}
+loggers: {{
+    disable = "libjanus_jsonlog.so"
+}}
+plugins: {{
+    disable = "libjanus_audiobridge.so,libjanus_echotest.so,libjanus_nosip.so,libjanus_recordplay.so,libjanus_sip.so,libjanus_streaming.so,libjanus_textroom.so,libjanus_videocall.so,libjanus_voicemail.so,libjanus_duktape.so,libjanus_lua.so"
+}}
+transports: {{
+    disable = "libjanus_mqtt.so,libjanus_nanomsg.so,libjanus_pfunix.so,libjanus_rabbitmq.so"
+}}
+events: {{
+    broadcast = false
+}}
+""")
+        (conf / "janus.transport.http.jcfg").write_text(f"""general: {{
+    base_path = "/janus"
+    http = true
+    port = {self.janus_http_port}
+    ip = "127.0.0.1"
+    https = false
+}}
+admin: {{
+    admin_http = false
+}}
+""")
+        (conf / "janus.transport.websockets.jcfg").write_text(f"""general: {{
+    ws = true
+    ws_port = {self.janus_ws_port}
+    ws_ip = "127.0.0.1"
+    wss = false
+}}
+admin: {{
+    admin_ws = false
+}}
+""")
+        (conf / "janus.plugin.videoroom.jcfg").write_text(f"""general: {{
+}}
+room-{ROOM}: {{
+    description = "pcavs-live test room"
+    publishers = 2
+    bitrate = 1000000
+    fir_freq = 2
+    audiocodec = "opus"
+    videocodec = "vp8"
+    record = false
+}}
+""")
+        whip = self.workdir / "whip"
+        (whip / "src").mkdir(parents=True, exist_ok=True)
+        for name in ("server.js", "whip-janus.js"):
+            text = (WHIP_DIR / "src" / name).read_text()
+            if name == "server.js":  # upstream listens on every interface; keep the test on loopback
+                text = text.replace("http.listen(config.port, function", "http.listen(config.port, '127.0.0.1', function")
+            (whip / "src" / name).write_text(text)
+        (whip / "src" / "config.js").write_text(
+            "module.exports = " + json.dumps({"janus": {"address": f"ws://127.0.0.1:{self.janus_ws_port}"},
+                                              "port": self.whip_port, "rest": "/whip", "allowTrickle": True,
+                                              "strictETags": False, "iceServers": []}) + ";\n")
+        (whip / "web").mkdir(exist_ok=True)
+
+    # ------------------------------------------------------------------ processes
+    def start(self) -> None:
+        self.write_config()
+        self.start_janus()
+        env = dict(os.environ, NODE_ENV="production", DEBUG="whip:*,-whip:debug")
+        node_path = [str(WHIP_DIR / "node_modules"), "/usr/share/nodejs", "/usr/lib/nodejs"]
+        env["NODE_PATH"] = os.pathsep.join(node_path + ([env["NODE_PATH"]] if env.get("NODE_PATH") else []))
+        self.whip = subprocess.Popen(["node", "src/server.js"], cwd=self.workdir / "whip", env=env,
+                                     stdout=open(self.workdir / "whip.log", "ab"), stderr=subprocess.STDOUT)
+        self._wait(lambda: _http("GET", f"http://127.0.0.1:{self.whip_port}/whip/healthcheck", timeout=1)[0] == 200,
+                   "simple-whip-server", self.whip, self.workdir / "whip.log")
+        status, body = _http("POST", f"http://127.0.0.1:{self.whip_port}/whip/create",
+                             {"id": self.endpoint_id, "room": ROOM, "token": self.token, "label": "pcavs-live"})
+        if status != 200:
+            raise RuntimeError(f"simple-whip-server refused the endpoint: {status} {body}")
+
+    def start_janus(self) -> None:
+        self.janus = subprocess.Popen(["janus", "-F", str(self.workdir / "janus"), "-C",
+                                       str(self.workdir / "janus" / "janus.jcfg"), "-o"],
+                                      stdout=open(self.workdir / "janus.log", "ab"), stderr=subprocess.STDOUT)
+        self._wait(lambda: _http("GET", f"{self.janus_url}/info", timeout=1)[0] == 200,
+                   "janus", self.janus, self.workdir / "janus.log")
+
+    def stop_janus(self) -> None:
+        _stop(self.janus)
+        self.janus = None
+
+    def restart_janus(self) -> None:
+        self.stop_janus()
+        self.start_janus()
+
+    def stop(self) -> None:
+        _stop(self.whip)
+        self.whip = None
+        self.stop_janus()
+
+    def _wait(self, ready, name: str, proc: subprocess.Popen, log: Path) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not come up within {READY_TIMEOUT_S:g} s: {log.read_text()[-2000:]}")
+
+    # ------------------------------------------------------------------ the room
+    def publishers(self) -> list[dict]:
+        """The room's publishers (Janus VideoRoom `listparticipants`)."""
+        session = _janus_post(self.janus_url, {"janus": "create"})["data"]["id"]
+        try:
+            handle = _janus_post(f"{self.janus_url}/{session}",
+                                 {"janus": "attach", "plugin": "janus.plugin.videoroom"})["data"]["id"]
+            reply = _janus_post(f"{self.janus_url}/{session}/{handle}",
+                                {"janus": "message", "body": {"request": "listparticipants", "room": ROOM}})
+            return [p for p in reply["plugindata"]["data"].get("participants", []) if p.get("publisher")]
+        finally:
+            _janus_post(f"{self.janus_url}/{session}", {"janus": "destroy"})
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _janus_post(url: str, body: dict) -> dict:
+    body = dict(body, transaction=secrets.token_hex(6))
+    status, text = _http("POST", url, body)
+    reply = json.loads(text)
+    if status != 200 or reply.get("janus") == "error":
+        raise RuntimeError(f"Janus {body['janus']} failed: {text[:300]}")
+    return reply
+
+
+# ---------------------------------------------------------------------------- a subscriber (asyncio)
+class VideoRoomSubscriber:
+    """One aiortc viewer of the room's first publisher through Janus's HTTP API; `frames` and
+    `audio_frames` collect what arrives (video frames as (pts, rgb) when `keep_rgb`, else pts)."""
+
+    def __init__(self, janus_url: str, room: int = ROOM, host_addresses: tuple[str, ...] = ("127.0.0.1",),
+                 keep=None) -> None:
+        self.janus_url, self.room = janus_url, room
+        self.host_addresses = host_addresses
+        self.keep = keep            # frame → what to store (None: store the pts)
+        self.frames: list = []
+        self.audio_frames = 0
+        self.pc = None
+        self._session: int | None = None
+        self._handle: int | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._http = None
+
+    async def _post(self, path: str, body: dict) -> dict:
+        body = dict(body, transaction=secrets.token_hex(6))
+        async with self._http.post(self.janus_url + path, json=body) as response:
+            reply = await response.json(content_type=None)
+        if reply.get("janus") == "error":
+            raise RuntimeError(f"Janus {body['janus']} failed: {reply}")
+        return reply
+
+    async def _event(self, timeout: float = 10.0) -> dict:
+        """The next asynchronous event of our handle (long poll)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            async with self._http.get(f"{self.janus_url}/{self._session}?maxev=1") as response:
+                event = await response.json(content_type=None)
+            if event.get("janus") == "event" and event.get("sender") == self._handle:
+                return event
+        raise TimeoutError("Janus sent no event")
+
+    async def start(self, feed: int | None = None) -> None:
+        import aiohttp
+        from aiortc import RTCPeerConnection, RTCSessionDescription
+
+        from stream.webrtc.ice import use_host_addresses
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40))
+        self._session = (await self._post("", {"janus": "create"}))["data"]["id"]
+        self._handle = (await self._post(f"/{self._session}", {"janus": "attach",
+                                                                "plugin": "janus.plugin.videoroom"}))["data"]["id"]
+        base = f"/{self._session}/{self._handle}"
+        if feed is None:
+            reply = await self._post(base, {"janus": "message", "body": {"request": "listparticipants",
+                                                                          "room": self.room}})
+            publishers = [p for p in reply["plugindata"]["data"]["participants"] if p.get("publisher")]
+            if not publishers:
+                raise RuntimeError("the room has no publisher")
+            feed = publishers[0]["id"]
+        await self._post(base, {"janus": "message", "body": {"request": "join", "ptype": "subscriber",
+                                                              "room": self.room, "streams": [{"feed": feed}]}})
+        event = await self._event()
+        offer = event["jsep"]
+        self.pc = pc = RTCPeerConnection()
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            self._tasks.append(asyncio.ensure_future(self._read(track)))
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
+        if self.host_addresses:
+            use_host_addresses(pc, self.host_addresses)
+        await pc.setLocalDescription(await pc.createAnswer())
+        await self._post(base, {"janus": "message", "body": {"request": "start", "room": self.room},
+                                "jsep": {"type": "answer", "sdp": pc.localDescription.sdp}})
+        self._tasks.append(asyncio.ensure_future(self._keepalive()))
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(20)
+            await self._post(f"/{self._session}", {"janus": "keepalive"})
+
+    async def _read(self, track) -> None:
+        from aiortc.mediastreams import MediaStreamError
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if track.kind == "video":
+                self.frames.append(frame.pts if self.keep is None else self.keep(frame))
+            else:
+                self.audio_frames += 1
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.pc is not None:
+            await self.pc.close()
+        if self._http is not None:
+            try:
+                await self._post(f"/{self._session}", {"janus": "destroy"})
+            except Exception:
+                pass
+            await self._http.close()
