@@ -23,11 +23,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 JANUS_LIB = Path("/usr/lib/x86_64-linux-gnu/janus")
 WHIP_DIR = Path(os.environ.get("SIMPLE_WHIP_SERVER_DIR", "/usr/share/simple-whip-server"))
@@ -375,3 +378,75 @@ class VideoRoomSubscriber:
             except Exception:
                 pass
             await self._http.close()
+
+
+# ---------------------------------------------------------------------------- slots drawn in pixels
+BITS = 16
+CELL = 14            # 16 cells of 14 px: one row across a 224-px frame, coarse enough for VP8
+
+
+def draw_slot(index: int, size: int = 224) -> np.ndarray:
+    """A test frame whose top row of cells spells `index` in binary (white = 1); grey elsewhere."""
+    frame = np.full((size, size, 3), 96, np.uint8)
+    for bit in range(BITS):
+        frame[:CELL, bit * CELL:(bit + 1) * CELL] = 255 if (index >> bit) & 1 else 0
+    return frame
+
+
+def read_slot(rgb: np.ndarray) -> int:
+    """The index `draw_slot` drew, read back from a decoded (lossy) frame."""
+    index = 0
+    for bit in range(BITS):
+        cell = rgb[3:CELL - 3, bit * CELL + 3:(bit + 1) * CELL - 3]
+        if cell.mean() > 128:
+            index |= 1 << bit
+    return index
+
+
+def frame_slot(frame) -> int:
+    """For `VideoRoomSubscriber(keep=...)`: a received av.VideoFrame → its slot index."""
+    return read_slot(frame.to_ndarray(format="rgb24"))
+
+
+def coverage(slots: list[int]) -> tuple[float, int]:
+    """(share of the slots from the first to the last received that arrived, that span). Out-of-order
+    or repeated slots count against it."""
+    if not slots:
+        return 0.0, 0
+    span = slots[-1] - slots[0] + 1
+    in_order = sum(1 for a, b in zip(slots, slots[1:]) if b > a) + 1
+    return in_order / span, span
+
+
+class PatternFeeder:
+    """Writes `draw_slot(k)` frames and a 440 Hz tone to a sink at 25 fps from its own thread (real
+    time, like the scheduler's output clock); `stop` joins it. `sent_at[k]` is slot k's monotonic
+    write time (for latency)."""
+
+    def __init__(self, sink, fps: int = 25, sample_rate: int = 16000) -> None:
+        self.sink, self.fps, self.sample_rate = sink, fps, sample_rate
+        self.sent_at: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pattern-feeder", daemon=True)
+        self.written = 0
+
+    def start(self) -> "PatternFeeder":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        spf = self.sample_rate // self.fps
+        t = np.arange(spf) / self.sample_rate
+        next_at = time.monotonic()
+        k = 0
+        while not self._stop.is_set():
+            audio = (0.2 * np.sin(2 * np.pi * 440 * (t + k * spf / self.sample_rate))).astype(np.float32)
+            self.sent_at[k] = time.monotonic()
+            self.sink.write(draw_slot(k), audio, k)
+            self.written = k = k + 1
+            next_at += 1 / self.fps
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -1,0 +1,164 @@
+"""Publishing by WHIP into a real Janus (VideoRoom) behind Debian's simple-whip-server, on this machine.
+
+The stack (tests/janus_support.py) is started once for the module with a generated config; each slot
+is identified by its index drawn in the frame's pixels, so a subscriber can tell which slots reached
+it, in which order. Waits are bounded; nothing here asserts a duration (bench/whip.py measures them).
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from stream.whip import WhipError, WhipSink, whip_sink_from_config
+from tests.janus_support import (JanusStack, PatternFeeder, VideoRoomSubscriber, coverage, draw_slot, frame_slot,
+                                 missing_reason, read_slot)
+
+SUBSCRIBERS = 3
+
+
+def _non_loopback_ipv4() -> bool:
+    """Janus's ICE (libnice) never gathers on loopback, so its media needs one local non-loopback address."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))      # no packet is sent: this only picks the source address
+            return not sock.getsockname()[0].startswith("127.")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    if not _non_loopback_ipv4():
+        pytest.skip("Janus needs a non-loopback IPv4 address for its media (libnice skips loopback)")
+    janus = JanusStack(tmp_path_factory.mktemp("janus"))
+    try:
+        janus.start()
+    except BaseException:
+        janus.stop()
+        raise
+    yield janus
+    janus.stop()
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _publish(stack: JanusStack) -> tuple[WhipSink, PatternFeeder]:
+    sink = WhipSink(stack.whip_url, stack.token)
+    sink.open(224, 224, 25, 16000)
+    return sink, PatternFeeder(sink).start()
+
+
+async def _watch(stack: JanusStack, n: int, seconds: float) -> list[VideoRoomSubscriber]:
+    subscribers = [VideoRoomSubscriber(stack.janus_url, host_addresses=(), keep=frame_slot) for _ in range(n)]
+    try:
+        await asyncio.gather(*(s.start() for s in subscribers))
+        await asyncio.sleep(seconds)
+    finally:
+        await asyncio.gather(*(s.stop() for s in subscribers), return_exceptions=True)
+    return subscribers
+
+
+# ---------------------------------------------------------------------------- no server needed
+def test_slot_index_survives_the_round_trip_through_pixels():
+    for k in (0, 1, 77, 4095, 65535):
+        assert read_slot(draw_slot(k)) == k
+
+
+def test_endpoint_must_be_an_http_url():
+    with pytest.raises(WhipError) as err:
+        WhipSink("janus:1234")
+    assert "not an http(s) URL" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreachable_endpoint_is_one_line():
+    with socket.socket() as sock:       # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sink = WhipSink(f"http://127.0.0.1:{port}/whip/endpoint/x", "t", connect_timeout_s=3)
+    with pytest.raises(WhipError) as err:
+        sink.open(224, 224, 25, 16000)
+    message = str(err.value)
+    assert "cannot reach WHIP endpoint" in message and str(port) in message and "\n" not in message
+    assert sink._thread is None         # the publisher's thread was stopped with the error
+
+
+def test_out_whip_without_an_endpoint_says_which_key():
+    class Whip:
+        endpoint, token = None, None
+
+    class Server:
+        stun_url = turn_url = turn_username = turn_credential = None
+        ice_host_addresses = ()
+
+    with pytest.raises(WhipError) as err:
+        whip_sink_from_config(Whip(), Server())
+    assert "whip.endpoint" in err.value.hint
+
+
+# ---------------------------------------------------------------------------- through Janus
+@pytest.mark.integration
+def test_subscribers_receive_every_slot_in_order(stack):
+    sink, feeder = _publish(stack)
+    try:
+        _wait(lambda: stack.publishers(), 10, "the publisher to appear in the room")
+        subscribers = asyncio.run(_watch(stack, SUBSCRIBERS, 5.0))
+    finally:
+        feeder.stop()
+        sink.close()
+    for sub in subscribers:
+        share, span = coverage(sub.frames)
+        assert span >= 60, f"a subscriber saw only {span} slots"
+        assert share >= 0.99, f"a subscriber received {share:.1%} of {span} slots"
+        assert sub.frames == sorted(set(sub.frames))           # in order, none twice
+        assert sub.audio_frames >= 0.95 * len(sub.frames)       # one 40 ms audio frame per slot
+    assert sink.connects == 1 and sink.dropped <= 2
+    # close() DELETEd the WHIP resource: Janus drops the publisher from the room
+    _wait(lambda: not stack.publishers(), 10, "the publisher to leave the room after close")
+
+
+@pytest.mark.integration
+def test_wrong_token_is_one_line(stack):
+    sink = WhipSink(stack.whip_url, "not-" + stack.token)
+    with pytest.raises(WhipError) as err:
+        sink.open(224, 224, 25, 16000)
+    message = str(err.value)
+    assert "refused the token" in message and "\n" not in message
+    assert "whip.token" in err.value.hint
+    assert not stack.publishers()
+
+
+@pytest.mark.integration
+def test_wrong_endpoint_is_one_line(stack):
+    sink = WhipSink(stack.whip_url.replace("/avatar", "/nobody"), stack.token)
+    with pytest.raises(WhipError) as err:
+        sink.open(224, 224, 25, 16000)
+    assert "does not exist" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.integration
+def test_publisher_comes_back_after_a_janus_restart(stack):
+    sink, feeder = _publish(stack)
+    try:
+        _wait(lambda: stack.publishers(), 10, "the publisher to appear in the room")
+        stack.restart_janus()
+        _wait(lambda: sink.connects >= 2 and sink.connected, 30, "the publisher to reconnect")
+        _wait(lambda: stack.publishers(), 10, "the publisher to be back in the room")
+        subscribers = asyncio.run(_watch(stack, 1, 3.0))   # a viewer re-joining after the restart
+    finally:
+        feeder.stop()
+        sink.close()
+    share, span = coverage(subscribers[0].frames)
+    assert span >= 30 and share >= 0.95, (share, span)
