@@ -23,9 +23,11 @@ CYTHON_VERSION=3.3.1
 # Runtime: PortAudio for sounddevice; libGL/GLib for opencv-python; venv support.
 RUNTIME_PKGS=(libportaudio2 libgl1 libglib2.0-0 python3-venv)
 # Tests: a C toolchain and Python headers to build lws, speech synthesis and audio tools, the browser for
-# the WebRTC viewer test, a PulseAudio server for virtual microphone tests.
+# the WebRTC viewer test, a PulseAudio server for virtual microphone tests, Janus + simple-whip-server
+# for the WHIP publishing tests.
 DEV_PKGS=(gcc libc6-dev python3-dev espeak-ng sox chromium pulseaudio pulseaudio-utils
-          libasound2-plugins)  # alsa plugins: PortAudio → PulseAudio
+          libasound2-plugins  # alsa plugins: PortAudio → PulseAudio
+          janus simple-whip-server)
 
 DEV=0
 usage() { sed -n '2,13s/^# \{0,1\}//p' "$0"; }
