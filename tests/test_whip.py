@@ -162,3 +162,46 @@ def test_publisher_comes_back_after_a_janus_restart(stack):
         sink.close()
     share, span = coverage(subscribers[0].frames)
     assert span >= 30 and share >= 0.95, (share, span)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.integration
+def test_room_page_plays_the_published_stream_with_stats(stack):
+    """stream/web/room.html in headless Chromium joins the VideoRoom through Janus's HTTP API (CORS,
+    plain fetch + SDP), plays the avatar and shows the session's stats with its own received numbers."""
+    import os
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from stream.webrtc import WebRTCServer
+    from tests.test_browser_viewer import CHROMIUM_ARGS
+
+    srv = WebRTCServer(port=0, stats=lambda: {"latency_ms_median": 187.5})
+    srv.start()
+    sink, feeder = _publish(stack)
+    try:
+        _wait(lambda: stack.publishers(), 10, "the publisher to appear in the room")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=20_000)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(15_000)
+                page.goto(f"http://127.0.0.1:{srv.port}/static/room.html?janus={stack.janus_url}&room=1234")
+                page.wait_for_function("() => document.getElementById('video').videoWidth === 224")
+                t0 = page.evaluate("document.getElementById('video').currentTime")
+                page.wait_for_function(f"() => document.getElementById('video').currentTime > {t0} + 0.5")
+                assert page.evaluate("document.getElementById('video').srcObject.getAudioTracks().length") == 1
+                assert page.evaluate("document.getElementById('status').textContent").startswith("live")
+                page.wait_for_function(
+                    "() => document.querySelector('#stats td[data-key=\"latency_ms_median\"]')?.textContent === '187.5'")
+                page.wait_for_function(
+                    "() => Number(document.querySelector('#stats td[data-key=\"viewer_frames_decoded\"]')?.textContent) > 10")
+            finally:
+                browser.close()
+    finally:
+        feeder.stop()
+        sink.close()
+        srv.stop()
