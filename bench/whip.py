@@ -8,9 +8,10 @@ are aiortc subscribers through Janus's VideoRoom HTTP API, or aiortc direct view
 For every audience size it prints one row: the publisher's CPU (this process, % of one core, over the
 measured window), Janus's CPU, slots each viewer received (min / median, % of the slots between its
 first and last), and the latency from `write` to the decoded frame in the viewer (p50 / p95 over
-every received frame; both processes read the same monotonic clock).
+every received frame; both processes read the same monotonic clock). Last, it restarts Janus
+`--restarts` times and prints how long the publisher took to be back in the room each time.
 
-Usage: python bench/whip.py [--seconds 10] [--whip 1,4,8,25] [--direct 1,4,8] [--per-process 5]
+Usage: python bench/whip.py [--seconds 10] [--whip 1,4,8,25] [--direct 1,4,8] [--per-process 5] [--restarts 3]
 """
 from __future__ import annotations
 
@@ -160,6 +161,30 @@ def bench_whip(stack: JanusStack, n: int, seconds: float, per_process: int) -> l
     return _row("whip → Janus", n, results, feeder.sent_at, cpu, janus, window)
 
 
+def bench_restart(stack: JanusStack, times: int) -> list[float]:
+    """Seconds from a Janus restart (stop + start, the stop included) until the publisher is connected
+    again and listed in the room, `times` times."""
+    sink = WhipSink(stack.whip_url, stack.token)
+    sink.open(224, 224, 25, 16000)
+    feeder = PatternFeeder(sink).start()
+    backs = []
+    try:
+        for _ in range(times):
+            while not (sink.connected and stack.publishers()):
+                time.sleep(0.05)
+            connects, t0 = sink.connects, time.monotonic()
+            stack.restart_janus()
+            while not (sink.connects > connects and sink.connected and stack.publishers()):
+                if time.monotonic() - t0 > 60:
+                    raise RuntimeError("the publisher did not come back within 60 s")
+                time.sleep(0.05)
+            backs.append(time.monotonic() - t0)
+    finally:
+        feeder.stop()
+        sink.close()
+    return backs
+
+
 def bench_direct(n: int, seconds: float, per_process: int) -> list[str]:
     srv = WebRTCServer(port=0, ice_host_addresses=["127.0.0.1"], max_viewers=max(8, n))
     srv.start()
@@ -188,13 +213,15 @@ def main() -> None:
     ap.add_argument("--whip", default="1,4,8,25", help="subscriber counts through Janus ('' = none)")
     ap.add_argument("--direct", default="1,4,8", help="direct viewer counts ('' = none)")
     ap.add_argument("--per-process", type=int, default=5, help="viewers per child process")
+    ap.add_argument("--restarts", type=int, default=3, help="Janus restarts to time the publisher's return")
     args = ap.parse_args()
     counts = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     rows = []
     for n in counts(args.direct):
         rows.append(bench_direct(n, args.seconds, args.per_process))
         print("  ".join(rows[-1]), flush=True)
-    if counts(args.whip):
+    backs: list[float] = []
+    if counts(args.whip) or args.restarts:
         reason = missing_reason()
         if reason:
             sys.exit(f"bench/whip.py: {reason}")
@@ -205,16 +232,21 @@ def main() -> None:
                 for n in counts(args.whip):
                     rows.append(bench_whip(stack, n, args.seconds, args.per_process))
                     print("  ".join(rows[-1]), flush=True)
+                if args.restarts:
+                    backs = bench_restart(stack, args.restarts)
             finally:
                 stack.stop()
     head = ["publish to", "viewers", "publisher CPU %", "Janus CPU %", "slots received min / median %",
             "latency p50 / p95 ms"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
     print()
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))
     print("-|-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if backs:
+        print(f"\npublisher back after a Janus restart (stop + start included): "
+              + ", ".join(f"{b:.1f}" for b in backs) + " s")
 
 
 if __name__ == "__main__":

@@ -69,13 +69,14 @@ class WhipSink:
     `ice_servers`: STUN/TURN for the publisher's side (aiortc RTCIceServer or URL strings);
     `ice_host_addresses`: gather host candidates on exactly these addresses (["127.0.0.1"] for a
     server on the same machine). `connect_timeout_s` bounds one POST + ICE/DTLS connection.
-    Counters for status displays: `connects` (answered offers), `dropped` (frames nobody read).
+    Counters for status displays: `connects` (answered offers), `unsent` (slots written while not
+    connected, e.g. during a reconnect), `dropped` (frames the hand-over buffer discarded).
     """
 
     def __init__(self, endpoint: str, token: str | None = None, *,
                  ice_servers: Sequence[str | RTCIceServer] | None = None,
                  ice_host_addresses: Sequence[str] | None = None, connect_timeout_s: float = 10.0,
-                 backoff_s: tuple[float, float] = (0.25, 2.0), liveness_s: float = 3.0,
+                 backoff_s: tuple[float, float] = (0.25, 1.0), liveness_s: float = 3.0,
                  buffer_frames: int = 25) -> None:
         parts = urlsplit(endpoint or "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -90,6 +91,7 @@ class WhipSink:
         self.liveness_s = liveness_s
         self.buffer_frames = buffer_frames
         self.connects = 0
+        self.unsent = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -126,7 +128,7 @@ class WhipSink:
         self._thread = threading.Thread(target=loop.run_forever, name="whip-publisher", daemon=True)
         self._thread.start()
         try:
-            self._call(self._start(fps, sample_rate), self.connect_timeout_s + 5)
+            self._call(self._start(fps, sample_rate), 2 * self.connect_timeout_s + 5)
         except BaseException:
             self.close()
             raise
@@ -134,6 +136,8 @@ class WhipSink:
     def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
         if self._video_buf is None or self._audio_buf is None:
             raise RuntimeError("WhipSink.write called before open()")
+        if not self.connected:      # reconnecting: the slot goes nowhere, and is counted
+            self.unsent += 1
         self._video_buf.put((frame_index, np.array(frame, dtype=np.uint8, order="C", copy=True)))
         self._audio_buf.put((frame_index, np.array(audio, dtype=np.float32, copy=True).reshape(-1)))
 
@@ -193,9 +197,13 @@ class WhipSink:
             await self._connect()
         except WhipRefused as exc:
             raise WhipError(self._refusal_message(exc), hint=self._refusal_hint(exc)) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise WhipError(f"cannot reach WHIP endpoint {self.endpoint} ({_one_line(str(exc) or type(exc).__name__)})",
+        except asyncio.TimeoutError:
+            raise WhipError(f"WHIP endpoint {self.endpoint} did not answer within {self.connect_timeout_s:g} s",
                             hint="start the WHIP server or fix whip.endpoint") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise WhipError(f"cannot reach WHIP endpoint {self.endpoint} ({_one_line(str(exc) or type(exc).__name__)})",
+                            hint="start the WHIP server or fix whip.endpoint; behind NAT set server.stun_url "
+                            "/ server.turn_url") from None
         self._supervisor = asyncio.ensure_future(self._supervise())
 
     def _refusal_message(self, exc: WhipRefused) -> str:
@@ -253,7 +261,11 @@ class WhipSink:
             resource = urljoin(self.endpoint, location)
             self._resource = resource
             await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
-            await asyncio.wait_for(connected.wait(), self.connect_timeout_s)
+            try:
+                await asyncio.wait_for(connected.wait(), self.connect_timeout_s)
+            except asyncio.TimeoutError:
+                raise ConnectionError(f"the server answered, but no media connection (ICE) came up within "
+                                      f"{self.connect_timeout_s:g} s") from None
             if pc.connectionState != "connected":
                 raise ConnectionError(f"the media connection {pc.connectionState}")
         except BaseException:

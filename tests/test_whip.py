@@ -205,3 +205,86 @@ def test_room_page_plays_the_published_stream_with_stats(stack):
         feeder.stop()
         sink.close()
         srv.stop()
+
+
+
+class _Instant:
+    """Stand-in generator (no networks): a grey frame per mel window, instantly."""
+
+    def render(self, mel_windows, pose_codes=None, times=None):
+        import numpy as np
+        return np.full((len(mel_windows), 224, 224, 3), 96, np.uint8)
+
+
+class _SlotStamp:
+    """Wraps the session's outputs: each slot's index drawn into its frame (tests.janus_support.draw_slot)."""
+
+    written = 0      # slots written by the newest instance (the tests run one session at a time)
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        _SlotStamp.written = 0
+
+    def open(self, width, height, fps, sample_rate):
+        self.inner.open(width, height, fps, sample_rate)
+
+    def write(self, frame, audio, frame_index):
+        self.inner.write(draw_slot(frame_index, frame.shape[0]), audio, frame_index)
+        _SlotStamp.written += 1
+
+    def close(self):
+        self.inner.close()
+
+
+def _session(stack: JanusStack, token: str, seconds: float):
+    import numpy as np
+
+    from pcavs_live.cli.config import load_config
+    from pcavs_live.pipeline.session import LiveSession, RunOptions
+    config = load_config(None, {"output.targets": ["whip"], "whip.endpoint": stack.whip_url, "whip.token": token,
+                                "pose.source": "still"})
+    run = RunOptions(realtime=True, max_seconds=seconds, status_interval_s=0, wrap_sink=_SlotStamp,
+                     build_renderer=lambda _c: (_Instant(), np.full((224, 224, 3), 96, np.uint8)))
+    return LiveSession(config, run)
+
+
+@pytest.mark.integration
+def test_a_session_with_out_whip_reaches_a_subscriber(stack):
+    """The config → session → sink path: `output.targets = ["whip"]` and [whip] keys publish the run."""
+    import threading
+    box: dict = {}
+
+    def run() -> None:
+        with _session(stack, stack.token, 6.0) as session:
+            box["summary"] = session.run()
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        _wait(lambda: _SlotStamp.written > 0 or not runner.is_alive(), 60, "the session to write its first slot")
+        subscribers = asyncio.run(_watch(stack, 1, 3.0))
+    finally:
+        runner.join(30)
+    assert box["summary"].frames_out >= 120
+    share, span = coverage(subscribers[0].frames)
+    assert span >= 50 and share >= 0.99, (share, span)
+    _wait(lambda: not stack.publishers(), 10, "the session's publisher to leave the room")
+
+
+@pytest.mark.integration
+def test_a_session_with_a_wrong_token_is_one_error_line(stack):
+    """What the entry point prints for it: one `error:` line and a `hint:`, exit code 2."""
+    import io
+
+    from pcavs_live.cli.errors import run_with_user_errors
+
+    def body() -> int:
+        with _session(stack, "wrong", 2.0) as session:
+            session.run()
+        return 0
+
+    err = io.StringIO()
+    assert run_with_user_errors(body, debug=False, stderr=err) == 2
+    lines = err.getvalue().splitlines()
+    assert [line[:6] for line in lines] == ["error:", "hint: "], lines
+    assert "refused the token" in lines[0] and stack.whip_url in lines[0] and "whip.token" in lines[1]
