@@ -16,8 +16,8 @@ timestamps, audio Opus-encoded once per 40 ms slot), and each connection to the 
 
 Reconnecting: a server that restarts forgets our session without telling us (WHIP has no
 notification). The supervisor counts a connection dead when its state is failed/closed, or when the
-server's RTCP receiver reports stop for `liveness_s` (an SFU sends them every second or so while it
-receives our media). It then DELETEs the old resource (best effort), and POSTs a new offer with
+server's RTCP receiver reports, once seen, stop for `liveness_s` (an SFU sends them every second or so
+while it receives our media; a server that never sends any is judged by the connection state alone). It then DELETEs the old resource (best effort), and POSTs a new offer with
 back-off (`backoff_s`: first and longest wait) until one is answered or the sink is closed.
 
 The first connection is made in `open`, so a wrong token or endpoint is a `WhipError` (one line)
@@ -105,7 +105,6 @@ class WhipSink:
         self._resource: str | None = None
         self._supervisor: asyncio.Task | None = None
         self._closing = False
-        self._connected_at: float | None = None
 
     # ------------------------------------------------------------------ FrameSink (scheduler's thread)
     def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
@@ -273,7 +272,6 @@ class WhipSink:
             await self._close_pc(pc, proxies)
             raise
         self._pc, self._proxies = pc, proxies
-        self._connected_at = time.monotonic()
         self.connects += 1
         log.info("WHIP: publishing to %s (resource %s)", self.endpoint, self._resource)
 
@@ -305,9 +303,8 @@ class WhipSink:
                 if stats.type == "remote-inbound-rtp":
                     stamp = stats.timestamp.timestamp()
                     newest = stamp if newest is None else max(newest, stamp)
-        if newest is None:  # no report yet: give the server liveness_s from the connection on
-            assert self._connected_at is not None
-            return time.monotonic() - self._connected_at < max(self.liveness_s, 5.0)
+        if newest is None:  # a server that sends no receiver reports: its connection state decides
+            return True
         return time.time() - newest < self.liveness_s
 
     async def _supervise(self) -> None:

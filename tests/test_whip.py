@@ -108,6 +108,60 @@ def test_out_whip_without_an_endpoint_says_which_key():
     assert "whip.endpoint" in err.value.hint
 
 
+# ---------------------------------------------------------------------------- a minimal WHIP server (no Janus)
+@pytest.fixture
+def fake_whip():
+    from tests.whip_server import FakeWhipServer
+    server = FakeWhipServer().start()
+    yield server
+    server.stop()
+
+
+def test_publishes_with_the_token_and_deletes_its_resource_on_close(fake_whip):
+    sink = WhipSink(fake_whip.url, "good", ice_host_addresses=["127.0.0.1"])
+    sink.open(224, 224, 25, 16000)
+    feeder = PatternFeeder(sink).start()
+    try:
+        _wait(lambda: len(fake_whip.slots) >= 75, 30, "75 frames at the server")
+    finally:
+        feeder.stop()
+        sink.close()
+    method, path, headers = fake_whip.requests[0]
+    assert (method, path) == ("POST", "/whip")
+    assert headers["Authorization"] == "Bearer good" and headers["Content-Type"] == "application/sdp"
+    assert sink.resource is None and fake_whip.deleted == ["/whip/resource/1"] and fake_whip.sessions == 0
+    share, span = coverage(fake_whip.slots)
+    assert fake_whip.slots[0] <= 5 and share >= 0.99, (fake_whip.slots[:5], share, span)
+    assert fake_whip.audio_frames >= 0.95 * len(fake_whip.slots)
+
+
+def test_a_refused_token_is_one_line(fake_whip):
+    sink = WhipSink(fake_whip.url, "bad", ice_host_addresses=["127.0.0.1"])
+    with pytest.raises(WhipError) as err:
+        sink.open(224, 224, 25, 16000)
+    assert "refused the token (HTTP 401: Unauthorized)" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_reconnects_when_the_server_forgets_the_session(fake_whip):
+    sink = WhipSink(fake_whip.url, "good", ice_host_addresses=["127.0.0.1"])
+    sink.open(224, 224, 25, 16000)
+    feeder = PatternFeeder(sink).start()
+    try:
+        _wait(lambda: len(fake_whip.slots) >= 10, 30, "the first frames")
+        fake_whip.drop_all()
+        _wait(lambda: sink.connects == 2 and sink.connected, 30, "the publisher to reconnect")
+        before = len(fake_whip.slots)
+        _wait(lambda: len(fake_whip.slots) >= before + 25, 30, "frames on the new connection")
+    finally:
+        feeder.stop()
+        sink.close()
+    posts = [r for r in fake_whip.requests if r[0] == "POST"]
+    assert len(posts) == 2 and all(r[2]["Authorization"] == "Bearer good" for r in posts)
+    assert ("DELETE", "/whip/resource/1") in [r[:2] for r in fake_whip.requests]   # the forgotten one, best effort
+    assert fake_whip.deleted == ["/whip/resource/2"]                                 # the live one, on close
+    assert fake_whip.slots[-1] > fake_whip.slots[0]                                  # the slots went on in order
+
+
 # ---------------------------------------------------------------------------- through Janus
 @pytest.mark.integration
 def test_subscribers_receive_every_slot_in_order(stack):
