@@ -78,7 +78,13 @@ else
         export DEBIAN_FRONTEND=noninteractive
         if ! { run "${SUDO[@]}" apt-get update -q \
                && run "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"; }; then
-            warn "apt-get failed; install these packages by hand: ${missing[*]}"
+            # One package apt cannot install (e.g. simple-whip-server beside a non-Debian nodejs) must not
+            # keep the others out: try them one at a time and name the ones that still fail.
+            failed=()
+            for pkg in "${missing[@]}"; do
+                run "${SUDO[@]}" apt-get install -y -q --no-install-recommends "$pkg" || failed+=("$pkg")
+            done
+            (( ${#failed[@]} == 0 )) || warn "apt-get failed; install these packages by hand: ${failed[*]}"
         fi
     else
         warn "cannot run apt-get here (no apt-get, or not root and no password-less sudo)."

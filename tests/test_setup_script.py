@@ -83,6 +83,22 @@ def test_setup_without_apt_prints_packages_and_is_idempotent(setup_repo):
     assert "chromium" not in third.stderr                            # test-only packages need --dev
 
 
+def test_one_package_apt_cannot_install_does_not_keep_the_others_out(setup_repo, tmp_path):
+    """As root, an apt-get install of the whole list fails on one package (simple-whip-server beside a
+    non-Debian nodejs): every other package is still installed, one at a time, and only the failing one
+    is named."""
+    repo, log, env = setup_repo
+    bin_dir = tmp_path / "bin"
+    stub(bin_dir / "id", 'if [[ "${1:-}" == "-u" ]]; then echo 0; else exec /usr/bin/id "$@"; fi\n')
+    stub(bin_dir / "apt-get", f'echo "apt-get $*" >> "{log}"\n[[ "$*" == *simple-whip-server* ]] && exit 100\nexit 0\n')
+    result = run(["bash", "scripts/setup.sh", "--dev"], repo, env)
+    assert result.returncode == 0, result.stderr
+    singles = [c.rsplit(" ", 1)[1] for c in calls(log) if c.startswith("apt-get install") and c.count(" ") == 5]
+    assert "chromium" in singles and "janus" in singles and "simple-whip-server" in singles
+    warning = [line for line in result.stderr.splitlines() if "install these packages by hand" in line]
+    assert len(warning) == 1 and warning[0].endswith(": simple-whip-server")
+
+
 def test_setup_options(setup_repo):
     repo, _log, env = setup_repo
     helped = run(["bash", "scripts/setup.sh", "--help"], repo, env)
