@@ -1,8 +1,9 @@
 """Publishing by WHIP into Janus versus serving viewers directly: what each costs this process.
 
 One process publishes a 25 fps test pattern (the slot index drawn in the pixels, a tone as the voice)
-either by WHIP (`WhipSink` → simple-whip-server → Janus VideoRoom, tests/janus_support.py starts both
-on loopback) or to the built-in viewer (`WebRTCServer` + `WebRTCSink`). Viewers run in child
+either by WHIP (`WhipSink` → simple-whip-server → Janus VideoRoom; tests/janus_support.py starts both in
+a network namespace of their own, joined to ours by a veth pair, and every ICE agent of ours gathers on
+our end of that pair only; needs root) or to the built-in viewer (`WebRTCServer` + `WebRTCSink`). Viewers run in child
 processes (at most `--per-process` each), so their decoding is not counted as the publisher's: they
 are aiortc subscribers through Janus's VideoRoom HTTP API, or aiortc direct viewers (`POST /offer`).
 For every audience size it prints one row: the publisher's CPU (this process, % of one core, over the
@@ -49,10 +50,10 @@ class _DirectViewer:
 
     async def start(self) -> None:
         import aiohttp
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
         from stream.webrtc.ice import use_host_addresses
-        self.pc = pc = RTCPeerConnection()
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))   # no STUN (aiortc's default is Google's)
         pc.addTransceiver("video", direction="recvonly")
         pc.addTransceiver("audio", direction="recvonly")
 
@@ -82,10 +83,10 @@ class _DirectViewer:
         await self.pc.close()
 
 
-def _viewer_process(kind: str, url: str, n: int, seconds: float, conn) -> None:
+def _viewer_process(kind: str, url: str, n: int, seconds: float, conn, host_address: str = "") -> None:
     async def main() -> list[list[tuple[int, float]]]:
         if kind == "whip":
-            viewers = [VideoRoomSubscriber(url, host_addresses=(),
+            viewers = [VideoRoomSubscriber(url, (host_address,),
                                            keep=lambda f: (frame_slot(f), time.monotonic())) for _ in range(n)]
         else:
             viewers = [_DirectViewer(url) for _ in range(n)]
@@ -102,12 +103,14 @@ def _viewer_process(kind: str, url: str, n: int, seconds: float, conn) -> None:
     conn.send(asyncio.run(main()))
 
 
-def _watch(kind: str, url: str, n: int, seconds: float, per_process: int, on_ready) -> list[list[tuple[int, float]]]:
+def _watch(kind: str, url: str, n: int, seconds: float, per_process: int, on_ready,
+           host_address: str = "") -> list[list[tuple[int, float]]]:
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
     for start in range(0, n, per_process):
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_viewer_process, args=(kind, url, min(per_process, n - start), seconds, child))
+        p = ctx.Process(target=_viewer_process, args=(kind, url, min(per_process, n - start), seconds, child,
+                                                              host_address))
         p.start()
         procs.append(p)
         pipes.append(parent)
@@ -141,7 +144,7 @@ def _row(kind: str, n: int, results, sent_at, cpu_s: float, janus_s: float | Non
 
 
 def bench_whip(stack: JanusStack, n: int, seconds: float, per_process: int) -> list[str]:
-    sink = WhipSink(stack.whip_url, stack.token)
+    sink = WhipSink(stack.whip_url, stack.token, ice_host_addresses=[stack.host_address])
     sink.open(224, 224, 25, 16000)
     feeder = PatternFeeder(sink).start()
     marks: dict[str, float] = {}
@@ -152,7 +155,7 @@ def bench_whip(stack: JanusStack, n: int, seconds: float, per_process: int) -> l
     try:
         while not stack.publishers():
             time.sleep(0.1)
-        results = _watch("whip", stack.janus_url, n, seconds, per_process, ready)
+        results = _watch("whip", stack.janus_url, n, seconds, per_process, ready, stack.host_address)
         window = time.monotonic() - marks["t"]
         cpu, janus = time.process_time() - marks["cpu"], _proc_cpu_s(stack.janus.pid) - marks["janus"]
     finally:
@@ -164,7 +167,7 @@ def bench_whip(stack: JanusStack, n: int, seconds: float, per_process: int) -> l
 def bench_restart(stack: JanusStack, times: int) -> list[float]:
     """Seconds from a Janus restart (stop + start, the stop included) until the publisher is connected
     again and listed in the room, `times` times."""
-    sink = WhipSink(stack.whip_url, stack.token)
+    sink = WhipSink(stack.whip_url, stack.token, ice_host_addresses=[stack.host_address])
     sink.open(224, 224, 25, 16000)
     feeder = PatternFeeder(sink).start()
     backs = []
@@ -227,8 +230,8 @@ def main() -> None:
             sys.exit(f"bench/whip.py: {reason}")
         with tempfile.TemporaryDirectory() as tmp:
             stack = JanusStack(Path(tmp))
+            stack.start()                # stops what it started if it fails
             try:
-                stack.start()
                 for n in counts(args.whip):
                     rows.append(bench_whip(stack, n, args.seconds, args.per_process))
                     print("  ".join(rows[-1]), flush=True)

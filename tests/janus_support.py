@@ -1,17 +1,26 @@
-"""A real Janus + simple-whip-server on loopback for the WHIP tests and bench/whip.py.
+"""A real Janus + simple-whip-server in a network namespace of their own, for the WHIP tests and bench/whip.py.
 
-`JanusStack` writes a generated Janus configuration (loopback only, free ports, the VideoRoom plugin
-with one room, the HTTP and WebSocket transports, no STUN server: nothing leaves 127.0.0.1) into a
-temporary folder, starts `janus` and Debian's simple-whip-server (node) against it, waits until both
-answer (bounded), creates one WHIP endpoint mapped to the room, and stops both on `stop`. `restart_janus`
-stops and starts Janus alone, which is what a publisher must survive.
+Janus's ICE (libnice) never gathers candidates on loopback, so on the machine's own namespace its media
+would use the machine's outward address. Instead `TestNetns` (root, `ip netns`) creates a namespace with
+a unique name, a veth pair with a random /30 inside 10.213.0.0/16 (host side `.1` in the root namespace,
+`.2` inside), `lo` up and no default route: from inside, only our own host-side address is reachable.
+`JanusStack` writes a generated Janus configuration (the VideoRoom plugin with one room, the HTTP API
+on the namespace's veth address, the WebSocket API on the namespace's loopback for simple-whip-server,
+`nat.ice_enforce_list` = the veth address, no STUN server) into a temporary folder, starts `janus` and
+Debian's simple-whip-server (node) inside the namespace (`ip netns exec`), waits until both answer
+(bounded), creates one WHIP endpoint mapped to the room, and stops both and deletes the namespace (and
+with it the veth pair) on `stop`. `restart_janus` stops and starts Janus alone, which is what a
+publisher must survive. Our publisher and subscribers gather ICE candidates on `host_address` only
+(`ice_host_addresses`), so every packet of a test is addressed to loopback or to our veth pair.
 
 `VideoRoomSubscriber` is one viewer through Janus's VideoRoom HTTP API (create session → attach →
 join as subscriber → answer Janus's offer with aiortc → start), receiving the published video and audio.
 
 Debian's simple-whip-server lives in /usr/share/simple-whip-server and has no launcher; its config is
-`src/config.js`. We copy its two source files next to a generated config.js and bind its HTTP API to
-127.0.0.1 (upstream listens on every interface). SIMPLE_WHIP_SERVER_DIR overrides where it is found.
+`src/config.js`. Where apt cannot install it (a non-Debian nodejs), `scripts/setup.sh --dev` unpacks the
+package into `.deps/simple-whip-server` and installs its Node dependencies there; that copy is used
+first. SIMPLE_WHIP_SERVER_DIR overrides both. We copy its two source files next to a generated
+config.js and bind its HTTP API to the namespace's address (upstream listens on every interface).
 """
 from __future__ import annotations
 
@@ -33,9 +42,22 @@ from pathlib import Path
 import numpy as np
 
 JANUS_LIB = Path("/usr/lib/x86_64-linux-gnu/janus")
-WHIP_DIR = Path(os.environ.get("SIMPLE_WHIP_SERVER_DIR", "/usr/share/simple-whip-server"))
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WHIP_DIRS = [PROJECT_ROOT / ".deps" / "simple-whip-server", Path("/usr/share/simple-whip-server")]
 ROOM = 1234
 READY_TIMEOUT_S = 20.0
+JANUS_HTTP_PORT, JANUS_WS_PORT, WHIP_PORT = 8088, 8188, 7080     # inside the namespace: always free
+RTP_RANGE = (20000, 20999)
+
+
+def whip_dir() -> Path:
+    """Where simple-whip-server's `src/server.js` is: $SIMPLE_WHIP_SERVER_DIR, else .deps/, else /usr/share."""
+    if os.environ.get("SIMPLE_WHIP_SERVER_DIR"):
+        return Path(os.environ["SIMPLE_WHIP_SERVER_DIR"])
+    for candidate in WHIP_DIRS:
+        if (candidate / "src" / "server.js").is_file():
+            return candidate
+    return WHIP_DIRS[-1]
 
 
 def missing_reason() -> str | None:
@@ -45,11 +67,99 @@ def missing_reason() -> str | None:
     lib = _janus_lib()
     if lib is None or not (lib / "plugins" / "libjanus_videoroom.so").exists():
         return "the Janus VideoRoom plugin is missing (Debian package 'janus')"
-    if not (WHIP_DIR / "src" / "server.js").is_file():
-        return f"simple-whip-server is not installed in {WHIP_DIR} (Debian package 'simple-whip-server')"
+    where = whip_dir()
+    if not (where / "src" / "server.js").is_file():
+        return (f"simple-whip-server is not installed in {where} (Debian package 'simple-whip-server'; "
+                "scripts/setup.sh --dev installs it)")
     if shutil.which("node") is None:
         return "node is not installed (simple-whip-server runs on Node.js)"
+    return netns_missing_reason()
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+def netns_missing_reason() -> str | None:
+    """Why this process cannot create a network namespace with a veth pair (one line), or None."""
+    if shutil.which("ip") is None:
+        return "the 'ip' command is missing (Debian package 'iproute2'); Janus runs in a network namespace"
+    probe = TestNetns()
+    try:
+        probe.create()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot create a network namespace with a veth pair for Janus (needs root): {exc}"
+    finally:
+        probe.delete()
     return None
+
+
+def _disable_ipv6(interface: str) -> None:
+    try:
+        Path(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6").write_text("1")
+    except OSError:
+        pass             # no IPv6 on this kernel: nothing to disable
+
+
+class TestNetns:
+    """A network namespace with a unique name, joined to the root namespace by a veth pair on a random
+    /30 in 10.213.0.0/16 (`host_address` here, `ns_address` inside); `lo` up, no default route."""
+
+    __test__ = False     # not a pytest class
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
+        self.name = f"pcavs-whip-{tag}"
+        self.host_if, self.ns_if = f"pw{tag}h", f"pw{tag}n"       # ≤ 15 characters
+        self.host_address = self.ns_address = ""
+        self.created = False
+
+    def _pick_subnet(self) -> tuple[str, str]:
+        used = _ip("-4", "-o", "addr", "show").stdout + _ip("-4", "route", "show").stdout
+        for _ in range(100):
+            third, fourth = secrets.randbelow(256), 4 * secrets.randbelow(64)
+            prefix = f"10.213.{third}."
+            if f"{prefix}{fourth + 1}" not in used and f"{prefix}{fourth}/30" not in used:
+                return f"{prefix}{fourth + 1}", f"{prefix}{fourth + 2}"
+        raise RuntimeError("no free /30 in 10.213.0.0/16")
+
+    def create(self) -> "TestNetns":
+        self.host_address, self.ns_address = self._pick_subnet()
+        _ip("netns", "add", self.name)
+        self.created = True
+        _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        _ip("link", "set", self.ns_if, "netns", self.name)
+        # IPv4 only on the pair: no IPv6 link-local chatter (router solicitations) on it
+        _disable_ipv6(self.host_if)
+        subprocess.run(self.command("sysctl", "-qw", f"net.ipv6.conf.{self.ns_if}.disable_ipv6=1"),
+                       capture_output=True, timeout=10)
+        _ip("addr", "add", f"{self.host_address}/30", "dev", self.host_if)
+        _ip("link", "set", self.host_if, "up")
+        for args in (("link", "set", "lo", "up"), ("addr", "add", f"{self.ns_address}/30", "dev", self.ns_if),
+                     ("link", "set", self.ns_if, "up")):
+            _ip("-n", self.name, *args)
+        return self
+
+    def command(self, *argv: str) -> list[str]:
+        """`argv` run inside the namespace (ip netns exec execs it: the Popen's pid is the program's)."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def delete(self) -> None:
+        """Kill what is still running inside (bounded), delete the namespace and the veth pair."""
+        if not self.created:
+            return
+        pids = _ip("netns", "pids", self.name, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        _ip("netns", "del", self.name, check=False)
+        _ip("link", "del", self.host_if, check=False)    # gone with the namespace already, normally
+        self.created = False
 
 
 def _janus_lib() -> Path | None:
@@ -57,28 +167,6 @@ def _janus_lib() -> Path | None:
         if (base / "plugins").is_dir():
             return base
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _free_udp_range(width: int = 200) -> tuple[int, int]:
-    """A random range of UDP ports for Janus's media (checked free at its start)."""
-    for _ in range(50):
-        start = 20000 + secrets.randbelow(30000)
-        ok = True
-        for port in (start, start + width // 2, start + width - 1):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-        if ok:
-            return start, start + width - 1
-    raise RuntimeError("no free UDP port range for Janus")
 
 
 def _http(method: str, url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, str]:
@@ -94,25 +182,31 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 5.0)
 
 @dataclass
 class JanusStack:
-    """Janus + simple-whip-server in `workdir`, loopback only (see the module notes)."""
+    """Janus + simple-whip-server in `workdir`, inside their own network namespace (see the module notes)."""
 
     workdir: Path
     token: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     endpoint_id: str = "avatar"
-    janus_http_port: int = field(default_factory=free_port)
-    janus_ws_port: int = field(default_factory=free_port)
-    whip_port: int = field(default_factory=free_port)
-    rtp_range: tuple[int, int] = field(default_factory=_free_udp_range)
+    janus_http_port: int = JANUS_HTTP_PORT
+    janus_ws_port: int = JANUS_WS_PORT
+    whip_port: int = WHIP_PORT
+    rtp_range: tuple[int, int] = RTP_RANGE
+    netns: TestNetns = field(default_factory=TestNetns)
     janus: subprocess.Popen | None = None
     whip: subprocess.Popen | None = None
 
     @property
+    def host_address(self) -> str:
+        """Our end of the veth pair: the only address our publisher and subscribers gather ICE on."""
+        return self.netns.host_address
+
+    @property
     def janus_url(self) -> str:
-        return f"http://127.0.0.1:{self.janus_http_port}/janus"
+        return f"http://{self.netns.ns_address}:{self.janus_http_port}/janus"
 
     @property
     def whip_url(self) -> str:
-        return f"http://127.0.0.1:{self.whip_port}/whip/endpoint/{self.endpoint_id}"
+        return f"http://{self.netns.ns_address}:{self.whip_port}/whip/endpoint/{self.endpoint_id}"
 
     # ------------------------------------------------------------------ configuration
     def write_config(self) -> None:
@@ -135,6 +229,8 @@ media: {{
 }}
 nat: {{
     nice_debug = false
+    ice_enforce_list = "{self.netns.ns_address}"
+    ignore_mdns = true
 }}
 loggers: {{
     disable = "libjanus_jsonlog.so"
@@ -153,7 +249,7 @@ events: {{
     base_path = "/janus"
     http = true
     port = {self.janus_http_port}
-    ip = "127.0.0.1"
+    ip = "{self.netns.ns_address}"
     https = false
 }}
 admin: {{
@@ -184,10 +280,12 @@ room-{ROOM}: {{
 """)
         whip = self.workdir / "whip"
         (whip / "src").mkdir(parents=True, exist_ok=True)
+        source = whip_dir()
         for name in ("server.js", "whip-janus.js"):
-            text = (WHIP_DIR / "src" / name).read_text()
-            if name == "server.js":  # upstream listens on every interface; keep the test on loopback
-                text = text.replace("http.listen(config.port, function", "http.listen(config.port, '127.0.0.1', function")
+            text = (source / "src" / name).read_text()
+            if name == "server.js":  # upstream listens on every interface; only the namespace's veth address here
+                text = text.replace("http.listen(config.port, function",
+                                    f"http.listen(config.port, '{self.netns.ns_address}', function")
             (whip / "src" / name).write_text(text)
         (whip / "src" / "config.js").write_text(
             "module.exports = " + json.dumps({"janus": {"address": f"ws://127.0.0.1:{self.janus_ws_port}"},
@@ -197,23 +295,34 @@ room-{ROOM}: {{
 
     # ------------------------------------------------------------------ processes
     def start(self) -> None:
+        """Create the namespace, write the configuration, start Janus and simple-whip-server in it. On a
+        failure everything started so far is stopped again before the error propagates."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        self.netns.create()
         self.write_config()
         self.start_janus()
         env = dict(os.environ, NODE_ENV="production", DEBUG="whip:*,-whip:debug")
-        node_path = [str(WHIP_DIR / "node_modules"), "/usr/share/nodejs", "/usr/lib/nodejs"]
+        node_path = [str(whip_dir() / "node_modules"), "/usr/share/nodejs", "/usr/lib/nodejs"]
         env["NODE_PATH"] = os.pathsep.join(node_path + ([env["NODE_PATH"]] if env.get("NODE_PATH") else []))
-        self.whip = subprocess.Popen(["node", "src/server.js"], cwd=self.workdir / "whip", env=env,
+        self.whip = subprocess.Popen(self.netns.command("node", "src/server.js"), cwd=self.workdir / "whip", env=env,
                                      stdout=open(self.workdir / "whip.log", "ab"), stderr=subprocess.STDOUT)
-        self._wait(lambda: _http("GET", f"http://127.0.0.1:{self.whip_port}/whip/healthcheck", timeout=1)[0] == 200,
+        base = f"http://{self.netns.ns_address}:{self.whip_port}/whip"
+        self._wait(lambda: _http("GET", f"{base}/healthcheck", timeout=1)[0] == 200,
                    "simple-whip-server", self.whip, self.workdir / "whip.log")
-        status, body = _http("POST", f"http://127.0.0.1:{self.whip_port}/whip/create",
+        status, body = _http("POST", f"{base}/create",
                              {"id": self.endpoint_id, "room": ROOM, "token": self.token, "label": "pcavs-live"})
         if status != 200:
             raise RuntimeError(f"simple-whip-server refused the endpoint: {status} {body}")
 
     def start_janus(self) -> None:
-        self.janus = subprocess.Popen(["janus", "-F", str(self.workdir / "janus"), "-C",
-                                       str(self.workdir / "janus" / "janus.jcfg"), "-o"],
+        self.janus = subprocess.Popen(self.netns.command("janus", "-F", str(self.workdir / "janus"), "-C",
+                                       str(self.workdir / "janus" / "janus.jcfg"), "-o"),
                                       stdout=open(self.workdir / "janus.log", "ab"), stderr=subprocess.STDOUT)
         self._wait(lambda: _http("GET", f"{self.janus_url}/info", timeout=1)[0] == 200,
                    "janus", self.janus, self.workdir / "janus.log")
@@ -230,6 +339,7 @@ room-{ROOM}: {{
         _stop(self.whip)
         self.whip = None
         self.stop_janus()
+        self.netns.delete()
 
     def _wait(self, ready, name: str, proc: subprocess.Popen, log: Path) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -281,10 +391,10 @@ def _janus_post(url: str, body: dict) -> dict:
 # ---------------------------------------------------------------------------- a subscriber (asyncio)
 class VideoRoomSubscriber:
     """One aiortc viewer of the room's first publisher through Janus's HTTP API; `frames` and
-    `audio_frames` collect what arrives (video frames as (pts, rgb) when `keep_rgb`, else pts)."""
+    `audio_frames` collect what arrives (video frames as `keep(frame)` when given, else the pts). It
+    gathers ICE candidates on `host_addresses` only (`JanusStack.host_address`)."""
 
-    def __init__(self, janus_url: str, room: int = ROOM, host_addresses: tuple[str, ...] = ("127.0.0.1",),
-                 keep=None) -> None:
+    def __init__(self, janus_url: str, host_addresses: tuple[str, ...], room: int = ROOM, keep=None) -> None:
         self.janus_url, self.room = janus_url, room
         self.host_addresses = host_addresses
         self.keep = keep            # frame → what to store (None: store the pts)
@@ -316,7 +426,7 @@ class VideoRoomSubscriber:
 
     async def start(self, feed: int | None = None) -> None:
         import aiohttp
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
         from stream.webrtc.ice import use_host_addresses
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40))
@@ -335,15 +445,14 @@ class VideoRoomSubscriber:
                                                               "room": self.room, "streams": [{"feed": feed}]}})
         event = await self._event()
         offer = event["jsep"]
-        self.pc = pc = RTCPeerConnection()
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))   # no STUN (aiortc's default is Google's)
 
         @pc.on("track")
         def on_track(track) -> None:
             self._tasks.append(asyncio.ensure_future(self._read(track)))
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
-        if self.host_addresses:
-            use_host_addresses(pc, self.host_addresses)
+        use_host_addresses(pc, self.host_addresses)
         await pc.setLocalDescription(await pc.createAnswer())
         await self._post(base, {"janus": "message", "body": {"request": "start", "room": self.room},
                                 "jsep": {"type": "answer", "sdp": pc.localDescription.sdp}})

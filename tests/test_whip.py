@@ -19,31 +19,17 @@ from tests.janus_support import (JanusStack, PatternFeeder, VideoRoomSubscriber,
 SUBSCRIBERS = 3
 
 
-def _non_loopback_ipv4() -> bool:
-    """Janus's ICE (libnice) never gathers on loopback, so its media needs one local non-loopback address."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("192.0.2.1", 9))      # no packet is sent: this only picks the source address
-            return not sock.getsockname()[0].startswith("127.")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
-    if not _non_loopback_ipv4():
-        pytest.skip("Janus needs a non-loopback IPv4 address for its media (libnice skips loopback)")
     janus = JanusStack(tmp_path_factory.mktemp("janus"))
+    janus.start()          # stops what it started (namespace included) if it fails
     try:
-        janus.start()
-    except BaseException:
-        janus.stop()
-        raise
-    yield janus
-    janus.stop()
+        yield janus
+    finally:
+        janus.stop()       # processes, then the namespace and its veth pair
 
 
 def _wait(condition, timeout: float, what: str) -> None:
@@ -56,13 +42,13 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 
 def _publish(stack: JanusStack) -> tuple[WhipSink, PatternFeeder]:
-    sink = WhipSink(stack.whip_url, stack.token)
+    sink = WhipSink(stack.whip_url, stack.token, ice_host_addresses=[stack.host_address])
     sink.open(224, 224, 25, 16000)
     return sink, PatternFeeder(sink).start()
 
 
 async def _watch(stack: JanusStack, n: int, seconds: float) -> list[VideoRoomSubscriber]:
-    subscribers = [VideoRoomSubscriber(stack.janus_url, host_addresses=(), keep=frame_slot) for _ in range(n)]
+    subscribers = [VideoRoomSubscriber(stack.janus_url, (stack.host_address,), keep=frame_slot) for _ in range(n)]
     try:
         await asyncio.gather(*(s.start() for s in subscribers))
         await asyncio.sleep(seconds)
@@ -185,7 +171,7 @@ def test_subscribers_receive_every_slot_in_order(stack):
 
 @pytest.mark.integration
 def test_wrong_token_is_one_line(stack):
-    sink = WhipSink(stack.whip_url, "not-" + stack.token)
+    sink = WhipSink(stack.whip_url, "not-" + stack.token, ice_host_addresses=[stack.host_address])
     with pytest.raises(WhipError) as err:
         sink.open(224, 224, 25, 16000)
     message = str(err.value)
@@ -196,7 +182,7 @@ def test_wrong_token_is_one_line(stack):
 
 @pytest.mark.integration
 def test_wrong_endpoint_is_one_line(stack):
-    sink = WhipSink(stack.whip_url.replace("/avatar", "/nobody"), stack.token)
+    sink = WhipSink(stack.whip_url.replace("/avatar", "/nobody"), stack.token, ice_host_addresses=[stack.host_address])
     with pytest.raises(WhipError) as err:
         sink.open(224, 224, 25, 16000)
     assert "does not exist" in str(err.value) and "\n" not in str(err.value)
@@ -239,7 +225,11 @@ def test_room_page_plays_the_published_stream_with_stats(stack):
     try:
         _wait(lambda: stack.publishers(), 10, "the publisher to appear in the room")
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=20_000)
+            # no name lookups at all (Chromium's background services ask for google.com names otherwise):
+            # the page and Janus are addressed by IP
+            args = CHROMIUM_ARGS + [f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, "
+                                    f"EXCLUDE {stack.janus_url.split('/')[2].split(':')[0]}"]
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, timeout=20_000)
             try:
                 page = browser.new_page()
                 page.set_default_timeout(15_000)
@@ -296,7 +286,7 @@ def _session(stack: JanusStack, token: str, seconds: float):
     from pcavs_live.cli.config import load_config
     from pcavs_live.pipeline.session import LiveSession, RunOptions
     config = load_config(None, {"output.targets": ["whip"], "whip.endpoint": stack.whip_url, "whip.token": token,
-                                "pose.source": "still"})
+                                "server.ice_host_addresses": [stack.host_address], "pose.source": "still"})
     run = RunOptions(realtime=True, max_seconds=seconds, status_interval_s=0, wrap_sink=_SlotStamp,
                      build_renderer=lambda _c: (_Instant(), np.full((224, 224, 3), 96, np.uint8)))
     return LiveSession(config, run)

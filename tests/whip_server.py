@@ -13,7 +13,7 @@ import itertools
 import threading
 
 from aiohttp import web
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from stream.webrtc.ice import use_host_addresses
@@ -59,7 +59,7 @@ class FakeWhipServer:
             return web.Response(status=401, text="Unauthorized")
         if request.content_type != "application/sdp":
             return web.Response(status=415, text="expected application/sdp")
-        pc = RTCPeerConnection()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))     # no STUN: aiortc's default is Google's
 
         @pc.on("track")
         def on_track(track) -> None:
