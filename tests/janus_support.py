@@ -54,8 +54,9 @@ def whip_dir() -> Path:
     """Where simple-whip-server's `src/server.js` is: $SIMPLE_WHIP_SERVER_DIR, else .deps/, else /usr/share."""
     if os.environ.get("SIMPLE_WHIP_SERVER_DIR"):
         return Path(os.environ["SIMPLE_WHIP_SERVER_DIR"])
-    for candidate in WHIP_DIRS:
-        if (candidate / "src" / "server.js").is_file():
+    for candidate in WHIP_DIRS:      # the local copy only once setup.sh finished it (its stamp)
+        if (candidate / "src" / "server.js").is_file() and (candidate.parent.name != ".deps"
+                                                             or (candidate / ".setup.sha256").is_file()):
             return candidate
     return WHIP_DIRS[-1]
 
