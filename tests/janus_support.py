@@ -111,12 +111,27 @@ class TestNetns:
 
     __test__ = False     # not a pytest class
 
+    PREFIX = "pcavs-whip-"
+
     def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
-        self.name = f"pcavs-whip-{tag}"
+        tag = secrets.token_hex(4)
+        self.name = f"{self.PREFIX}{os.getpid()}-{tag}"          # the creator's pid: see remove_stale
         self.host_if, self.ns_if = f"pw{tag}h", f"pw{tag}n"       # ≤ 15 characters
         self.host_address = self.ns_address = ""
         self.created = False
+
+    @classmethod
+    def remove_stale(cls) -> list[str]:
+        """Delete the namespaces (and with them their veth pairs) left by runs whose process is gone
+        (killed before its finalizer ran); those of live processes are left alone. Returns their names."""
+        removed = []
+        for line in _ip("netns", "list", check=False).stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            pid = name[len(cls.PREFIX):].split("-")[0]
+            if name.startswith(cls.PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                _ip("netns", "del", name, check=False)
+                removed.append(name)
+        return removed
 
     def _pick_subnet(self) -> tuple[str, str]:
         used = _ip("-4", "-o", "addr", "show").stdout + _ip("-4", "route", "show").stdout
@@ -128,6 +143,7 @@ class TestNetns:
         raise RuntimeError("no free /30 in 10.213.0.0/16")
 
     def create(self) -> "TestNetns":
+        self.remove_stale()
         self.host_address, self.ns_address = self._pick_subnet()
         _ip("netns", "add", self.name)
         self.created = True

@@ -94,6 +94,60 @@ def test_out_whip_without_an_endpoint_says_which_key():
     assert "whip.endpoint" in err.value.hint
 
 
+def test_without_network_namespaces_the_janus_tests_skip_with_the_reason(monkeypatch):
+    import tests.janus_support as support
+
+    def refused(*args, check=True):
+        raise RuntimeError("ip netns add failed: mount --make-shared /run/netns failed: Operation not permitted")
+    monkeypatch.setattr(support, "_ip", refused)
+    reason = support.netns_missing_reason()
+    assert reason.startswith("cannot create a network namespace with a veth pair for Janus (needs root)")
+    assert "Operation not permitted" in reason and "\n" not in reason
+
+
+def _netns_or_skip():
+    from tests.janus_support import netns_missing_reason
+    reason = netns_missing_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def test_the_namespace_reaches_only_our_veth_address_and_is_removed():
+    """What the Janus fixture's namespace is: lo and one veth end, a /30 route, no default route, the
+    host side answering; gone (with the pair) after delete; stale ones of dead runs are cleaned up."""
+    import subprocess
+    import sys
+
+    from tests.janus_support import TestNetns
+    _netns_or_skip()
+    ns = TestNetns().create()
+    try:
+        inside = lambda *a: subprocess.run(ns.command(*a), capture_output=True, text=True, timeout=10)  # noqa: E731
+        links = inside("ip", "-o", "link", "show").stdout
+        assert [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()] == ["lo", ns.ns_if]
+        routes = inside("ip", "-4", "route", "show").stdout
+        assert "default" not in routes and routes.strip().startswith(ns.ns_address.rsplit(".", 1)[0])
+        with socket.socket() as server:          # our side answers from inside (TCP connect)
+            server.bind((ns.host_address, 0))
+            server.listen(1)
+            probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()"
+            assert inside(sys.executable, "-c", probe, ns.host_address, str(server.getsockname()[1])).returncode == 0
+        # anything else has no route from inside (the kernel refuses before a packet exists)
+        probe = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('192.0.2.1', 9))"
+        unreachable = inside(sys.executable, "-c", probe)
+        assert unreachable.returncode != 0 and "Network is unreachable" in unreachable.stderr
+    finally:
+        ns.delete()
+    assert ns.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert subprocess.run(["ip", "link", "show", ns.host_if], capture_output=True).returncode != 0
+
+    stale = TestNetns()
+    stale.name = f"{TestNetns.PREFIX}999999999-dead"     # no such pid
+    subprocess.run(["ip", "netns", "add", stale.name], check=True, timeout=10)
+    assert stale.name in TestNetns.remove_stale()
+    assert stale.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
 # ---------------------------------------------------------------------------- a minimal WHIP server (no Janus)
 @pytest.fixture
 def fake_whip():
