@@ -177,7 +177,7 @@ def _word_keys() -> list[str]:
 def test_allowed_words_come_from_the_field_types():
     """The Literal on each field is the only list of allowed words; spot-check that it is the one used."""
     assert allowed_words("model.dtype") == ("auto", "float32", "float16", "bfloat16")
-    assert allowed_words("output.targets") == ("webrtc", "vcam", "vmic", "file")
+    assert allowed_words("output.targets") == ("webrtc", "vcam", "vmic", "file", "whip")
     assert allowed_words("audio.source") == ("sample", "mic")
     assert allowed_words("server.port") == ()
     assert set(_word_keys()) == {"model.dtype", "model.noise", "audio.source", "audio.gain", "pose.source",

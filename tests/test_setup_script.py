@@ -83,6 +83,69 @@ def test_setup_without_apt_prints_packages_and_is_idempotent(setup_repo):
     assert "chromium" not in third.stderr                            # test-only packages need --dev
 
 
+def test_one_package_apt_cannot_install_does_not_keep_the_others_out(setup_repo, tmp_path):
+    """As root, an apt-get install of the whole list fails on one package (simple-whip-server beside a
+    non-Debian nodejs): every other package is still installed, one at a time, and only the failing one
+    is named."""
+    repo, log, env = setup_repo
+    bin_dir = tmp_path / "bin"
+    stub(bin_dir / "id", 'if [[ "${1:-}" == "-u" ]]; then echo 0; else exec /usr/bin/id "$@"; fi\n')
+    stub(bin_dir / "apt-get", f'echo "apt-get $*" >> "{log}"\n[[ "$*" == *simple-whip-server* ]] && exit 100\nexit 0\n')
+    result = run(["bash", "scripts/setup.sh", "--dev"], repo, env)
+    assert result.returncode == 0, result.stderr
+    singles = [c.rsplit(" ", 1)[1] for c in calls(log) if c.startswith("apt-get install") and c.count(" ") == 5]
+    assert "chromium" in singles and "janus" in singles and "simple-whip-server" in singles
+    warning = [line for line in result.stderr.splitlines() if "install these packages by hand" in line]
+    assert len(warning) == 1 and warning[0].endswith(": simple-whip-server")
+
+
+def test_simple_whip_server_is_unpacked_into_deps_when_apt_cannot_install_it(setup_repo, tmp_path):
+    """As root, with no working system copy: setup.sh --dev downloads the Debian package (no install),
+    unpacks it into .deps/simple-whip-server, installs its Node modules there from the lock in
+    scripts/simple-whip-server/, and skips all of that on the next run."""
+    repo, log, env = setup_repo
+    shutil.copytree(PROJECT_ROOT / "scripts" / "simple-whip-server", repo / "scripts" / "simple-whip-server")
+    bin_dir = tmp_path / "bin"
+    stub(bin_dir / "id", 'if [[ "${1:-}" == "-u" ]]; then echo 0; else exec /usr/bin/id "$@"; fi\n')
+    stub(bin_dir / "apt-get", f'''echo "apt-get $*" >> "{log}"
+[[ "$1" == download ]] && {{ echo deb > simple-whip-server_0.0~git20230201-1_all.deb; exit 0; }}
+[[ "$*" == *simple-whip-server* ]] && exit 100
+exit 0
+''')
+    stub(bin_dir / "dpkg-deb", f'''echo "dpkg-deb $*" >> "{log}"
+mkdir -p "$3/usr/share/simple-whip-server/src" && echo "// server" > "$3/usr/share/simple-whip-server/src/server.js"
+ln -s /etc/simple-whip-server/config.js "$3/usr/share/simple-whip-server/src/config.js"
+''')
+    stub(bin_dir / "npm", f'echo "npm $* in $(pwd)" >> "{log}"\nmkdir -p node_modules/express\n')
+    env = {**env, "SIMPLE_WHIP_SERVER_SYSTEM_DIR": str(tmp_path / "no-system-copy")}
+
+    first = run(["bash", "scripts/setup.sh", "--dev"], repo, env)
+    assert first.returncode == 0, first.stderr
+    local = repo / ".deps" / "simple-whip-server"
+    assert (local / "src" / "server.js").is_file() and not (local / "src" / "config.js").exists()
+    assert (local / "package-lock.json").read_text() == (
+        PROJECT_ROOT / "scripts" / "simple-whip-server" / "package-lock.json").read_text()
+    assert (local / "node_modules" / "express").is_dir()
+    assert any(c == "apt-get download -q simple-whip-server" for c in calls(log))
+    assert any(c.startswith("npm ci --omit=dev") and c.endswith(f"in {local}") for c in calls(log))
+
+    log.unlink()
+    second = run(["bash", "scripts/setup.sh", "--dev"], repo, env)
+    assert second.returncode == 0, second.stderr
+    assert f"already done: simple-whip-server in {local}" in second.stdout
+    assert not [c for c in calls(log) if c.startswith(("apt-get download", "dpkg-deb", "npm"))]
+
+
+def test_without_apt_a_missing_simple_whip_server_is_one_warning(setup_repo, tmp_path):
+    repo, log, env = setup_repo
+    env = {**env, "SIMPLE_WHIP_SERVER_SYSTEM_DIR": str(tmp_path / "no-system-copy")}
+    result = run(["bash", "scripts/setup.sh", "--dev"], repo, env)
+    assert result.returncode == 0, result.stderr
+    assert not any(c.startswith("apt-get") for c in calls(log))
+    assert len([line for line in result.stderr.splitlines() if "simple-whip-server is missing" in line]) == 1
+    assert not (repo / ".deps").exists()
+
+
 def test_setup_options(setup_repo):
     repo, _log, env = setup_repo
     helped = run(["bash", "scripts/setup.sh", "--help"], repo, env)

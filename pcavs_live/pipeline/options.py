@@ -30,7 +30,7 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 GainMode = Literal["running", "file", "none"]
 AudioKeyword = Literal["sample", "mic"]
 PoseKeyword = Literal["still", "webcam", "none"]
-OutputTarget = Literal["webrtc", "vcam", "vmic", "file"]
+OutputTarget = Literal["webrtc", "vcam", "vmic", "file", "whip"]
 Framing = Literal["paste", "fit"]
 VcamBackend = Literal["v4l2loopback", "obs", "unitycapture"]
 
@@ -131,6 +131,12 @@ class VmicConfig:
 
 
 @dataclass(frozen=True)
+class WhipConfig:
+    endpoint: str | None = _spec(pattern=r"https?://.+", expect="'' or an http(s):// WHIP endpoint URL")
+    token: str | None = _spec()
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     photo: Path = _spec(flag="--identity", metavar="PHOTO", help="photo of the face to animate")
 
@@ -149,6 +155,7 @@ class Config:
     server: ServerConfig
     vcam: VcamConfig
     vmic: VmicConfig
+    whip: WhipConfig
     identity: IdentityConfig
     timing: TimingConfig
 

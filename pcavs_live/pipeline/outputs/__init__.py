@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from pcavs_live.common.errors import UserError
-from pcavs_live.pipeline.outputs import file, vcam, vmic, webrtc
+from pcavs_live.pipeline.outputs import file, vcam, vmic, webrtc, whip
 from pcavs_live.pipeline.outputs.base import DoctorCheck, Output, OutputContext
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["DoctorCheck", "OUTPUTS", "Output", "OutputContext", "OutputError", "build_sinks", "is_live",
            "live_words", "parse_out"]
 
-OUTPUTS: dict[str, Output] = {o.OUTPUT.name: o.OUTPUT for o in (webrtc, vcam, vmic, file)}
+OUTPUTS: dict[str, Output] = {o.OUTPUT.name: o.OUTPUT for o in (webrtc, vcam, vmic, file, whip)}
 
 
 class OutputError(UserError):
