@@ -117,7 +117,8 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]
 
 
 def build_audio(config: Config, realtime: bool):
-    """The audio source and the mel front end with the configured level normalisation."""
+    """The audio source, the mel front end with the configured level normalisation, and the source that
+    counts non-finite input samples (`nonfinite_samples`; the file's own source when it is looped)."""
     if config.audio.is_mic:
         device: str | int | None = config.audio.device
         if isinstance(device, str) and device.isdigit():
@@ -126,7 +127,7 @@ def build_audio(config: Config, realtime: bool):
             raise UserError("audio.gain = 'file' needs a whole file; a microphone uses 'running' or 'none'")
         source = MicrophoneSource(device)
         gain = StreamingGain() if config.audio.gain == "running" else FixedGain(1.0)
-        return source, StreamingMel(gain)
+        return source, StreamingMel(gain), source
     path = config.audio.file_path
     assert path is not None
     source = FileAudioSource(path, realtime=realtime)
@@ -134,15 +135,16 @@ def build_audio(config: Config, realtime: bool):
     if config.audio.gain == "none":
         gain = FixedGain(1.0)
     elif config.audio.gain == "file" or not realtime:
-        gain = FixedGain(float(file_gain(samples)))  # exactly upstream's whole-file normalisation
+        # exactly upstream's whole-file normalisation, of the finite samples (non-finite ones are silence)
+        gain = FixedGain(float(file_gain(samples)))
     else:
         gain = StreamingGain()
     if config.audio.source == "sample" and realtime:
         # The bundled clip is seconds long: loop it so a live viewer opened later still sees the demo.
         return (LoopedAudioSource(lambda start_at: FileAudioSource.from_samples(samples, realtime=True,
                                                                                 start_at=start_at)),
-                StreamingMel(gain))
-    return source, StreamingMel(gain)
+                StreamingMel(gain), source)
+    return source, StreamingMel(gain), source
 
 
 class LiveSession:
@@ -154,6 +156,7 @@ class LiveSession:
         self._stack = contextlib.ExitStack()
         self._landmarks: FaceAlignmentDetector | None = None
         self.server = None
+        self.recorder = None            # the mp4 output, when there is one (for the "wrote" line)
         self.realtime = run.realtime if run.realtime is not None else \
             any(t != "file" for t in config.output.targets)
         self.live = threading.Event()   # set once the loop runs: from then on a stop request is prompt
@@ -205,7 +208,8 @@ class LiveSession:
                 from stream.recorder import Mp4Recorder
                 path = Path(output.file)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                sinks.append(framed(Mp4Recorder(path), target))
+                self.recorder = Mp4Recorder(path)
+                sinks.append(framed(self.recorder, target))
             elif target == "vcam":
                 from stream.vcam import VirtualCameraSink
                 cam = VirtualCameraSink(device=self.config.vcam.device, backend=self.config.vcam.backend)
@@ -284,7 +288,9 @@ class LiveSession:
             avatar, face, photo = build_avatar(
                 self.config, lambda: self._detector(resolve_device(self.config.model.device), detect_max_side=None))
             placeholder = face.image
-        source, mel = build_audio(self.config, self.realtime)
+        source, mel, counted = build_audio(self.config, self.realtime)
+        # NaN/inf input samples the source turned into silence (one warning line when it happened)
+        self.metrics.watch("audio_nonfinite_samples", lambda: counted.nonfinite_samples)
         sink = self._sinks(face, photo)
         if self.run_options.wrap_sink is not None:
             sink = self.run_options.wrap_sink(sink)

@@ -150,6 +150,7 @@ class StudioSession:
             snap.update(self.handle.stats())
         if self._source is not None:
             snap["audio_chunks_dropped"] = self._source.dropped_chunks
+            snap["audio_nonfinite_samples"] = self._source.nonfinite_samples
         if self._pose_worker is not None:
             snap["pose_frames_processed"] = self._pose_worker.frames_processed
         return snap
