@@ -523,3 +523,37 @@ def test_a_viewer_that_falls_behind_loses_only_its_own_items():
     assert got_fast == list(range(40)) and dropped_fast == 0
     assert got_slow == sorted(got_slow) and got_slow[-1] == 39
     assert dropped_slow > 0 and len(got_slow) + dropped_slow == 40
+
+
+def test_per_viewer_losses_are_in_stats_and_logged_when_the_server_stops(caplog):
+    """Issue 21.4: when the server's loop is starved (here: blocked for 2 s while slots keep coming at
+    25 fps), a viewer's own one-second queue drops its oldest items. Each viewer's sent/dropped video
+    and audio are in /stats while it watches, and logged at shutdown even if the viewer never left."""
+    srv = WebRTCServer(port=0, ice_host_addresses=LOOPBACK, buffer_frames=100)
+    srv.start()
+    feeder = Feeder(WebRTCSink(srv)).start()
+    try:
+        async def main():
+            pc, tracks = await connect_viewer(base_url(srv))
+            try:
+                await receive(tracks, 3, 3)                       # the viewer is reading
+                status, stats = await get_json(base_url(srv) + "stats")
+                assert status == 200 and [v["viewer"] for v in stats["viewer_streams"]] == [1]
+                assert stats["viewer_streams"][0]["video_sent"] >= 1
+                assert stats["viewer_streams"][0]["video_dropped"] == 0
+                srv._loop.call_soon_threadsafe(time.sleep, 2.0)   # a CPU spike starves the loop
+                await asyncio.sleep(3.0)
+                status, stats = await get_json(base_url(srv) + "stats")
+                return stats["viewer_streams"]
+            finally:
+                with caplog.at_level(logging.INFO, logger="stream.webrtc.server"):
+                    await asyncio.get_running_loop().run_in_executor(None, srv.stop)
+                await pc.close()
+        viewers = run(main())
+    finally:
+        feeder.stop()
+        srv.stop()
+    (v,) = viewers
+    assert v["video_dropped"] >= 10 and v["audio_dropped"] >= 10, v   # ~50 slots into a 25-slot queue
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("viewer 1 (server stopping)")]
+    assert len(lines) == 1 and "dropped" in lines[0], caplog.text

@@ -39,7 +39,8 @@ from pcavs_live.common.errors import UserError
 from stream.webrtc.buffer import LatestBuffer
 from stream.webrtc.ice import (ice_server_as_json, unusable_host_address, unusable_ice_server,
                                use_host_addresses)
-from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, ViewerRelay
+from stream.webrtc.tracks import (OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, ViewerRelay,
+                                  ViewerTrack)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class WebRTCServer:
         self._runner: web.AppRunner | None = None
         self._peers: set[RTCPeerConnection] = set()
         self._negotiating = 0       # offers holding a viewer slot while their answer is being made
+        self._viewer_ids = 0        # numbers the viewers in /stats and the log, in order of arrival
+        self._viewer_tracks: dict[RTCPeerConnection, tuple[int, ViewerTrack, ViewerTrack]] = {}
         self._relay: ViewerRelay | None = None
         self._video_buf: LatestBuffer | None = None
         self._audio_buf: LatestBuffer | None = None
@@ -259,6 +262,8 @@ class WebRTCServer:
         await web.SockSite(self._runner, sock).start()
 
     async def _shutdown(self) -> None:
+        for pc in list(self._viewer_tracks):  # what each viewer got, also when the server stops first
+            self._log_viewer(pc, "server stopping")
         for track in (self._video, self._audio):
             if track is not None:
                 track.stop()
@@ -297,6 +302,22 @@ class WebRTCServer:
         """Frames the sink-side buffer discarded because nobody was reading (e.g. no viewer)."""
         return 0 if self._video_buf is None else self._video_buf.dropped
 
+    def viewer_stats(self) -> list[dict[str, int]]:
+        """Per viewer (in order of arrival): video and audio items sent, and lost from that viewer's own
+        one-second queue (`ViewerTrack.dropped`) when it fell behind, e.g. when the loop was starved.
+        Read on the server's loop (/stats, shutdown)."""
+        return [_viewer_counts(*entry) for entry in self._viewer_tracks.values()]
+
+    def _log_viewer(self, pc: RTCPeerConnection, why: str) -> None:
+        entry = self._viewer_tracks.pop(pc, None)
+        if entry is None:
+            return
+        c = _viewer_counts(*entry)
+        lost = c["video_dropped"] + c["audio_dropped"]
+        (log.warning if lost else log.info)(
+            "viewer %d (%s): video %d sent, %d dropped; audio %d sent, %d dropped", c["viewer"], why,
+            c["video_sent"], c["video_dropped"], c["audio_sent"], c["audio_dropped"])
+
     @property
     def peer_count(self) -> int:
         """Viewers answered and not yet gone (connected, or still connecting)."""
@@ -324,6 +345,7 @@ class WebRTCServer:
             log.warning("stats callback failed: %s", exc, exc_info=True)
             return _error(500, f"stats unavailable: {exc}")
         snap.setdefault("viewers", len(self._peers))
+        snap.setdefault("viewer_streams", self.viewer_stats())
         return web.Response(text=json.dumps(snap, default=_jsonable), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
@@ -383,6 +405,7 @@ class WebRTCServer:
             try:
                 answer = await asyncio.wait_for(self._negotiate(pc, sdp), 20)
             except Exception as exc:
+                self._viewer_tracks.pop(pc, None)
                 await pc.close()
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 if "send parameters" in reason:   # aiortc's words for "no codec in common"
@@ -390,6 +413,7 @@ class WebRTCServer:
                 log.info("rejected offer from %s: %s", request.remote, reason)
                 return _error(400, f"cannot use this offer: {reason}")
             except BaseException:                 # cancelled (the server is stopping): no stray peer
+                self._viewer_tracks.pop(pc, None)
                 await pc.close()
                 raise
         finally:
@@ -405,8 +429,9 @@ class WebRTCServer:
         assert self._relay is not None and self._video is not None and self._audio is not None
         # Our transceivers exist before the offer is applied, so the offer's m-lines bind to them and
         # the codec preference (Opus only: we send ready-made Opus packets) takes part in negotiation.
-        video_t = pc.addTransceiver(self._relay.subscribe(self._video, buffered=False), direction="sendonly")
-        audio_t = pc.addTransceiver(self._relay.subscribe(self._audio, buffered=False), direction="sendonly")
+        video, audio = self._relay.subscribe(self._video), self._relay.subscribe(self._audio)
+        video_t = pc.addTransceiver(video, direction="sendonly")
+        audio_t = pc.addTransceiver(audio, direction="sendonly")
         opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
         audio_t.setCodecPreferences(opus)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -415,6 +440,8 @@ class WebRTCServer:
         if self.ice_host_addresses:
             use_host_addresses(pc, self.ice_host_addresses)
         await pc.setLocalDescription(await pc.createAnswer())
+        self._viewer_ids += 1
+        self._viewer_tracks[pc] = (self._viewer_ids, video, audio)
         return pc.localDescription
 
     def _watch(self, pc: RTCPeerConnection) -> None:
@@ -426,6 +453,7 @@ class WebRTCServer:
             if pc in self._peers:
                 self._peers.discard(pc)
                 log.info("viewer left (%s); %d watching", reason, len(self._peers))
+            self._log_viewer(pc, f"left: {reason}")
             expiry.cancel()
             await pc.close()
 
@@ -442,6 +470,11 @@ class WebRTCServer:
                 asyncio.ensure_future(drop("did not connect in time"))
 
         expiry = loop.call_later(self.connect_timeout_s, expire)
+
+
+def _viewer_counts(viewer: int, video: ViewerTrack, audio: ViewerTrack) -> dict[str, int]:
+    return {"viewer": viewer, "video_sent": video.delivered, "video_dropped": video.dropped,
+            "audio_sent": audio.delivered, "audio_dropped": audio.dropped}
 
 
 def _error(status: int, message: str) -> web.Response:

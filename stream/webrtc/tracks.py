@@ -21,7 +21,8 @@ queue. aiortc's `MediaRelay` offers either an unbounded queue per viewer or a si
 next item overwrites; with the single slot a viewer whose video encoder was busy when two items came
 close together (after any hiccup of the event loop) silently lost one. Here a viewer loses an item
 only when its own queue (`VIEWER_QUEUE`, one second) is full, i.e. when that viewer cannot keep up;
-the loss is counted per viewer (`ViewerTrack.dropped`) and never touches the other viewers.
+the loss is counted per viewer (`ViewerTrack.dropped`, next to `ViewerTrack.delivered`), reported
+in `/stats` and logged when the viewer leaves or the server stops, and never touches the other viewers.
 """
 from __future__ import annotations
 
@@ -206,10 +207,7 @@ class ViewerRelay:
     def _stop(self, viewer: ViewerTrack) -> None:
         viewers = self._viewers.get(viewer._source)
         if viewers is not None and viewer in viewers:
-            viewers.discard(viewer)
-            if viewer.dropped:
-                log.info("a viewer fell behind and lost %d of %d %s items", viewer.dropped,
-                         viewer.dropped + viewer.delivered, viewer.kind)
+            viewers.discard(viewer)   # (its counts are logged by the server, per viewer, when it leaves)
 
     async def _read(self, source: MediaStreamTrack) -> None:
         while True:
