@@ -1,9 +1,11 @@
-"""What each WebRTC viewer costs the server: VP8 encoding per viewer at 1, 4 and 8 viewers.
+"""What each WebRTC viewer costs the server: VP8 encoding per viewer at 1, 4 and 8 viewers, before and after.
 
-aiortc gives every RTCRtpSender its own encoder, so a frame pushed once to `WebRTCServer` is VP8-encoded
-once per viewer, in the event loop's thread pool; the audio is Opus-encoded once (stream/webrtc/tracks.py)
-and only packetised per viewer. This bench measures how much of the server process's CPU that per-viewer
-encoding is, with real aiortc peers on 127.0.0.1:
+aiortc gives every RTCRtpSender its own encoder, so a frame pushed once to `WebRTCServer` was VP8-encoded
+once per viewer, in the event loop's thread pool ("per-viewer", `shared_video_encoder=False`); the audio
+is Opus-encoded once (stream/webrtc/tracks.py) and only packetised per viewer. "shared" (the default) is
+one `SharedVideoEncoder` per session whose packets every viewer's sender only packetises. This bench
+measures how much of the server process's CPU the encoding is in each, with real aiortc peers on
+127.0.0.1:
 
 * the server (a `WebRTCServer` fed 224×224 frames and their audio at 25 fps, as a session's sink does)
   runs in this process; every `Vp8Encoder.encode` call is timed (thread CPU time) by wrapping it;
@@ -91,26 +93,34 @@ async def viewers(url: str, n: int, seconds: float) -> list[int]:
 
 # ---------------------------------------------------------------------------- the server (this process)
 class EncodeClock:
-    """Wraps aiortc's `Vp8Encoder.encode` (and `pack`, the pre-encoded path): calls and thread CPU time."""
+    """Wraps every VP8 encode (aiortc's `Vp8Encoder.encode` in each viewer's sender, and the session's
+    `SharedVideoEncoder`) and aiortc's `pack` (the pre-encoded path): calls and thread CPU time."""
 
     def __init__(self) -> None:
         from aiortc.codecs import vpx
 
+        from stream.webrtc.tracks import SharedVideoEncoder
+
         self._lock = threading.Lock()
         self.calls = self.cpu_s = self.packs = 0
-        self._vpx = vpx
+        self._vpx, self._shared = vpx, SharedVideoEncoder
         self._encode, self._pack = vpx.Vp8Encoder.encode, vpx.Vp8Encoder.pack
+        self._shared_encode = SharedVideoEncoder._encode
         clock = self
 
-        def encode(encoder, frame, force_keyframe=False):
-            t = time.thread_time()
-            try:
-                return clock._encode(encoder, frame, force_keyframe)
-            finally:
-                dt = time.thread_time() - t
-                with clock._lock:
-                    clock.calls += 1
-                    clock.cpu_s += dt
+        def timed(original):
+            def call(*args):
+                t = time.thread_time()
+                try:
+                    return original(*args)
+                finally:
+                    dt = time.thread_time() - t
+                    with clock._lock:
+                        clock.calls += 1
+                        clock.cpu_s += dt
+            return call
+        encode = timed(self._encode)
+        SharedVideoEncoder._encode = timed(self._shared_encode)
 
         def pack(encoder, packet):
             with clock._lock:
@@ -125,6 +135,7 @@ class EncodeClock:
 
     def restore(self) -> None:
         self._vpx.Vp8Encoder.encode, self._vpx.Vp8Encoder.pack = self._encode, self._pack
+        self._shared._encode = self._shared_encode
 
 
 def process_cpu_s() -> float:
@@ -239,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--viewers", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--modes", nargs="+", default=["per-viewer"], choices=["per-viewer"],
-                    help="per-viewer: aiortc's encoder in every viewer's sender")
+    ap.add_argument("--modes", nargs="+", default=["per-viewer", "shared"], choices=["per-viewer", "shared"],
+                    help="per-viewer: aiortc's encoder in every viewer's sender (before issue 21); shared: one "
+                         "SharedVideoEncoder per session, its packets relayed to every viewer (the default)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--child", nargs=3, metavar=("URL", "N", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -255,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes:
             for n in args.viewers:
-                row = measure(n, args.seconds, clock, {})
+                row = measure(n, args.seconds, clock, {"shared_video_encoder": mode == "shared"})
                 row["mode"] = mode
                 rows.append(row)
                 print(f"{mode} {n} viewers: {row}", file=sys.stderr, flush=True)

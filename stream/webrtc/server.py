@@ -39,8 +39,8 @@ from pcavs_live.common.errors import UserError
 from stream.webrtc.buffer import LatestBuffer
 from stream.webrtc.ice import (ice_server_as_json, unusable_host_address, unusable_ice_server,
                                use_host_addresses)
-from stream.webrtc.tracks import (OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, ViewerRelay,
-                                  ViewerTrack)
+from stream.webrtc.tracks import (OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, SharedVideoEncoder,
+                                  ViewerRelay, ViewerTrack)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class WebRTCServer:
                  stats: Callable[[], dict] | None = None,
                  ice_servers: Sequence[str | RTCIceServer] | None = None,
                  web_root: str | Path = DEFAULT_WEB_ROOT, ice_host_addresses: Sequence[str] | None = None,
-                 max_viewers: int = 8, connect_timeout_s: float = 30.0, buffer_frames: int = 25) -> None:
+                 max_viewers: int = 8, connect_timeout_s: float = 30.0, buffer_frames: int = 25,
+                 shared_video_encoder: bool = True) -> None:
         self.host, self._requested_port = host, port
         token = token or None               # "" (the config file's "no token") means none
         if token is None and not _is_loopback(host):
@@ -97,6 +98,8 @@ class WebRTCServer:
         self.max_viewers = max_viewers
         self.connect_timeout_s = connect_timeout_s
         self.buffer_frames = buffer_frames
+        self.shared_video_encoder = shared_video_encoder   # False: aiortc's encoder per viewer (bench)
+        self._video_out: SharedVideoEncoder | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -244,6 +247,8 @@ class WebRTCServer:
         self._audio_buf = LatestBuffer(loop, self.buffer_frames)
         self._video = LiveVideoTrack(self._video_buf)
         self._audio = LiveAudioTrack(self._audio_buf)
+        if self.shared_video_encoder:     # VP8 encoded once for every viewer (tracks.py)
+            self._video_out = SharedVideoEncoder(self._video)
         self._relay = ViewerRelay()
         app = web.Application(client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self._handle_index)
@@ -264,7 +269,7 @@ class WebRTCServer:
     async def _shutdown(self) -> None:
         for pc in list(self._viewer_tracks):  # what each viewer got, also when the server stops first
             self._log_viewer(pc, "server stopping")
-        for track in (self._video, self._audio):
+        for track in (self._video_out, self._video, self._audio):
             if track is not None:
                 track.stop()
         peers = list(self._peers)
@@ -409,7 +414,8 @@ class WebRTCServer:
                 await pc.close()
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 if "send parameters" in reason:   # aiortc's words for "no codec in common"
-                    reason += " (this server sends VP8 or H.264 video and Opus audio)"
+                    video = "VP8" if self._video_out is not None else "VP8 or H.264"
+                    reason += f" (this server sends {video} video and Opus audio)"
                 log.info("rejected offer from %s: %s", request.remote, reason)
                 return _error(400, f"cannot use this offer: {reason}")
             except BaseException:                 # cancelled (the server is stopping): no stray peer
@@ -429,11 +435,21 @@ class WebRTCServer:
         assert self._relay is not None and self._video is not None and self._audio is not None
         # Our transceivers exist before the offer is applied, so the offer's m-lines bind to them and
         # the codec preference (Opus only: we send ready-made Opus packets) takes part in negotiation.
-        video, audio = self._relay.subscribe(self._video), self._relay.subscribe(self._audio)
+        shared = self._video_out
+        video = self._relay.subscribe(shared if shared is not None else self._video)
+        audio = self._relay.subscribe(self._audio)
         video_t = pc.addTransceiver(video, direction="sendonly")
         audio_t = pc.addTransceiver(audio, direction="sendonly")
         opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
         audio_t.setCodecPreferences(opus)
+        if shared is not None:
+            # The shared stream is VP8: offer nothing else, and let this viewer's picture-loss reports
+            # (aiortc's sender would force a key frame in its own encoder, which it does not use here)
+            # ask the shared encoder for one.
+            vp8 = [c for c in RTCRtpSender.getCapabilities("video").codecs
+                   if c.mimeType.lower() in ("video/vp8", "video/rtx")]
+            video_t.setCodecPreferences(vp8)
+            video_t.sender._send_keyframe = shared.request_keyframe
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         if video_t.mid is None and audio_t.mid is None:
             raise ValueError("the offer asks for neither video nor audio")
