@@ -55,7 +55,7 @@ def read_audio_16k(path: str | Path) -> tuple[np.ndarray, int]:
     (mp3, m4a, mp4, webm, …) is decoded with PyAV. Channels are averaged, then — only if the rate is not
     16 kHz — resampled with soxr "HQ", librosa's default resampler, so non-16 kHz files give librosa's
     samples too. Non-finite samples become silence before the mix and resampling (which would smear them)
-    and are counted: returns (samples, replaced count, counted in input samples of each channel)."""
+    and are counted: returns (samples, how many 16 kHz samples stand in for non-finite input)."""
     p = Path(path)
     if not p.is_file():
         raise AudioFileError(f"audio file not found: {p}")
@@ -63,15 +63,18 @@ def read_audio_16k(path: str | Path) -> tuple[np.ndarray, int]:
         audio, rate = _read_soundfile(p)
     except Exception:  # not a format libsndfile knows: let FFmpeg try
         audio, rate = _read_pyav(p)
-    audio, nonfinite = finite_audio(audio)
-    if nonfinite and nonfinite == audio.size:  # nothing but NaN/inf: no sound to animate, nothing to write
+    bad_frames = int(np.count_nonzero(~np.isfinite(audio).all(axis=1)))
+    audio, _ = finite_audio(audio)
+    if bad_frames and bad_frames == len(audio):  # nothing but NaN/inf: no sound to animate, nothing to write
         raise AudioFileError(f"audio file {p} holds only non-finite samples (NaN/inf)",
                              hint="the file is damaged; export it again or pick another")
     mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
+    nonfinite = bad_frames
     if rate != SAMPLE_RATE:
         import soxr
 
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+        nonfinite = round(bad_frames * SAMPLE_RATE / rate)
     if len(mono) == 0:  # a valid header with no samples: nothing to animate, and no file to write
         raise AudioFileError(f"audio file {p} holds no samples", hint="record or pick a file with speech in it")
     return np.ascontiguousarray(mono, dtype=np.float32), nonfinite

@@ -135,8 +135,9 @@ def build_audio(config: Config, realtime: bool):
     if config.audio.gain == "none":
         gain = FixedGain(1.0)
     elif config.audio.gain == "file" or not realtime:
-        # exactly upstream's whole-file normalisation, of the finite samples (non-finite ones are silence)
-        gain = FixedGain(float(file_gain(samples)))
+        # exactly upstream's whole-file normalisation, of the finite samples (the silence standing in
+        # for non-finite ones is left out of the level)
+        gain = FixedGain(float(file_gain(samples, source.nonfinite_samples)))
     else:
         gain = StreamingGain()
     if config.audio.source == "sample" and realtime:
