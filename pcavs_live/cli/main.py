@@ -154,7 +154,7 @@ def output_seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not math.isfinite(value) or value * FPS < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds of at least {1 / FPS:g} (one frame), "
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, at least {1 / FPS:g} (one frame); "
                                          f"got {text!r}")
     return value
 
