@@ -14,6 +14,13 @@ receive the slots emitted while it was connected (from the server's own `frames_
 connecting and when it stops reading), less a connect grace at the start and an in-flight allowance
 at the end; its share is the distinct slots it received among those.
 
+Per-slot truth, per viewer connection: the slots received by media timestamp (RTP timestamps, anchored
+by the stamps), the gaps among the expected slots (runs of missing slots, per track), and the A/V
+offset of the same slot as a browser would derive it: each stream's RTP timestamp of slot k mapped to
+the sender's wall clock through that stream's RTCP sender reports (aiortc pairs each report's NTP time
+with the RTP timestamp of the packet sent at that instant); video minus audio, in ms (positive: the
+picture of slot k is later than its sound).
+
     python bench/soak.py --minutes 5 --renderer-delay-s 0.5          # cheap stand-in generator, 2 fps
     python bench/soak.py --minutes 20 --set model.checkpoint_dir=checkpoints/parity_seed0   # real one
 
@@ -180,6 +187,12 @@ class Connection:
     audio: list[tuple[int, int, float]] = field(default_factory=list)     # (RTP slot number, k mod 256, arrived)
     unread: int = 0                    # video frames whose stamp did not read back (codec left it stale)
     packets_lost: int = 0              # RTP packets the viewer's receivers counted as lost
+    # each entry's media timestamp as aiortc gives it: the RTP timestamp less the stream's first one
+    rtp_video: list[int] = field(default_factory=list)
+    rtp_audio: list[int] = field(default_factory=list)
+    rtp_origin: dict[str, int] = field(default_factory=dict)   # that first RTP timestamp, per kind
+    # RTCP sender reports per kind: (NTP time in s, RTP timestamp), in arrival order
+    sender_reports: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: {"video": [], "audio": []})
 
     def video_base(self) -> int | None:
         """Slot index of RTP slot number 0: what the stamps say, by majority."""
@@ -191,10 +204,14 @@ class Connection:
         return set() if base is None else {pts + base for pts, _, _, _ in self.video}
 
     def audio_slots(self) -> set[int]:
-        """Absolute slot indices of the audio received: the RTP slot numbers anchored by the tones (mod
-        256), the wrap resolved by the video slots arriving at the same time."""
+        base = self.audio_base()
+        return set() if base is None else {pts + base for pts, _, _ in self.audio}
+
+    def audio_base(self) -> int | None:
+        """Slot index of audio RTP slot number 0: the RTP slot numbers anchored by the tones (mod 256),
+        the wrap resolved by the video slots arriving at the same time."""
         if not self.audio:
-            return set()
+            return None
         offsets = [(code - pts) % 256 for pts, code, _ in self.audio]
         offset = statistics.mode(offsets)
         pts0, _, arrived0 = self.audio[0]
@@ -207,10 +224,43 @@ class Connection:
         base += (offset - base) % 256
         if base - (nearest - pts0) > 128:
             base -= 256
-        return {pts + base for pts, _, _ in self.audio}
+        return base
 
     def expected(self) -> range:
         return range(self.first_slot + round(CONNECT_GRACE_S * FPS), self.last_slot + 1 - round(IN_FLIGHT_S * FPS))
+
+    def gaps(self, kind: str) -> list[tuple[int, int]]:
+        """(first missing slot, counted from the first expected one; length) of every run of expected
+        slots this connection did not receive on one track."""
+        want = self.expected()
+        got = self.video_slots() if kind == "video" else self.audio_slots()
+        runs: list[tuple[int, int]] = []
+        for k in want:
+            if k in got:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == k - want.start:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((k - want.start, 1))
+        return runs
+
+    def av_offsets_ms(self) -> list[float]:
+        """For every slot received on both tracks: (video time − audio time) of that slot on the sender's
+        clock, each from its own stream's nearest RTCP sender report (the mapping a browser syncs by)."""
+        vb, ab = self.video_base(), self.audio_base()
+        if vb is None or ab is None or not all(self.sender_reports.values()) or len(self.rtp_origin) < 2:
+            return []
+
+        def wall(kind: str, pts: int, rate: int) -> float:
+            rtp = (pts + self.rtp_origin[kind]) % (1 << 32)
+            reports = self.sender_reports[kind]
+            ntp, sr_rtp = min(reports, key=lambda r: abs(_rtp_diff(rtp, r[1])))
+            return ntp + _rtp_diff(rtp, sr_rtp) / rate
+
+        video = {pts + vb: rtp for (pts, _, _, _), rtp in zip(self.video, self.rtp_video)}
+        audio = {pts + ab: rtp for (pts, _, _), rtp in zip(self.audio, self.rtp_audio)}
+        return [1000 * (wall("video", video[k], 90_000) - wall("audio", audio[k], 48_000))
+                for k in sorted(video.keys() & audio.keys())]
 
     def stalls(self) -> list[tuple[str, float, float]]:
         """(track, when it began, how long) for every gap over STALL_S between arrivals."""
@@ -218,6 +268,28 @@ class Connection:
         for kind, arrivals in (("video", [a for _, _, a, _ in self.video]), ("audio", [a for _, _, a in self.audio])):
             found += [(kind, a, b - a) for a, b in zip(arrivals, arrivals[1:]) if b - a > STALL_S]
         return found
+
+
+def _rtp_diff(a: int, b: int) -> int:
+    """a − b on the 32-bit RTP timestamp circle."""
+    return (a - b + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+def record_sender_reports(pc, conn: Connection) -> None:
+    """Keep every RTCP sender report each receiver of `pc` gets (aiortc keeps only a summary)."""
+    from aiortc.rtp import RtcpSrPacket
+
+    for transceiver in pc.getTransceivers():
+        receiver, kind = transceiver.receiver, transceiver.kind
+        original = receiver._handle_rtcp_packet
+
+        async def handle(packet, original=original, kind=kind) -> None:
+            if isinstance(packet, RtcpSrPacket):
+                ntp = packet.sender_info.ntp_timestamp
+                conn.sender_reports[kind].append(((ntp >> 32) + (ntp & 0xFFFFFFFF) / 2 ** 32,
+                                                  packet.sender_info.rtp_timestamp))
+            await original(packet)
+        receiver._handle_rtcp_packet = handle
 
 
 async def get_json(base: str, path: str) -> dict:
@@ -245,6 +317,7 @@ async def watch(base: str, seconds: float, stop: asyncio.Event) -> Connection:
     tracks: dict = {}
     pc.on("track", lambda track: tracks.__setitem__(track.kind, track))
     use_host_addresses(pc, ["127.0.0.1"])
+    record_sender_reports(pc, conn)
     readers: list[asyncio.Task] = []
     try:
         await pc.setLocalDescription(await pc.createOffer())
@@ -260,6 +333,7 @@ async def watch(base: str, seconds: float, stop: asyncio.Event) -> Connection:
                 frame = await tracks["video"].recv()
                 arrived = time.monotonic()
                 pts = round(frame.pts / 3600)
+                conn.rtp_video.append(frame.pts)
                 stamp = read_stamp(frame.to_ndarray(format="rgb24"))
                 if stamp is None:
                     conn.unread += 1
@@ -277,6 +351,7 @@ async def watch(base: str, seconds: float, stop: asyncio.Event) -> Connection:
                 arrived = time.monotonic()
                 pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype(np.float32)
                 conn.audio.append((round(frame.pts / frame.samples), read_tones(pcm, frame.sample_rate), arrived))
+                conn.rtp_audio.append(frame.pts)
 
         readers = [asyncio.ensure_future(read_video()), asyncio.ensure_future(read_audio())]
         try:
@@ -287,6 +362,10 @@ async def watch(base: str, seconds: float, stop: asyncio.Event) -> Connection:
             if task.done() and task.exception() is not None:
                 raise task.exception()
         conn.last_slot = await frames_out(base) - 1
+        for transceiver in pc.getTransceivers():   # aiortc's frame.pts = RTP timestamp − this origin
+            mapper = getattr(transceiver.receiver, "_RTCRtpReceiver__timestamp_mapper", None)
+            if getattr(mapper, "_origin", None) is not None:
+                conn.rtp_origin[transceiver.kind] = mapper._origin
         stats = await pc.getStats()
         conn.packets_lost = sum(getattr(r, "packetsLost", 0) or 0 for r in stats.values()
                                 if getattr(r, "type", "") == "inbound-rtp")
@@ -328,6 +407,7 @@ async def soak(base: str, pid: int, minutes: float, cycle_s: float) -> dict:
     stop = asyncio.Event()
     resources: list[tuple[float, float, int, int]] = []
     pipeline_latency: list[tuple[float, float]] = []
+    server_viewers: dict[int, dict] = {}
     t_start = time.monotonic()
     f_start = await frames_out(base)
 
@@ -336,6 +416,8 @@ async def soak(base: str, pid: int, minutes: float, cycle_s: float) -> dict:
             rss, fds, threads = proc_sample(pid)
             resources.append((time.monotonic() - t_start, rss, fds, threads))
             stats = await get_json(base, "stats")
+            for v in stats.get("viewer_streams", []):     # the server's own per-viewer counts (latest)
+                server_viewers[v["viewer"]] = v
             if stats.get("latency_ms_median") is not None:
                 pipeline_latency.append((stats["latency_ms_median"], stats["latency_ms_max"]))
             try:
@@ -363,7 +445,8 @@ async def soak(base: str, pid: int, minutes: float, cycle_s: float) -> dict:
     t_end = time.monotonic()
     f_end = await frames_out(base)
     return {"steady": steady, "cycles": cycles, "resources": resources, "pipeline_latency": pipeline_latency,
-            "stats_fps": (f_end - f_start) / (t_end - t_start), "wall_s": t_end - t_start, "t_start": t_start}
+            "stats_fps": (f_end - f_start) / (t_end - t_start), "wall_s": t_end - t_start, "t_start": t_start,
+            "server_viewers": [server_viewers[k] for k in sorted(server_viewers)]}
 
 
 def summarise(result: dict) -> dict:
@@ -383,12 +466,20 @@ def summarise(result: dict) -> dict:
             unread += c.unread
             lost += c.packets_lost
         detail = []
+        offsets: list[float] = []
         for c in conns:
             want = c.expected()
-            got_v, got_a = c.video_slots(), c.audio_slots()
-            detail.append({"expected": [want.start, want.stop],
-                           "missing_video": [k - want.start for k in want if k not in got_v][:30],
-                           "missing_audio": [k - want.start for k in want if k not in got_a][:30],
+            got_v, got_a = c.video_slots() & set(want), c.audio_slots() & set(want)
+            av = c.av_offsets_ms()
+            offsets += av
+            gaps_v, gaps_a = c.gaps("video"), c.gaps("audio")
+            detail.append({"expected": [want.start, want.stop], "slots_expected": len(want),
+                           "video_share": len(got_v) / len(want) if len(want) else float("nan"),
+                           "audio_share": len(got_a) / len(want) if len(want) else float("nan"),
+                           "av_offset_ms_median": statistics.median(av) if av else None,
+                           "av_offset_ms_p99_abs": pct([abs(x) for x in av], 99) if av else None,
+                           "sender_reports": {k: len(v) for k, v in c.sender_reports.items()},
+                           "video_gaps": gaps_v[:30], "audio_gaps": gaps_a[:30],
                            "unread_stamps": c.unread, "packets_lost": c.packets_lost})
         out[name + "_connections"] = detail
         out[name] = {"connections": len(conns), "slots_expected": expected,
@@ -396,7 +487,13 @@ def summarise(result: dict) -> dict:
                      "audio_share": audio / expected if expected else float("nan"),
                      "latency_ms_p50": pct(latency, 50), "latency_ms_p99": pct(latency, 99),
                      "stalls": len(stalls), "stall_list": [(k, round(a, 1), round(g, 2)) for k, a, g in stalls],
-                     "unread_stamps": unread, "packets_lost": lost}
+                     "unread_stamps": unread, "packets_lost": lost,
+                     "av_offset_ms_median": statistics.median(offsets) if offsets else None,
+                     "av_offset_ms_p99_abs": pct([abs(x) for x in offsets], 99) if offsets else None,
+                     "video_gaps": sum(len(d["video_gaps"]) for d in detail),
+                     "audio_gaps": sum(len(d["audio_gaps"]) for d in detail),
+                     "longest_gap": max([n for d in detail for _, n in d["video_gaps"] + d["audio_gaps"]],
+                                        default=0)}
     steady = result["steady"]
     stamped = np.array([(k, e) for _, k, _, e in steady.video if k is not None], dtype=np.float64)
     if len(stamped) >= 10:
@@ -417,6 +514,8 @@ def summarise(result: dict) -> dict:
     out["pipeline_latency_ms_median"] = statistics.median(m for m, _ in lat) if lat else None
     out["pipeline_latency_ms_max"] = max(x for _, x in lat) if lat else None
     out["wall_s"] = result["wall_s"]
+    out["server_viewers"] = result["server_viewers"]
+    out["server_viewer_dropped"] = sum(v["video_dropped"] + v["audio_dropped"] for v in result["server_viewers"])
     return out
 
 
@@ -431,6 +530,19 @@ def print_table(s: dict, args: argparse.Namespace) -> None:
         print(f"{name:<10}{v['connections']:>6}{v['slots_expected']:>8}{100 * v['video_share']:>9.2f}"
               f"{100 * v['audio_share']:>9.2f}{v['latency_ms_p50']:>9.1f}{v['latency_ms_p99']:>9.1f}"
               f"{v['stalls']:>7}{v['packets_lost']:>9}{v['unread_stamps']:>7}")
+    print(f"\nper connection (slots by media timestamp; A/V offset of the same slot from RTCP sender reports)")
+    print(f"{'viewer':<10}{'#':>3}{'slots':>7}{'video %':>9}{'audio %':>9}{'A/V ms':>8}{'|A/V| p99':>10}"
+          f"{'v gaps':>7}{'a gaps':>7}{'longest':>8}")
+    for name in ("steady", "cycling"):
+        for i, d in enumerate(s[name + "_connections"]):
+            longest = max([n for _, n in d["video_gaps"] + d["audio_gaps"]], default=0)
+            med, p99 = d["av_offset_ms_median"], d["av_offset_ms_p99_abs"]
+            print(f"{name:<10}{i + 1:>3}{d['slots_expected']:>7}{100 * d['video_share']:>9.2f}"
+                  f"{100 * d['audio_share']:>9.2f}{'-' if med is None else f'{med:+.1f}':>8}"
+                  f"{'-' if p99 is None else f'{p99:.1f}':>10}{len(d['video_gaps']):>7}{len(d['audio_gaps']):>7}"
+                  f"{longest:>8}")
+    print("(A/V ms: median of video − audio time of the same slot, + = picture late; gaps: runs of missing "
+          "expected slots; longest: in slots)")
     for name in ("steady", "cycling"):
         if s[name]["stall_list"]:
             print(f"  {name} stalls (track, at s, gap s): {s[name]['stall_list'][:10]}")
@@ -444,6 +556,8 @@ def print_table(s: dict, args: argparse.Namespace) -> None:
           f"{s['pipeline_latency_ms_max']} ms")
     print(f"child RSS {s['rss_mb_start']:.0f} → {s['rss_mb_end']:.0f} MB, slope {s['rss_mb_per_min']:+.2f} MB/min | "
           f"fds {s['fds']} | threads {s['threads']}")
+    print(f"server's per-viewer queues (/stats, last seen every {RESOURCE_PERIOD_S:g} s): "
+          f"{len(s['server_viewers'])} viewers, {s['server_viewer_dropped']} items dropped")
     print(f"SIGTERM → exit: {s['exit_s']:.2f} s, exit code {s['exit_code']}")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from pcavs_live.common.errors import UserError
 from pcavs_live.common.queues import DropOldestQueue
 from pcavs.constants import SAMPLE_RATE
-from capture.audio_files import load_audio_16k
+from capture.audio_files import finite_audio, read_audio_16k, warn_nonfinite
 
 NO_DEVICES_MESSAGE = ("no audio input devices found; install PortAudio (apt install libportaudio2) / "
                       "connect a microphone")
@@ -38,6 +38,7 @@ class AudioChunk:
 
 class AudioSource(Protocol):           # MicrophoneSource, FileAudioSource
     sample_rate: int                   # always 16000
+    nonfinite_samples: int             # NaN/inf input samples delivered as silence (finite_audio)
 
     def start(self) -> None: ...
     def read(self, timeout: float) -> AudioChunk | None: ...   # None on timeout
@@ -195,6 +196,7 @@ class MicrophoneSource:
         self._resampler = None
         self._produced = 0
         self._overflows = 0
+        self.nonfinite_samples = 0
         self._started = False
         self._stopped = False
         self._lock = threading.Lock()
@@ -256,6 +258,11 @@ class MicrophoneSource:
             mono = data.mean(axis=1, dtype=np.float32)
         else:
             mono = data.reshape(-1).copy()  # PortAudio reuses its buffer after the callback returns
+        mono, bad = finite_audio(mono)  # before the resampler, whose filter would smear a NaN
+        if bad:
+            if not self.nonfinite_samples:
+                warn_nonfinite(bad, f"audio input '{self.device.name}'")
+            self.nonfinite_samples += bad
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono)
         if len(mono) == 0:
@@ -320,9 +327,14 @@ class FileAudioSource:
         if samples is None:
             if path is None:
                 raise ValueError("FileAudioSource needs a path or samples")
-            samples = load_audio_16k(path)
+            samples, nonfinite = read_audio_16k(path)
+        else:
+            samples, nonfinite = finite_audio(samples)
         self.path = Path(path) if path is not None else None
         self.audio = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+        self.nonfinite_samples = nonfinite   # replaced by silence when decoded; the gain sees only finite audio
+        if nonfinite:
+            warn_nonfinite(nonfinite, f"audio file {self.path}" if self.path is not None else "audio")
         self.realtime = realtime
         self.start_at = start_at
         self.block = max(1, round(SAMPLE_RATE * block_ms / 1000))

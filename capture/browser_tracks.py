@@ -27,6 +27,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from capture.audio_files import finite_audio, warn_nonfinite
 from capture.audio_sources import AudioChunk
 from pcavs_live.common.queues import DropOldestQueue
 from pcavs.constants import SAMPLE_RATE
@@ -92,6 +93,7 @@ class BrowserAudioSource(_TrackReader):
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._next_sample = 0
         self.frames_received = 0
+        self.nonfinite_samples = 0                 # (Opus decodes to s16, so 0 unless a decoder misbehaves)
         self.last_frame_at: float | None = None   # monotonic time of the newest frame (liveness)
 
     @property
@@ -106,6 +108,11 @@ class BrowserAudioSource(_TrackReader):
             samples = out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
             if not len(samples):
                 continue
+            samples, bad = finite_audio(samples)
+            if bad:
+                if not self.nonfinite_samples:
+                    warn_nonfinite(bad, "browser audio")
+                self.nonfinite_samples += bad
             self._queue.put(AudioChunk(np.clip(samples, -1.0, 1.0), self._next_sample, now))
             self._next_sample += len(samples)
 

@@ -121,10 +121,17 @@ def _as_mono_float32(wav: np.ndarray, what: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- file mode
-def file_gain(wav16k: np.ndarray) -> np.float32:
-    """Upstream's whole-file loudness gain 0.1 / max(1e-4, RMS), in float32 as upstream computes it."""
+def file_gain(wav16k: np.ndarray, stand_ins: int = 0) -> np.float32:
+    """Upstream's whole-file loudness gain 0.1 / max(1e-4, RMS), in float32 as upstream computes it.
+    `stand_ins`: how many samples are silence standing in for non-finite input (capture.audio_files):
+    left out of the RMS, so the gain is that of the finite audio alone."""
     x = _as_mono_float32(wav16k, "file_gain")
-    rms = np.maximum(np.float32(FILE_RMS_FLOOR), np.sqrt(np.mean(x ** 2)) if len(x) else np.float32(0))
+    n = len(x) - min(max(0, stand_ins), len(x))
+    if stand_ins <= 0:
+        mean_square = np.mean(x ** 2) if len(x) else np.float32(0)
+    else:
+        mean_square = np.sum(x ** 2, dtype=np.float32) / np.float32(n) if n else np.float32(0)
+    rms = np.maximum(np.float32(FILE_RMS_FLOOR), np.sqrt(mean_square))
     return np.float32(FILE_TARGET_RMS) / np.float32(rms)
 
 

@@ -145,7 +145,10 @@ class Mp4Recorder:
                 container.mux(packet)
         finally:
             container.close()
-        log.info("recording finished: %d frames in %s", self.frames_written, self.path)
+            if not self.frames_written:  # an mp4 without a frame plays nothing: leave no file behind
+                self.path.unlink(missing_ok=True)
+        if self.frames_written:  # (no frames: the caller says so, in one line)
+            log.info("recording finished: %d frames in %s", self.frames_written, self.path)
 
     # ------------------------------------------------------------------ audio helpers
     def _encode_audio(self, samples: np.ndarray) -> None:

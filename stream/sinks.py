@@ -78,7 +78,8 @@ class FanOutSink:
                 sink.write(frame, audio, frame_index)
             except Exception as exc:  # isolate: one broken output must not stop the others
                 log.error("output %s failed at frame %d and was stopped: %s",
-                          type(sink).__name__, frame_index, exc, exc_info=True)
+                          type(sink).__name__, frame_index, _one_line(exc))
+                log.debug("output %s failure", type(sink).__name__, exc_info=True)  # -v / --debug
                 self._active.remove(sink)
                 self.failures.append((sink, exc))
                 _close_quietly(sink)
@@ -95,7 +96,14 @@ def _close_quietly(sink: FrameSink) -> None:
     try:
         sink.close()
     except Exception as exc:
-        log.warning("closing output %s failed: %s", type(sink).__name__, exc, exc_info=True)
+        log.warning("closing output %s failed: %s", type(sink).__name__, _one_line(exc))
+        log.debug("closing output %s", type(sink).__name__, exc_info=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A failing output is reported in one line (its traceback only at debug level: -v or --debug);
+    library errors sometimes carry multi-line text."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _all_failed_message(failures: Sequence[tuple[FrameSink, BaseException]]) -> str:

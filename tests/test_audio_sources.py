@@ -15,7 +15,9 @@ import pytest
 
 from capture.audio_sources import (NO_DEVICES_MESSAGE, AudioChunk, AudioDeviceError, FileAudioSource,
                                    AudioDevice, MicrophoneSource, list_input_devices)
-from capture.audio_files import AudioFileError, load_audio_16k
+from capture.audio_files import AudioFileError, load_audio_16k, read_audio_16k
+from pcavs.mel import file_gain
+import soundfile
 
 
 def _drain(src, until_finished: bool = True, timeout_s: float = 30.0) -> list[AudioChunk]:
@@ -363,3 +365,76 @@ def test_microphone_captures_speech_played_into_pulseaudio(pulse_null_sink, spee
     n = min(len(a), len(b))
     normalised = float(np.dot(a[:n], b[:n]) / (np.linalg.norm(a[:n]) * np.linalg.norm(b[:n])))
     assert normalised > 0.9, (lag, normalised)
+
+
+# ------------------------------------------------------------------ non-finite samples (issue 21.1)
+def _speech_with_bad_stretch(tmp_path, value: float, name: str = "bad.wav"):
+    rng = np.random.default_rng(0)
+    t = np.arange(3 * 16000) / 16000
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+             + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+    audio[16000:32000] = value                       # the middle second is NaN or inf
+    path = tmp_path / name
+    soundfile.write(path, audio, 16000, subtype="FLOAT")
+    return path, audio
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_samples_become_counted_silence(tmp_path, value) -> None:
+    path, audio = _speech_with_bad_stretch(tmp_path, value)
+    samples, count = read_audio_16k(path)
+    assert count == 16000 and np.isfinite(samples).all()
+    assert not samples[16000:32000].any()
+    np.testing.assert_array_equal(samples[:16000], audio[:16000])
+    source = FileAudioSource(path, realtime=False)
+    assert source.nonfinite_samples == 16000 and np.isfinite(source.audio).all()
+    finite_only = np.concatenate([audio[:16000], audio[32000:]])
+    assert file_gain(source.audio, source.nonfinite_samples) == pytest.approx(file_gain(finite_only), rel=1e-5)
+
+
+def test_all_nonfinite_file_is_one_line_error(tmp_path) -> None:
+    path = tmp_path / "nan.wav"
+    soundfile.write(path, np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioFileError, match="nan.wav holds only non-finite samples"):
+        FileAudioSource(path, realtime=False)
+
+
+def test_microphone_nonfinite_block_becomes_silence() -> None:
+    backend = _backend()
+    with MicrophoneSource("usb", block_ms=20, backend=backend) as mic:
+        block = np.full(320, 0.25, np.float32)
+        block[10:20] = np.nan
+        block[30] = np.inf
+        backend.streams[0].feed(block)
+        chunk = mic.read(0.5)
+    assert chunk is not None and np.isfinite(chunk.samples).all()
+    assert mic.nonfinite_samples == 11 and not chunk.samples[10:20].any() and chunk.samples[0] == 0.25
+
+
+def test_session_renders_normal_frames_around_a_nonfinite_second(tmp_path) -> None:
+    """Upstream's whole-file gain of a file with one NaN second was NaN: every mel window was bad and
+    every frame a repeat. Now every window is finite, the audio before the bad second moves the mel
+    windows, and the count reaches the stats."""
+    from pcavs_live.cli.config import load_config
+    from pcavs_live.pipeline.session import RunOptions, SessionBuilder
+
+    path, _ = _speech_with_bad_stretch(tmp_path, np.nan)
+    windows: list[np.ndarray] = []
+
+    class Recording:
+        def render(self, mel_windows, pose_codes=None, times=None):
+            windows.extend(np.asarray(mel_windows))
+            return np.zeros((len(mel_windows), 224, 224, 3), np.uint8)
+
+    config = load_config(None, {"audio.source": str(path), "output.targets": ["file"],
+                                "output.file": str(tmp_path / "out.mp4"), "pose.source": "still"})
+    builder = SessionBuilder(config, RunOptions(realtime=False, status_interval_s=0),
+                             avatar=(Recording(), np.zeros((224, 224, 3), np.uint8)))
+    with builder, builder.build() as session:
+        summary = session.run()
+        snap = session.metrics.snapshot()
+    assert summary.frames_out == 75 and len(windows) == 75
+    assert all(np.isfinite(w).all() for w in windows)
+    before = np.stack(windows[5:20])                   # slots well before the bad second
+    assert before.std(axis=0).max() > 0.01             # real, changing audio features
+    assert snap["audio_nonfinite_samples"] == 16000

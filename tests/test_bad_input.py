@@ -88,3 +88,72 @@ def test_cli_garbage_photo_without_sidecar(tmp_path):
                 "--checkpoints", str(tmp_path / "no-checkpoints"))
     line = assert_one_error_line(r, "me.jpg")
     assert "landmark" not in line
+
+
+# ------------------------------------------------------------------ issue 21: the last bad inputs
+@pytest.mark.parametrize("seconds", ["nan", "inf", "0", "-1", "0.01"])
+def test_impossible_max_seconds_is_refused_at_parse_time(seconds):
+    from pcavs_live.cli.main import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--max-seconds", seconds, "--print-config"])
+    assert exit_.value.code == 2
+
+
+def test_cli_impossible_max_seconds_one_error_line(tmp_path):
+    r = run_cli("--max-seconds", "nan", "--out", str(tmp_path / "x.mp4"), "--checkpoints", str(tmp_path / "none"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--max-seconds" in errors[0] and "'nan'" in errors[0]
+    assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.slow
+def test_cli_all_nonfinite_wav_writes_nothing_and_says_why(tmp_path):
+    nan = tmp_path / "nan.wav"
+    soundfile.write(nan, np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    out = tmp_path / "x.mp4"
+    r = run_cli("--audio", str(nan), "--out", str(out), "--checkpoints", str(parity_weights_dir(0)), "-q")
+    assert_one_error_line(r, "nan.wav", "non-finite")
+    assert "wrote" not in r.stderr and not out.exists()
+
+
+def test_run_that_writes_no_frame_says_so_instead_of_wrote(tmp_path, monkeypatch, capsys):
+    """A run whose recorder got no frame (stopped before its first) exits 2 with one line; "wrote" is
+    printed only for a file with frames."""
+    import pcavs_live.pipeline.session as session_module
+    from pcavs_live.cli.main import main
+    from pcavs_live.pipeline.scheduler import RunSummary
+
+    frames = {"n": 0}
+
+    class FakeSession:
+        def __init__(self):
+            self.metrics = session_module.LiveMetrics()
+            self.recorder = type("R", (), {"frames_written": frames["n"]})()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def run(self, stop):
+            return RunSummary(frames["n"], frames["n"], 0, 0.1, False)
+
+    class FakeBuilder(FakeSession):
+        """The builder's part the command line uses: `live`, `with`, and `build()`."""
+
+        def __init__(self, config, run):
+            self.live = __import__("threading").Event()
+
+        def build(self):
+            return FakeSession()
+
+    monkeypatch.setattr(session_module, "SessionBuilder", FakeBuilder)
+    out = tmp_path / "x.mp4"
+    assert main(["--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: nothing was written to {out}" in err and "wrote" not in err
+    frames["n"] = 3
+    assert main(["--out", str(out), "-q"]) == 0
+    assert f"wrote {out} (3 frames)" in capsys.readouterr().err

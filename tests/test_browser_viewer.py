@@ -87,6 +87,10 @@ def test_page_plays_the_stream_and_shows_stats(tmp_path):
                 page.wait_for_function(
                     "() => document.querySelector('#stats td[data-key=\"latency_ms_median\"]')?.textContent === '187.5'")
                 assert page.locator('#stats td[data-key="frames_dropped"]').text_content() == "3"
+                # issue 21.4: this viewer's own row: what it was sent and what its queue lost
+                page.wait_for_function(
+                    "() => /^video [1-9][0-9]* sent, 0 dropped · audio [1-9][0-9]* sent, 0 dropped$/"
+                    ".test(document.querySelector('#stats td[data-key=\"viewer_1\"]')?.textContent || '')")
                 assert srv.peer_count == 1
 
                 # The picture is really there: the video element's pixels are not a flat colour.

@@ -160,3 +160,35 @@ def test_fanout_open_failure_closes_the_already_opened():
     with pytest.raises(RuntimeError, match="device busy"):
         FanOutSink([first, NoOpen(0)]).open(8, 8, FPS, RATE)
     assert first.closed == 1
+
+
+def test_fanout_reports_a_failing_output_in_one_line(caplog):
+    """Issue 21.3: a user-caused output failure is one log line; its traceback only at debug level."""
+    fan = FanOutSink([_Failing(1), _Failing(99)])
+    fan.open(8, 8, FPS, RATE)
+    frame, audio = np.zeros((8, 8, 3), np.uint8), np.zeros(SPF, np.float32)
+    with caplog.at_level("INFO", logger="stream.sinks"):
+        for k in range(3):
+            fan.write(frame, audio, k)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "No space left on device" in errors[0].getMessage()
+    assert "\n" not in errors[0].getMessage()
+    assert all(r.exc_info is None for r in caplog.records)   # no traceback below DEBUG
+    caplog.clear()
+    fan = FanOutSink([_Failing(0), _Failing(99)])
+    fan.open(8, 8, FPS, RATE)
+    with caplog.at_level("DEBUG", logger="stream.sinks"):
+        fan.write(frame, audio, 0)
+    assert any(r.exc_info for r in caplog.records if r.levelname == "DEBUG")  # --debug / -v still sees it
+
+
+def test_recording_without_frames_leaves_no_file(tmp_path):
+    """Issue 21.2: a recorder closed before its first frame removes the empty mp4 (and the CLI says
+    "nothing was written" instead of "wrote")."""
+    path = tmp_path / "none.mp4"
+    rec = Mp4Recorder(path)
+    rec.open(224, 224, FPS, RATE)
+    rec.close()
+    assert rec.frames_written == 0 and not path.exists()
+    kept = _record(tmp_path / "one.mp4", n=1)
+    assert kept.frames_written == 1 and (tmp_path / "one.mp4").is_file()

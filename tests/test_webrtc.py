@@ -523,3 +523,67 @@ def test_a_viewer_that_falls_behind_loses_only_its_own_items():
     assert got_fast == list(range(40)) and dropped_fast == 0
     assert got_slow == sorted(got_slow) and got_slow[-1] == 39
     assert dropped_slow > 0 and len(got_slow) + dropped_slow == 40
+
+
+def test_per_viewer_losses_are_in_stats_and_logged_when_the_server_stops(caplog):
+    """Issue 21.4: when the server's loop is starved (here: blocked for 2 s while slots keep coming at
+    25 fps), a viewer's own one-second queue drops its oldest items. Each viewer's sent/dropped video
+    and audio are in /stats while it watches, and logged at shutdown even if the viewer never left."""
+    srv = WebRTCServer(port=0, ice_host_addresses=LOOPBACK, buffer_frames=100)
+    srv.start()
+    feeder = Feeder(WebRTCSink(srv)).start()
+    try:
+        async def main():
+            pc, tracks = await connect_viewer(base_url(srv))
+            try:
+                await receive(tracks, 3, 3)                       # the viewer is reading
+                status, stats = await get_json(base_url(srv) + "stats")
+                assert status == 200 and [v["viewer"] for v in stats["viewer_streams"]] == [1]
+                assert stats["viewer_streams"][0]["video_sent"] >= 1
+                assert stats["viewer_streams"][0]["video_dropped"] == 0
+                srv._loop.call_soon_threadsafe(time.sleep, 2.0)   # a CPU spike starves the loop
+                await asyncio.sleep(3.0)
+                status, stats = await get_json(base_url(srv) + "stats")
+                return stats["viewer_streams"]
+            finally:
+                with caplog.at_level(logging.INFO, logger="stream.webrtc.server"):
+                    await asyncio.get_running_loop().run_in_executor(None, srv.stop)
+                await pc.close()
+        viewers = run(main())
+    finally:
+        feeder.stop()
+        srv.stop()
+    (v,) = viewers
+    # ~50 audio slots reach a 25-slot queue at once. (Video, encoded once per session, comes out of the
+    # encoder one frame per thread-pool hop, so its viewers' senders keep up here.)
+    assert v["audio_dropped"] >= 10 and v["video_sent"] > 0, v
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("viewer 1 (server stopping)")]
+    assert len(lines) == 1 and "dropped" in lines[0], caplog.text
+
+
+def test_video_is_encoded_once_for_every_viewer(server):
+    """Issue 21.5: one VP8 encoder per session, not one per viewer: three viewers decode the same
+    frames while the shared encoder's count grows by one per frame, and a viewer that joins later
+    starts on a key frame it asked for."""
+    async def main():
+        (pc1, t1), (pc2, t2) = await asyncio.gather(connect_viewer(base_url(server)),
+                                                    connect_viewer(base_url(server)))
+        try:
+            await asyncio.gather(receive(t1, 5, 2), receive(t2, 5, 2))
+            keyframes = server._video_out.keyframes
+            pc3, t3 = await connect_viewer(base_url(server))
+            try:
+                start = server._video_out.frames_encoded
+                (v1, _), (v2, _), (v3, _) = await asyncio.gather(receive(t1, 12, 2), receive(t2, 12, 2),
+                                                                 receive(t3, 12, 2))
+                encoded = server._video_out.frames_encoded - start
+                for frames in (v1, v2, v3):
+                    check_video(frames)
+                assert server._video_out.keyframes > keyframes          # the late viewer's key frame
+                return encoded
+            finally:
+                await pc3.close()
+        finally:
+            await asyncio.gather(pc1.close(), pc2.close())
+    encoded = run(main())
+    assert 12 <= encoded <= 40         # ~one encode per frame (the 12 read, plus those in flight), not 3 per frame

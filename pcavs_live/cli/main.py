@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 
 from pcavs_live.cli.config import cli_options, config_to_toml, dotted_overrides, load_config
 from pcavs_live.cli.errors import run_with_user_errors
+from pcavs_live.common.errors import UserError
 from pcavs_live.cli.logging_setup import setup_logging
 from pcavs_live.pipeline.outputs import live_words, parse_out
 
@@ -132,11 +134,26 @@ def build_run_parser(prog: str = "pcavs-live", description: str = RUN_DESCRIPTIO
                        help="pace file input in real time (default unless every output is a file)")
     speed.add_argument("--fast", dest="realtime", action="store_false",
                        help="render file input as fast as possible, every frame")
-    run.add_argument("--max-seconds", type=float, metavar="SECONDS", help="stop after this many seconds of output")
+    run.add_argument("--max-seconds", type=output_seconds, metavar="SECONDS",
+                     help="stop after this many seconds of output")
     _add_config_files(run)
     run.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     _add_verbosity(run)
     return p
+
+
+def output_seconds(text: str) -> float:
+    """--max-seconds: a finite length of at least one frame, refused at parse time (nan, inf, 0 and
+    negative numbers once ran to a traceback or to an empty "recording")."""
+    from pcavs.constants import FPS
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value * FPS < 1:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, at least {1 / FPS:g} (one frame); "
+                                         f"got {text!r}")
+    return value
 
 
 def build_fetch_parser(prog: str) -> argparse.ArgumentParser:
@@ -181,7 +198,8 @@ def build_doctor_parser(prog: str) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 def _run(argv: list[str], prog: str) -> int:
     args = build_run_parser(prog).parse_args(argv)
-    setup_logging(-1 if args.quiet else args.verbose)
+    # --debug shows tracebacks, including those logged at debug level (an output that failed mid-run)
+    setup_logging(-1 if args.quiet else max(args.verbose, int(args.debug)))
 
     def body() -> int:
         config = load_config(args.config, overrides_from_args(args))
@@ -211,8 +229,12 @@ def _run(argv: list[str], prog: str) -> int:
             print(f"capture→frame latency median {snap['latency_ms_median']} ms (max {snap['latency_ms_max']} ms), "
                   f"generator {snap['generator_ms_median']} ms, {snap['generated_fps']} generated fps",
                   file=sys.stderr)
-        if "file" in config.output.targets:
-            print(f"wrote {config.output.file}", file=sys.stderr)
+        if session.recorder is not None:
+            written = session.recorder.frames_written
+            if not written:  # the recorder removed its empty file: say so instead of "wrote"
+                raise UserError(f"nothing was written to {config.output.file}: the run ended before its "
+                                "first frame")
+            print(f"wrote {config.output.file} ({written} frames)", file=sys.stderr)
         return 0
 
     return run_with_user_errors(body, debug=args.debug)

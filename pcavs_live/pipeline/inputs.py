@@ -51,7 +51,9 @@ def _file(audio: AudioConfig, realtime: bool, loop: bool = False):
     if audio.gain == "none":
         gain = FixedGain(1.0)
     elif audio.gain == "file" or not realtime:
-        gain = FixedGain(float(file_gain(samples)))  # exactly upstream's whole-file normalisation
+        # exactly upstream's whole-file normalisation, of the finite samples (the silence standing in
+        # for non-finite ones is left out of the level)
+        gain = FixedGain(float(file_gain(samples, source.nonfinite_samples)))
     else:
         gain = StreamingGain()
     if loop and realtime:

@@ -128,13 +128,15 @@ class Session:
                  metrics: LiveMetrics, realtime: bool = True, max_frames: int | None = None,
                  health_checks: Sequence[Callable[[], None]] = (), on_frame: Callable[[int], None] | None = None,
                  stack: contextlib.ExitStack | None = None, server: object | None = None,
-                 live: threading.Event | None = None, pose_worker: object | None = None) -> None:
+                 live: threading.Event | None = None, pose_worker: object | None = None,
+                 recorder: object | None = None) -> None:
         self.audio, self.renderer, self.sinks, self.pose = audio, renderer, sinks, pose
         self.timeline, self.placeholder, self.metrics = timeline, placeholder, metrics
         self.realtime, self.max_frames = realtime, max_frames
         self.health_checks, self.on_frame = list(health_checks), on_frame
         self.server = server              # the viewer server, when "webrtc" is an output
         self.pose_worker = pose_worker    # the live pose worker, if one runs (its counters are the session's)
+        self.recorder = recorder          # the mp4 output, when there is one (its frames_written: the "wrote" line)
         self.live = live or threading.Event()  # set while the loop runs: a stop request is then prompt
         self._stack = stack or contextlib.ExitStack()
 
@@ -293,6 +295,9 @@ class SessionBuilder:
             placeholder = face.image
         source, mel = self._audio if self._audio is not None else \
             audio_input(self.config.audio).build(self.config.audio, self.realtime)
+        # NaN/inf input samples the source turned into silence (one warning line when it happened); a
+        # looped bundled sample has none
+        self.metrics.watch("audio_nonfinite_samples", lambda: getattr(source, "nonfinite_samples", 0))
         sink = self._sinks if self._sinks is not None else build_sinks(self._outputs, face, photo)
         if self._wrap_sink is not None:
             sink = self._wrap_sink(sink)
@@ -332,7 +337,8 @@ class SessionBuilder:
         stack, self._stack = self._stack, contextlib.ExitStack()  # the session owns what was opened
         self._built = Session(source, renderer, sink, pose, timeline=timeline, placeholder=placeholder, metrics=self.metrics,
                        realtime=self.realtime, max_frames=max_frames, health_checks=checks, on_frame=on_frame if hooks else None,
-                       stack=stack, server=self.server, live=self.live, pose_worker=self._pose_worker)
+                       stack=stack, server=self.server, live=self.live, pose_worker=self._pose_worker,
+                       recorder=self._outputs.built("file"))
         return self._built
 
 

@@ -152,6 +152,7 @@ class StudioSession:
             snap.update(self.handle.stats())
         if self._source is not None:
             snap["audio_chunks_dropped"] = self._source.dropped_chunks
+            snap["audio_nonfinite_samples"] = self._source.nonfinite_samples
         worker = None if self._session is None else self._session.pose_worker
         if worker is not None:
             snap["pose_frames_processed"] = worker.frames_processed

@@ -39,7 +39,8 @@ from pcavs_live.common.errors import UserError
 from stream.webrtc.buffer import LatestBuffer
 from stream.webrtc.ice import (ice_server_as_json, unusable_host_address, unusable_ice_server,
                                use_host_addresses)
-from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, ViewerRelay
+from stream.webrtc.tracks import (OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, SharedVideoEncoder,
+                                  ViewerRelay, ViewerTrack)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ class WebRTCServer:
                  stats: Callable[[], dict] | None = None,
                  ice_servers: Sequence[str | RTCIceServer] | None = None,
                  web_root: str | Path = DEFAULT_WEB_ROOT, ice_host_addresses: Sequence[str] | None = None,
-                 max_viewers: int = 8, connect_timeout_s: float = 30.0, buffer_frames: int = 25) -> None:
+                 max_viewers: int = 8, connect_timeout_s: float = 30.0, buffer_frames: int = 25,
+                 shared_video_encoder: bool = True) -> None:
         self.host, self._requested_port = host, port
         token = token or None               # "" (the config file's "no token") means none
         if token is None and not _is_loopback(host):
@@ -96,12 +98,16 @@ class WebRTCServer:
         self.max_viewers = max_viewers
         self.connect_timeout_s = connect_timeout_s
         self.buffer_frames = buffer_frames
+        self.shared_video_encoder = shared_video_encoder   # False: aiortc's encoder per viewer (bench)
+        self._video_out: SharedVideoEncoder | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._peers: set[RTCPeerConnection] = set()
         self._negotiating = 0       # offers holding a viewer slot while their answer is being made
+        self._viewer_ids = 0        # numbers the viewers in /stats and the log, in order of arrival
+        self._viewer_tracks: dict[RTCPeerConnection, tuple[int, ViewerTrack, ViewerTrack]] = {}
         self._relay: ViewerRelay | None = None
         self._video_buf: LatestBuffer | None = None
         self._audio_buf: LatestBuffer | None = None
@@ -241,6 +247,8 @@ class WebRTCServer:
         self._audio_buf = LatestBuffer(loop, self.buffer_frames)
         self._video = LiveVideoTrack(self._video_buf)
         self._audio = LiveAudioTrack(self._audio_buf)
+        if self.shared_video_encoder:     # VP8 encoded once for every viewer (tracks.py)
+            self._video_out = SharedVideoEncoder(self._video)
         self._relay = ViewerRelay()
         app = web.Application(client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self._handle_index)
@@ -259,7 +267,9 @@ class WebRTCServer:
         await web.SockSite(self._runner, sock).start()
 
     async def _shutdown(self) -> None:
-        for track in (self._video, self._audio):
+        for pc in list(self._viewer_tracks):  # what each viewer got, also when the server stops first
+            self._log_viewer(pc, "server stopping")
+        for track in (self._video_out, self._video, self._audio):
             if track is not None:
                 track.stop()
         peers = list(self._peers)
@@ -297,6 +307,22 @@ class WebRTCServer:
         """Frames the sink-side buffer discarded because nobody was reading (e.g. no viewer)."""
         return 0 if self._video_buf is None else self._video_buf.dropped
 
+    def viewer_stats(self) -> list[dict[str, int]]:
+        """Per viewer (in order of arrival): video and audio items sent, and lost from that viewer's own
+        one-second queue (`ViewerTrack.dropped`) when it fell behind, e.g. when the loop was starved.
+        Read on the server's loop (/stats, shutdown)."""
+        return [_viewer_counts(*entry) for entry in self._viewer_tracks.values()]
+
+    def _log_viewer(self, pc: RTCPeerConnection, why: str) -> None:
+        entry = self._viewer_tracks.pop(pc, None)
+        if entry is None:
+            return
+        c = _viewer_counts(*entry)
+        lost = c["video_dropped"] + c["audio_dropped"]
+        (log.warning if lost else log.info)(
+            "viewer %d (%s): video %d sent, %d dropped; audio %d sent, %d dropped", c["viewer"], why,
+            c["video_sent"], c["video_dropped"], c["audio_sent"], c["audio_dropped"])
+
     @property
     def peer_count(self) -> int:
         """Viewers answered and not yet gone (connected, or still connecting)."""
@@ -324,6 +350,7 @@ class WebRTCServer:
             log.warning("stats callback failed: %s", exc, exc_info=True)
             return _error(500, f"stats unavailable: {exc}")
         snap.setdefault("viewers", len(self._peers))
+        snap.setdefault("viewer_streams", self.viewer_stats())
         return web.Response(text=json.dumps(snap, default=_jsonable), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
@@ -383,13 +410,16 @@ class WebRTCServer:
             try:
                 answer = await asyncio.wait_for(self._negotiate(pc, sdp), 20)
             except Exception as exc:
+                self._viewer_tracks.pop(pc, None)
                 await pc.close()
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 if "send parameters" in reason:   # aiortc's words for "no codec in common"
-                    reason += " (this server sends VP8 or H.264 video and Opus audio)"
+                    video = "VP8" if self._video_out is not None else "VP8 or H.264"
+                    reason += f" (this server sends {video} video and Opus audio)"
                 log.info("rejected offer from %s: %s", request.remote, reason)
                 return _error(400, f"cannot use this offer: {reason}")
             except BaseException:                 # cancelled (the server is stopping): no stray peer
+                self._viewer_tracks.pop(pc, None)
                 await pc.close()
                 raise
         finally:
@@ -405,16 +435,29 @@ class WebRTCServer:
         assert self._relay is not None and self._video is not None and self._audio is not None
         # Our transceivers exist before the offer is applied, so the offer's m-lines bind to them and
         # the codec preference (Opus only: we send ready-made Opus packets) takes part in negotiation.
-        video_t = pc.addTransceiver(self._relay.subscribe(self._video, buffered=False), direction="sendonly")
-        audio_t = pc.addTransceiver(self._relay.subscribe(self._audio, buffered=False), direction="sendonly")
+        shared = self._video_out
+        video = self._relay.subscribe(shared if shared is not None else self._video)
+        audio = self._relay.subscribe(self._audio)
+        video_t = pc.addTransceiver(video, direction="sendonly")
+        audio_t = pc.addTransceiver(audio, direction="sendonly")
         opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
         audio_t.setCodecPreferences(opus)
+        if shared is not None:
+            # The shared stream is VP8: offer nothing else, and let this viewer's picture-loss reports
+            # (aiortc's sender would force a key frame in its own encoder, which it does not use here)
+            # ask the shared encoder for one.
+            vp8 = [c for c in RTCRtpSender.getCapabilities("video").codecs
+                   if c.mimeType.lower() in ("video/vp8", "video/rtx")]
+            video_t.setCodecPreferences(vp8)
+            video_t.sender._send_keyframe = shared.request_keyframe
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         if video_t.mid is None and audio_t.mid is None:
             raise ValueError("the offer asks for neither video nor audio")
         if self.ice_host_addresses:
             use_host_addresses(pc, self.ice_host_addresses)
         await pc.setLocalDescription(await pc.createAnswer())
+        self._viewer_ids += 1
+        self._viewer_tracks[pc] = (self._viewer_ids, video, audio)
         return pc.localDescription
 
     def _watch(self, pc: RTCPeerConnection) -> None:
@@ -426,6 +469,7 @@ class WebRTCServer:
             if pc in self._peers:
                 self._peers.discard(pc)
                 log.info("viewer left (%s); %d watching", reason, len(self._peers))
+            self._log_viewer(pc, f"left: {reason}")
             expiry.cancel()
             await pc.close()
 
@@ -442,6 +486,11 @@ class WebRTCServer:
                 asyncio.ensure_future(drop("did not connect in time"))
 
         expiry = loop.call_later(self.connect_timeout_s, expire)
+
+
+def _viewer_counts(viewer: int, video: ViewerTrack, audio: ViewerTrack) -> dict[str, int]:
+    return {"viewer": viewer, "video_sent": video.delivered, "video_dropped": video.dropped,
+            "audio_sent": audio.delivered, "audio_dropped": audio.dropped}
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -14,6 +14,14 @@ aiortc as ready packets. Why not give aiortc PCM: its Opus encoder cuts audio in
 stamps every packet produced by one `recv()` with the same RTP timestamp, so a 40 ms slot would be
 mis-timed. One packet per slot avoids that and saves one encoder per viewer.
 
+Video is VP8-encoded once per session, too (`SharedVideoEncoder`): aiortc would give every viewer's
+sender its own encoder, and that per-viewer encoding was most of the server's CPU at 8 viewers and what
+fell behind under load (bench/viewers.py). aiortc's senders take ready packets (they only packetise
+them), so every viewer gets the same encoded frames. A viewer must start on a key frame: one that joins
+asks the encoder for one and skips the delta frames before it; one whose queue overflowed (its
+decoder would see a broken reference chain) drops its backlog and does the same; a viewer's picture-
+loss reports (RTCP PLI/FIR) ask the shared encoder for a key frame as well.
+
 One source, many viewers
 ------------------------
 `ViewerRelay` reads each source track once and gives every viewer its own proxy with its own small
@@ -21,7 +29,8 @@ queue. aiortc's `MediaRelay` offers either an unbounded queue per viewer or a si
 next item overwrites; with the single slot a viewer whose video encoder was busy when two items came
 close together (after any hiccup of the event loop) silently lost one. Here a viewer loses an item
 only when its own queue (`VIEWER_QUEUE`, one second) is full, i.e. when that viewer cannot keep up;
-the loss is counted per viewer (`ViewerTrack.dropped`) and never touches the other viewers.
+the loss is counted per viewer (`ViewerTrack.dropped`, next to `ViewerTrack.delivered`), reported
+in `/stats` and logged when the viewer leaves or the server stops, and never touches the other viewers.
 """
 from __future__ import annotations
 
@@ -127,6 +136,72 @@ class LiveAudioTrack(AudioStreamTrack):
         super().stop()
 
 
+class SharedVideoEncoder(MediaStreamTrack):
+    """The source video track encoded once, for every viewer: VP8 `av.Packet`s (pts on the 90 kHz
+    clock), with aiortc's own encoder settings at its default bitrate. Encoding runs in the loop's
+    default executor, as aiortc's does, so the loop is never held by it. `request_keyframe` makes the
+    next frame a key frame (a viewer joined or lost a picture)."""
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack, bitrate: int = 500_000) -> None:
+        super().__init__()
+        self._source = source
+        self.bitrate = bitrate
+        self._codec: av.CodecContext | None = None
+        self._keyframe = True
+        self.frames_encoded = 0
+        self.keyframes = 0
+
+    def request_keyframe(self) -> None:
+        self._keyframe = True
+
+    def _open(self, width: int, height: int) -> av.CodecContext:
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
+        codec.bit_rate = self.bitrate
+        codec.gop_size = 3000           # key frames on request (joins, losses), not on a timer
+        codec.qmin, codec.qmax = 2, 56
+        codec.options = {"bufsize": str(self.bitrate), "cpu-used": "-6", "deadline": "realtime",
+                         "lag-in-frames": "0", "minrate": str(self.bitrate), "maxrate": str(self.bitrate),
+                         "noise-sensitivity": "4", "overshoot-pct": "15", "partitions": "0",
+                         "static-thresh": "1", "undershoot-pct": "100"}   # aiortc's Vp8Encoder's, CBR
+        codec.thread_count = 1
+        return codec
+
+    def _encode(self, frame: av.VideoFrame, keyframe: bool) -> av.Packet | None:
+        if self._codec is None or (self._codec.width, self._codec.height) != (frame.width, frame.height):
+            self._codec = self._open(frame.width, frame.height)
+            keyframe = True
+        if keyframe:
+            frame.pict_type = av.video.frame.PictureType.I
+        data = b"".join(bytes(p) for p in self._codec.encode(frame))
+        if not data:
+            return None
+        packet = av.Packet(data)
+        packet.pts = packet.dts = frame.pts
+        packet.time_base = frame.time_base
+        packet.is_keyframe = keyframe or (data[0] & 1) == 0   # VP8 frame tag: bit 0 clear = key frame
+        return packet
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await self._source.recv()
+            keyframe, self._keyframe = self._keyframe, False
+            packet = await loop.run_in_executor(None, self._encode, frame, keyframe)
+            if packet is not None:
+                self.frames_encoded += 1
+                self.keyframes += packet.is_keyframe
+                return packet
+
+    def stop(self) -> None:
+        self._source.stop()
+        super().stop()
+
+
 class ViewerTrack(MediaStreamTrack):
     """One viewer's proxy of a source track (made by `ViewerRelay.subscribe`): the items in order,
     from a queue of at most `capacity` that drops (and counts) its oldest when this viewer falls
@@ -141,6 +216,10 @@ class ViewerTrack(MediaStreamTrack):
         self._queue: deque = deque()
         self._ready = asyncio.Event()
         self._ended = False
+        # Encoded video (`SharedVideoEncoder`) must start on a key frame: deltas before it are skipped.
+        self._encoded = isinstance(source, SharedVideoEncoder)
+        self._await_keyframe = self._encoded
+        self._count_skipped = False   # deltas skipped after an overflow are losses; before the first, not
         self.delivered = 0
         self.dropped = 0
 
@@ -148,12 +227,29 @@ class ViewerTrack(MediaStreamTrack):
         """From the relay's reader: the next item, or None at the end of the source."""
         if item is None:
             self._ended = True
+        elif self._encoded:
+            self._put_encoded(item)
         else:
             if len(self._queue) >= self._capacity:
                 self._queue.popleft()
                 self.dropped += 1
             self._queue.append(item)
         self._ready.set()
+
+    def _put_encoded(self, packet) -> None:
+        if len(self._queue) >= self._capacity:
+            # Dropping one delta frame would break the chain the decoder needs: drop the backlog
+            # (this viewer is a second behind anyway) and restart on the next key frame.
+            self.dropped += len(self._queue)
+            self._queue.clear()
+            self._await_keyframe = self._count_skipped = True
+            self._source.request_keyframe()
+        if self._await_keyframe:
+            if not packet.is_keyframe:
+                self.dropped += self._count_skipped
+                return
+            self._await_keyframe = self._count_skipped = False
+        self._queue.append(packet)
 
     async def recv(self):
         if self.readyState != "live":
@@ -201,15 +297,14 @@ class ViewerRelay:
         if viewers is None:          # the source has ended
             viewer._put(None)
             return
+        if viewer not in viewers and viewer._encoded:
+            viewer._source.request_keyframe()    # a joining viewer starts on the next frame
         viewers.add(viewer)
 
     def _stop(self, viewer: ViewerTrack) -> None:
         viewers = self._viewers.get(viewer._source)
         if viewers is not None and viewer in viewers:
-            viewers.discard(viewer)
-            if viewer.dropped:
-                log.info("a viewer fell behind and lost %d of %d %s items", viewer.dropped,
-                         viewer.dropped + viewer.delivered, viewer.kind)
+            viewers.discard(viewer)   # (its counts are logged by the server, per viewer, when it leaves)
 
     async def _read(self, source: MediaStreamTrack) -> None:
         while True:

@@ -57,6 +57,10 @@ class OutputContext:
     def wants(self, name: str) -> bool:
         return name in self.config.output.targets
 
+    def built(self, name: str) -> "FrameSink | None":
+        """The output `name`'s sink if it was built (the file output's recorder for the "wrote" line)."""
+        return self._built.get(name)
+
     def sink(self, name: str) -> "FrameSink":
         """The output `name`'s sink, built once (another output may ask for it first)."""
         if name not in self._built:
