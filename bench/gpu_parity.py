@@ -81,10 +81,11 @@ class Tf32:
 def parity(nets, case: dict, device: str, report: Report) -> torch.Tensor:
     """The oracle comparisons in float32 with TF32 off; returns the generator's float output (on CPU)."""
     from pcavs.engine import Avatar, EngineOptions, encode_poses
+    from pcavs.runtime import RenderRuntime
 
     rows = []
     with Tf32(False), torch.inference_mode():
-        avatar = Avatar(nets, torch.from_numpy(case["identity_input"]), EngineOptions(device=device))
+        avatar = Avatar(RenderRuntime(nets), torch.from_numpy(case["identity_input"]), EngineOptions(device=device))
         rows.append(("id_feature", enc_ratio(avatar.id_feature.cpu().numpy(), case["id_feature"][0])))
         rows.append(("id_map", enc_ratio(avatar.id_map.cpu().numpy(), case["id_map"][0])))
         rows.append(("ref_pose_code", enc_ratio(avatar.reference_pose.cpu().numpy(), case["ref_pose_code"][0, 0])))

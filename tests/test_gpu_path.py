@@ -21,7 +21,7 @@ from pcavs.engine import (Avatar, EngineOptions, SessionRequest, StageTimes, enc
 from pcavs.networks.audio_encoder import AudioEncoder
 from pcavs.networks.identity_encoder import IdentityEncoder
 from pcavs.networks.pose_encoder import PoseEncoder
-from pcavs.runtime import RenderRuntime, bucket_for
+from pcavs.runtime import DEFAULT_BUCKETS, RenderRuntime, bucket_for
 from tests.test_generator import _random_generator
 
 CUDA = torch.cuda.is_available()
@@ -67,11 +67,17 @@ def nets() -> PcavsNetworks:
 
 
 @pytest.fixture(scope="module")
-def avatars(nets):
+def rt(nets) -> RenderRuntime:
+    """The networks' one render runtime, which every avatar of the module joins."""
+    return RenderRuntime(nets)
+
+
+@pytest.fixture(scope="module")
+def avatars(rt):
     """Three sessions: fixed noise, zero noise with a livelier mouth, random noise."""
-    return [Avatar(nets, photo(1), EngineOptions(noise="fixed", noise_seed=3)),
-            Avatar(nets, photo(2), EngineOptions(noise="zero", mouth_weight=2.0)),
-            Avatar(nets, photo(3), EngineOptions(noise="random"))]
+    return [Avatar(rt, photo(1), EngineOptions(noise="fixed", noise_seed=3)),
+            Avatar(rt, photo(2), EngineOptions(noise="zero", mouth_weight=2.0)),
+            Avatar(rt, photo(3), EngineOptions(noise="random"))]
 
 
 def reference_frame(avatar: Avatar, mel: np.ndarray, pose: np.ndarray | None) -> np.ndarray:
@@ -122,8 +128,8 @@ def test_random_noise_rows_get_fresh_noise_and_others_keep_theirs(avatars):
     assert np.any(a[1] != b[1])
 
 
-def test_bucket_padding_returns_exactly_the_requested_rows(nets, avatars):
-    runtime = nets.runtime
+def test_bucket_padding_returns_exactly_the_requested_rows(rt, avatars):
+    runtime = rt
     fixed, zero, _ = avatars
     m = mels(6, 4)
     reqs = lambda: [SessionRequest(fixed if i % 2 else zero, m[i]) for i in range(6)]  # noqa: E731
@@ -134,18 +140,18 @@ def test_bucket_padding_returns_exactly_the_requested_rows(nets, avatars):
         three = render_sessions(reqs()[:3])    # padded to 4
         six = render_sessions(reqs())          # 4 + 2: more rows than the largest bucket
     finally:
-        runtime.configure(pad_to_buckets=False, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        runtime.configure(pad_to_buckets=False, buckets=DEFAULT_BUCKETS)
     assert len(three) == 3 and len(six) == 6
     assert runtime.stats.padded_rows - padded_before == 1
     np.testing.assert_array_equal(np.stack(three), np.stack(plain[0]))
     np.testing.assert_array_equal(np.stack(six), np.stack(plain[1]))
 
 
-def test_graphed_flow_reuses_static_buffers_correctly(nets, avatars):
+def test_graphed_flow_reuses_static_buffers_correctly(rt, avatars):
     """The CUDA-graph flow with its semantics emulated on the CPU (fixed input buffers refilled per call,
     outputs overwritten by every replay): any number of rows, repeated buckets within one call (9 rows =
     4 + 4 + 1), random noise and bucket padding give exactly the eager frames."""
-    runtime = nets.runtime
+    runtime = rt
     fixed, zero, rnd = avatars
     m = mels(9, 15)
     reqs = lambda k: [SessionRequest((fixed, zero)[i % 2], m[i]) for i in range(k)]  # noqa: E731
@@ -159,7 +165,7 @@ def test_graphed_flow_reuses_static_buffers_correctly(nets, avatars):
         mixed = [render_sessions([SessionRequest(rnd, m[0]), SessionRequest(fixed, m[1])]) for _ in range(2)]
     finally:
         runtime.configure(graphs=False, emulate_graphs=False, pad_to_buckets=False,
-                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+                          buckets=DEFAULT_BUCKETS)
     for k, frames in graphed.items():
         np.testing.assert_array_equal(frames, eager[k])
     assert runtime.stats.graph_rows - before[0] == (4 + 1) + 1 + 3 + 9 + 3 + 2 + 2  # warm-up rows first
@@ -173,9 +179,9 @@ def test_bucket_for():
     assert [bucket_for(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
 
 
-def test_warm_up_prepares_each_bucket_once(nets):
-    runtime = nets.runtime
-    assert warm_up(nets, [1, 3]) == [] or CUDA  # nothing to prepare on a CPU unless forced
+def test_warm_up_prepares_each_bucket_once(rt):
+    runtime = rt
+    assert warm_up(rt, [1, 3]) == [] or CUDA  # nothing to prepare on a CPU unless forced
     runtime.configure(pad_to_buckets=True, buckets=(1, 2, 4))
     calls = []
     real = runtime.render
@@ -184,7 +190,7 @@ def test_warm_up_prepares_each_bucket_once(nets):
         assert runtime.warm_up([1, 3, 4], force=True) == [1, 4]
     finally:
         del runtime.render
-        runtime.configure(pad_to_buckets=False, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        runtime.configure(pad_to_buckets=False, buckets=DEFAULT_BUCKETS)
     assert calls == [4, 1]  # the largest first
 
 
@@ -194,9 +200,9 @@ def test_stage_times_are_recorded(avatars):
     assert times.audio_ms > 0 and times.generator_ms > 0 and times.convert_ms >= 0
 
 
-def test_identity_bank_grows_and_reuses_released_slots(nets, avatars):
+def test_identity_bank_grows_and_reuses_released_slots(rt, avatars):
     fixed, zero = avatars[0], avatars[1]
-    runtime = nets.runtime
+    runtime = rt
     m = mels(1, 6)
     before = fixed.render(m)
     capacity = runtime.bank.capacity
@@ -207,7 +213,7 @@ def test_identity_bank_grows_and_reuses_released_slots(nets, avatars):
     assert runtime.add_identity(zero.identity_style, zero.id_map, None) == filler[0]
     for slot in filler:
         runtime.release(slot)
-    extra = Avatar(nets, photo(2), EngineOptions(noise="zero", mouth_weight=2.0))  # zero's photo and options
+    extra = Avatar(rt, photo(2), EngineOptions(noise="zero", mouth_weight=2.0))  # zero's photo and options
     assert extra.slot in filler
     np.testing.assert_array_equal(extra.render(m), zero.render(m))
     slot = extra.slot
@@ -229,20 +235,20 @@ def poisoned(runtime: RenderRuntime, slot: int, value: float, layer: int = 3):
             terms[slot] = saved
 
 
-def test_nonfinite_frame_is_held_and_counted(nets):
-    a = Avatar(nets, photo(20), EngineOptions(noise="zero"))
-    b = Avatar(nets, photo(21), EngineOptions(noise="zero"))
+def test_nonfinite_frame_is_held_and_counted(rt):
+    a = Avatar(rt, photo(20), EngineOptions(noise="zero"))
+    b = Avatar(rt, photo(21), EngineOptions(noise="zero"))
     m = mels(2, 7)
     first = render_sessions([SessionRequest(a, m[0]), SessionRequest(b, m[0])])
-    with poisoned(nets.runtime, a.slot, float("nan")):
+    with poisoned(rt, a.slot, float("nan")):
         held = render_sessions([SessionRequest(a, m[1]), SessionRequest(b, m[1])])
     np.testing.assert_array_equal(held[0], first[0])          # the last good frame, not garbage
     assert a.frames_nonfinite == 1 and b.frames_nonfinite == 0
     assert np.any(held[1] != first[1])                        # the other session rendered normally
     # Before any good frame: the photo as the networks saw it (scaled to the generator's 28² here).
-    with poisoned(nets.runtime, b.slot, float("nan")):
-        fresh = Avatar(nets, photo(22), EngineOptions(noise="zero"))
-        with poisoned(nets.runtime, fresh.slot, float("nan")):
+    with poisoned(rt, b.slot, float("nan")):
+        fresh = Avatar(rt, photo(22), EngineOptions(noise="zero"))
+        with poisoned(rt, fresh.slot, float("nan")):
             photo_frame = fresh.render(m[:1])[0]
     assert fresh.frames_nonfinite == 1
     np.testing.assert_array_equal(photo_frame, fresh.placeholder)
@@ -269,11 +275,12 @@ def test_bf16_keeps_encoders_float32(nets_bf16):
                for p in net.parameters())
 
 
-def test_bf16_avatar_and_sessions_close_to_float32(nets, nets_bf16):
+def test_bf16_avatar_and_sessions_close_to_float32(rt, nets_bf16):
     m = mels(2, 9)
     pose = np.random.default_rng(1).normal(0, 0.05, (2, 12)).astype(np.float32)
-    ref = [Avatar(nets, photo(i), EngineOptions(noise="zero")) for i in (30, 31)]
-    half = [Avatar(nets_bf16, photo(i), EngineOptions(noise="zero", dtype=torch.bfloat16)) for i in (30, 31)]
+    ref = [Avatar(rt, photo(i), EngineOptions(noise="zero")) for i in (30, 31)]
+    rt_bf16 = RenderRuntime(nets_bf16)
+    half = [Avatar(rt_bf16, photo(i), EngineOptions(noise="zero", dtype=torch.bfloat16)) for i in (30, 31)]
     np.testing.assert_allclose(half[0].id_feature.numpy(), ref[0].id_feature.numpy())  # float32 encoders
     batch_ref, batch_half = ref[0].render(m, pose), half[0].render(m, pose)
     sess_ref = np.stack(render_sessions([SessionRequest(a, w) for a, w in zip(ref, m)]))
@@ -289,7 +296,7 @@ def test_bf16_avatar_and_sessions_close_to_float32(nets, nets_bf16):
 def cuda_nets(nets):
     if not CUDA:
         pytest.skip("needs a CUDA GPU")
-    return {dtype: make_networks("cuda", dtype, like=nets) for dtype in (torch.float32, torch.bfloat16)}
+    return {dtype: RenderRuntime(make_networks("cuda", dtype, like=nets)) for dtype in (torch.float32, torch.bfloat16)}
 
 
 @pytest.fixture()
@@ -310,7 +317,7 @@ def test_cuda_encoders_match_cpu(nets, cuda_nets, no_tf32, net_name, batch):
         0 if net_name == "audio" else 1)
     with torch.inference_mode():
         ref = getattr(nets, net_name)(x)
-        out = getattr(cuda_nets[torch.float32], net_name)(x.cuda())
+        out = getattr(cuda_nets[torch.float32].networks, net_name)(x.cuda())
     ref, out = (ref if isinstance(ref, tuple) else (ref,)), (out if isinstance(out, tuple) else (out,))
     for r, o in zip(ref, out):
         np.testing.assert_allclose(o.cpu().numpy(), r.numpy(), rtol=1e-3, atol=1e-4)
@@ -322,14 +329,14 @@ def test_cuda_encoders_match_cpu(nets, cuda_nets, no_tf32, net_name, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_cuda_sessions_match_cpu(nets, cuda_nets, no_tf32, dtype, graphs, n):
+def test_cuda_sessions_match_cpu(rt, cuda_nets, no_tf32, dtype, graphs, n):
     """Batch 1 and a padded batch (3 → bucket 4), eager and CUDA-graphed, against the CPU float32 path."""
     cnets = cuda_nets[dtype]
-    cnets.runtime.configure(graphs=graphs)
-    graph_rows = cnets.runtime.stats.graph_rows
+    cnets.configure(graphs=graphs)
+    graph_rows = cnets.stats.graph_rows
     m = mels(n, 11)
     pose = np.random.default_rng(2).normal(0, 0.05, (n, 12)).astype(np.float32)
-    cpu = [Avatar(nets, photo(40 + i), EngineOptions(noise="zero")) for i in range(n)]
+    cpu = [Avatar(rt, photo(40 + i), EngineOptions(noise="zero")) for i in range(n)]
     gpu = [Avatar(cnets, photo(40 + i), EngineOptions(device="cuda", noise="zero")) for i in range(n)]
     ref = np.stack(render_sessions([SessionRequest(a, m[i], pose[i]) for i, a in enumerate(cpu)]))
     out = np.stack(render_sessions([SessionRequest(a, m[i], pose[i]) for i, a in enumerate(gpu)]))
@@ -337,18 +344,18 @@ def test_cuda_sessions_match_cpu(nets, cuda_nets, no_tf32, dtype, graphs, n):
         assert_frames_close(out, ref)
     else:
         assert psnr_uint8(out, ref) > 40.0
-    assert cnets.runtime.stats.graph_failures == 0
-    assert (cnets.runtime.stats.graph_rows - graph_rows == n) == graphs
+    assert cnets.stats.graph_failures == 0
+    assert (cnets.stats.graph_rows - graph_rows == n) == graphs
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_avatar_render_path_never_syncs_the_device(cuda_nets, monkeypatch):
     cnets = cuda_nets[torch.bfloat16]
-    cnets.runtime.configure(graphs=True)
+    cnets.configure(graphs=True)
     avatar = Avatar(cnets, photo(50), EngineOptions(device="cuda", dtype=torch.bfloat16))
     assert avatar.warm_up([1, 4]) == [1, 4]
-    assert {1, 4} <= set(cnets.runtime.stats.captured_buckets)
+    assert {1, 4} <= set(cnets.stats.captured_buckets)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("torch.cuda.synchronize on the render path")
@@ -368,9 +375,9 @@ def test_cuda_pose_worker_stream_runs_beside_rendering(cuda_nets):
     avatar = Avatar(cnets, photo(51), EngineOptions(device="cuda", noise="zero"))
     crops = np.random.default_rng(3).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
     m = mels(2, 13)
-    want_codes, want_frames = encode_poses(cnets, crops), avatar.render(m)
+    want_codes, want_frames = encode_poses(cnets.networks, crops), avatar.render(m)
     stream, got = WorkerStream("cuda"), []
-    worker = threading.Thread(target=lambda: got.extend(stream.wrap(encode_poses)(cnets, crops) for _ in range(5)))
+    worker = threading.Thread(target=lambda: got.extend(stream.wrap(encode_poses)(cnets.networks, crops) for _ in range(5)))
     worker.start()
     frames = [avatar.render(m) for _ in range(5)]
     worker.join()
@@ -384,18 +391,35 @@ def test_cuda_pose_worker_stream_runs_beside_rendering(cuda_nets):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_nonfinite_rows_are_held_on_the_graph_path(cuda_nets):
     cnets = cuda_nets[torch.bfloat16]
-    cnets.runtime.configure(graphs=True)
+    cnets.configure(graphs=True)
     a = Avatar(cnets, photo(52), EngineOptions(device="cuda", noise="zero"))
     m = mels(2, 14)
     good = a.render(m[:1])
-    with poisoned(cnets.runtime, a.slot, float("inf"), layer=2):
+    with poisoned(cnets, a.slot, float("inf"), layer=2):
         held = a.render(m[1:])
     np.testing.assert_array_equal(held, good)
     assert a.frames_nonfinite == 1
 
 
-def test_runtime_is_shared_by_every_avatar_of_the_networks(nets, avatars):
-    assert all(a.runtime is nets.runtime for a in avatars) and isinstance(nets.runtime, RenderRuntime)
+def test_runtime_is_shared_by_every_avatar_of_the_networks(nets, rt, avatars):
+    assert all(a.runtime is rt and a.networks is nets for a in avatars)
+    assert not hasattr(nets, "runtime")  # plain networks: the runtime is made (once) by whoever builds sessions
+    with pytest.raises(TypeError, match="RenderRuntime"):
+        Avatar(nets, photo(1))  # type: ignore[arg-type]
+    other = Avatar(RenderRuntime(nets), photo(1))
+    with pytest.raises(ValueError, match="one RenderRuntime"):
+        render_sessions([SessionRequest(avatars[0], mels(1, 0)[0]), SessionRequest(other, mels(1, 0)[0])])
+
+
+def test_checkpoints_never_import_the_runtime():
+    """One-way: pcavs.runtime imports pcavs.checkpoints, never the reverse (not even lazily)."""
+    import subprocess
+    import sys
+    code = ("import sys, pcavs.checkpoints as c; assert 'pcavs.runtime' not in sys.modules; "
+            "import inspect; src = inspect.getsource(c); assert 'pcavs.runtime import' not in src and "
+            "'import pcavs.runtime' not in src; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_prepare_engine_sets_cudnn_warms_up_and_watches_nonfinite(avatars, monkeypatch):

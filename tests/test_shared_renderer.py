@@ -120,10 +120,11 @@ def test_real_generator_renders_k_sessions_in_one_pass():
 
     from pcavs.checkpoints import load_networks
     from pcavs.engine import Avatar, EngineOptions, render_sessions
+    from pcavs.runtime import RenderRuntime
     from tests.conftest import parity_weights_dir
 
     nets = load_networks(parity_weights_dir(0), device="cpu")
-    avatar = Avatar(nets, torch.zeros(3, 224, 224), EngineOptions(noise_seed=0))
+    avatar = Avatar(RenderRuntime(nets), torch.zeros(3, 224, 224), EngineOptions(noise_seed=0))
     batches = []
     forward_cached = nets.generator.forward_cached   # the app's generator pass (cached identity style)
 

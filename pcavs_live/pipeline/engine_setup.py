@@ -5,6 +5,8 @@ pose path beside it without slowing it down.
   CUDA, so call this after the detectors exist), then a warm-up of every batch size the loop will render,
   which on a GPU autotunes and captures the CUDA graphs now instead of in the first seconds live; the
   metrics get the avatar's count of held non-finite frames (`frames_nonfinite`).
+* `prepare_runtime`: the studio's form of it, before its first session: every batch a tick of 1 ..
+  `max_sessions` sessions pads to, so no session joining later waits for a capture.
 * `start_live_pose`: frames → at most `rate_hz` per second (`capture.pose_rate.RateLimitedSource`) → face
   detected once, then tracked (`pcavs.alignment.tracking`) → live alignment → pose encoder, all of the
   worker's GPU work on its own lowest-priority stream (`pcavs.gpu.WorkerStream`); the scheduler's pose
@@ -25,6 +27,7 @@ from pcavs.device import configure_cudnn
 from pcavs.engine import Avatar
 from pcavs.gpu import WorkerStream
 from pcavs.preprocess import to_network_input
+from pcavs.runtime import RenderRuntime
 from pcavs_live.pipeline.metrics import LiveMetrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,17 @@ def prepare_engine(avatar: Avatar, batch_sizes: Iterable[int], metrics: LiveMetr
         log.info("engine warmed up for batch sizes %s", prepared)
     if metrics is not None:
         metrics.watch("frames_nonfinite", lambda: avatar.frames_nonfinite)
+    return prepared
+
+
+def prepare_runtime(runtime: RenderRuntime, max_sessions: int) -> list[int]:
+    """Before a studio accepts its first session: cuDNN as we want it, then a warm-up of every batch
+    bucket up to the one `max_sessions` rows pad to (on a GPU: autotuning and the CUDA graphs captured
+    now, largest first, not while sessions wait). Returns the buckets prepared (none on a CPU)."""
+    configure_cudnn(str(runtime.device))
+    prepared = runtime.warm_up(range(1, max(1, int(max_sessions)) + 1))
+    if prepared:
+        log.info("render runtime warmed up for batch buckets %s", prepared)
     return prepared
 
 

@@ -30,7 +30,7 @@ from pcavs.constants import FPS
 from pcavs.device import resolve_device
 from pcavs.engine import Avatar, encode_poses
 from pcavs.mel import FixedGain, StreamingGain, StreamingMel, file_gain
-from pcavs_live.pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, engine_options, load_engine, make_scheduler,
+from pcavs_live.pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, engine_options, make_runtime, make_scheduler,
                                start_live_pose)
 from pcavs_live.pipeline.engine_setup import prepare_engine
 from pcavs_live.pipeline.metrics import LiveMetrics, format_status_line
@@ -109,10 +109,10 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]
     if not photo.is_file():
         raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
     rgb = read_rgb(photo)  # a damaged photo is named as such, before any model is loaded
-    networks = load_engine(m.checkpoint_dir, options)
+    runtime = make_runtime(m.checkpoint_dir, options)
     side = sidecar_path(photo)
     landmarks = load_landmark_sidecar(side) if side.is_file() else None  # a sidecar needs no detector
-    avatar, face = encode_identity(networks, options, rgb, str(photo), landmarks, detector)
+    avatar, face = encode_identity(runtime, options, rgb, str(photo), landmarks, detector)
     return avatar, face, rgb
 
 

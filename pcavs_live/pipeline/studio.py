@@ -1,7 +1,7 @@
 """Studio sessions: what runs behind each browser of `stream.studio.StudioServer`.
 
 A `StudioSession` is one session in the same structure as the CLI's run (pcavs_live/pipeline/builders.py): its
-own identity (photo encoded once, sharing the one loaded `PcavsNetworks`), the browser's microphone as
+own identity (photo encoded once, on the process's one `RenderRuntime`), the browser's microphone as
 its audio source (`BrowserAudioSource` → its own `AudioTimeline`), the browser's camera through its own
 `PoseWorker` (or the photo's pose), `SessionOutput` as its sink, and the same `Scheduler`, on a thread
 the session owns. Its renderer is a handle of the process's one `SharedRenderer`, so every session's
@@ -9,12 +9,14 @@ ready frame goes through one batched network pass.
 
 `StudioSessions` is the server's factory: it encodes identities (`IdentityEncoder`: the bundled sample
 with its landmark sidecar, or an uploaded photo through the landmark detector) and attaches sessions to
-the shared renderer. `serve` wires the whole studio from a Config (`run_live.py serve`).
+the shared renderer. `serve` wires the whole studio from a Config (`run_live.py serve`): on a GPU it
+warms every render bucket up to `server.max_sessions` (`prepare_runtime`) before the first offer is
+accepted, and every session's pose worker tracks the face through the one shared landmark model
+(`pcavs.alignment.tracking`: the box detector runs only when the face is lost).
 """
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 import threading
@@ -42,37 +44,28 @@ log = logging.getLogger(__name__)
 EncodeIdentity = Callable[[np.ndarray | None, str], tuple[object, np.ndarray]]
 
 
-def release_device_memory(device: str | None) -> None:
-    """Give a finished session's memory back: collect its cycles, and empty PyTorch's CUDA cache so
-    that `nvidia-smi` (and the next session) see the memory free."""
-    gc.collect()
-    if device is not None and str(device).startswith("cuda"):
-        import torch
-        torch.cuda.empty_cache()
-
-
 class IdentityEncoder:
     """Photo → Avatar on the shared networks. The sample uses its landmark sidecar; uploads use the
     landmark detector (a photo without a face: `FaceNotFoundError`, one line for the page)."""
 
-    def __init__(self, networks, options, sample_photo: Path,
+    def __init__(self, runtime, options, sample_photo: Path,
                  detector: Callable[[], LandmarkDetector] | None) -> None:
-        self.networks, self.options = networks, options
+        self.runtime, self.options = runtime, options  # a RenderRuntime; None until serve has warmed it
         self.sample_photo = Path(sample_photo)
         self.detector = detector
         self._lock = threading.Lock()    # one detector and one identity pass at a time
 
     def __call__(self, photo: np.ndarray | None, name: str):
-        if self.networks is None:
+        if self.runtime is None:
             raise UserError("the studio is still loading its networks; try again in a few seconds")
         with self._lock:
             if photo is None:
                 side = sidecar_path(self.sample_photo)
                 landmarks = load_landmark_sidecar(side) if side.is_file() else None
-                avatar, face = encode_identity(self.networks, self.options, read_rgb(self.sample_photo), name,
+                avatar, face = encode_identity(self.runtime, self.options, read_rgb(self.sample_photo), name,
                                                landmarks, self.detector)
             else:
-                avatar, face = encode_identity(self.networks, self.options, photo, name, None, self.detector)
+                avatar, face = encode_identity(self.runtime, self.options, photo, name, None, self.detector)
             return avatar, face.image
 
 
@@ -172,10 +165,15 @@ class StudioSession:
             self._source.stop()
         if self._video is not None:
             self._video.close()
-        # Drop every reference to the session's tensors and buffers, then return the memory.
+        # Free the session's slot in the identity bank and drop every reference to its tensors: the
+        # caching allocator reuses them for the next session. No gc.collect() (GIL held for the whole
+        # heap) and no torch.cuda.empty_cache() (a device-wide sync, and an allocator assert if it
+        # overlapped another thread's graph capture) on a stop.
+        close = getattr(self.avatar, "close", None)
+        if close is not None:
+            close()
         self.avatar = self.handle = self._source = self._video = self._pose_worker = self._thread = None
         self.placeholder = None
-        release_device_memory(self._device)
 
 
 class StudioSessions:
@@ -206,9 +204,13 @@ class ServeOptions:
 
 def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event | None = None,
           ready: Callable[[object], None] | None = None) -> int:
-    """Load the networks once, start the shared renderer and the studio server, run until `stop`."""
+    """Load the networks once, warm the runtime up for `server.max_sessions` rows, start the shared
+    renderer and the studio server, run until `stop`. Offers are refused ("still loading") until the
+    warm-up is done, so no CUDA graph is captured while sessions wait."""
+    from pcavs.device import configure_cudnn
     from pcavs.engine import render_sessions
-    from pcavs_live.pipeline.builders import engine_options, load_engine
+    from pcavs_live.pipeline.builders import engine_options, make_runtime
+    from pcavs_live.pipeline.engine_setup import prepare_runtime
     from stream.studio import StudioServer
     from stream.webrtc import ice_servers
 
@@ -225,7 +227,10 @@ def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event 
             if not shared:
                 from pcavs.alignment import FaceAlignmentDetector
                 shared.append(FaceAlignmentDetector(device=opts.device))
-            return _LockedDetector(shared[0].with_detect_max_side(max_side), detector_lock)
+                configure_cudnn(opts.device)  # importing face_alignment set it behind our back
+        # Its two stages (box detector, landmarks) as they are, so each session's pose worker tracks the
+        # face with them (`tracking_detector`); the model's own lock guards each call, not a whole frame.
+        return shared[0].with_detect_max_side(max_side)
 
     opts = engine_options(m.device, m.dtype, m.noise, m.noise_seed, m.mouth_weight)
     renderer = SharedRenderer(render_sessions)
@@ -238,7 +243,9 @@ def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event 
                           lost_timeout_s=options.lost_timeout_s)
     server.start()               # a port in use is reported before the networks load
     try:
-        factory.encode.networks = load_engine(m.checkpoint_dir, opts)
+        runtime = make_runtime(m.checkpoint_dir, opts)
+        prepare_runtime(runtime, s.max_sessions)
+        factory.encode.runtime = runtime  # from here offers are accepted
         renderer.start()
         print(f"studio: open {server.url}  (up to {s.max_sessions} sessions)", file=sys.stderr, flush=True)
         if ready is not None:
@@ -249,13 +256,3 @@ def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event 
         renderer.stop()
     return 0
 
-
-class _LockedDetector:
-    """The process's one landmark model, used by several sessions' threads one call at a time."""
-
-    def __init__(self, detector: LandmarkDetector, lock: threading.Lock) -> None:
-        self._detector, self._lock = detector, lock
-
-    def detect(self, rgb: np.ndarray):
-        with self._lock:
-            return self._detector.detect(rgb)
