@@ -195,6 +195,27 @@ class StudioSessions:
         return self.renderer.stats()
 
 
+class SharedLandmarkModel:
+    """The process's one landmark model (face_alignment's SFD + FAN), loaded on first use and shared by
+    the identity encoder (boxes at full size) and every session's pose worker (`max_side`:
+    `POSE_DETECT_MAX_SIDE`). What it hands out keeps the model's two stages (`face_boxes`,
+    `landmarks_in_boxes`), so each session's pose worker tracks its face (`tracking_detector`) and runs
+    the box detector only when the face is lost. No studio-wide lock around a session's frame: the
+    model guards each of its own calls."""
+
+    def __init__(self, load: Callable[[], object]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._model: object | None = None
+
+    def __call__(self, max_side: int | None = None):
+        with self._lock:      # loaded once, by the first caller
+            if self._model is None:
+                self._model = self._load()
+        resize = getattr(self._model, "with_detect_max_side", None)
+        return self._model if resize is None else resize(max_side)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     ice_host_addresses: tuple[str, ...] | None = None  # override (loopback tests)
@@ -217,20 +238,16 @@ def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event 
     stop = stop or threading.Event()
     s, m = config.server, config.model
     hosts = options.ice_host_addresses
-    detector_lock = threading.Lock()
-    shared: list = []
 
-    def detector(max_side: int | None = None):
+    def load_detector():
         if options.landmark_detector is not None:
             return options.landmark_detector
-        with detector_lock:      # one face_alignment model for the process (loaded on first use)
-            if not shared:
-                from pcavs.alignment import FaceAlignmentDetector
-                shared.append(FaceAlignmentDetector(device=opts.device))
-                configure_cudnn(opts.device)  # importing face_alignment set it behind our back
-        # Its two stages (box detector, landmarks) as they are, so each session's pose worker tracks the
-        # face with them (`tracking_detector`); the model's own lock guards each call, not a whole frame.
-        return shared[0].with_detect_max_side(max_side)
+        from pcavs.alignment import FaceAlignmentDetector
+        model = FaceAlignmentDetector(device=opts.device)
+        configure_cudnn(opts.device)  # importing face_alignment set it behind our back
+        return model
+
+    detector = SharedLandmarkModel(load_detector)
 
     opts = engine_options(m.device, m.dtype, m.noise, m.noise_seed, m.mouth_weight)
     renderer = SharedRenderer(render_sessions)
