@@ -696,3 +696,49 @@ def test_studio_session_stop_frees_its_slot_without_device_wide_syncs(monkeypatc
     session.stop()
     session.stop()
     assert Closable.closed == 1 and session.avatar is None
+
+
+def test_pose_batcher_encodes_waiting_sessions_crops_in_one_pass(nets):
+    """While one pass runs, the other sessions' crops wait and go through the next pass together; every
+    caller gets its own crop's code (the same as encode_poses alone), and a failing pass reaches each
+    of its callers."""
+    from pcavs_live.pipeline.engine_setup import PoseBatcher
+
+    crops = np.random.default_rng(9).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    alone = encode_poses(nets, crops)
+    inside, release = threading.Event(), threading.Event()
+    passes: list[int] = []
+
+    def encode_many(networks, batch):
+        passes.append(len(batch))
+        if len(passes) == 1:
+            inside.set()
+            release.wait(30)
+        return encode_poses(networks, batch)
+
+    batcher = PoseBatcher(encode_many)
+    got: dict[int, np.ndarray] = {}
+    first = threading.Thread(target=lambda: got.__setitem__(0, batcher.encode(nets, crops[0])))
+    first.start()
+    assert inside.wait(30)
+    rest = [threading.Thread(target=lambda i=i: got.__setitem__(i, batcher.encode(nets, crops[i])))
+            for i in range(1, 5)]
+    for t in rest:
+        t.start()
+    deadline = threading.Event()
+    for _ in range(300):  # every other session's crop is waiting for the pass in flight
+        with batcher._cond:
+            if len(batcher._pending) == 4:
+                break
+        deadline.wait(0.1)
+    release.set()
+    for t in [first, *rest]:
+        t.join(60)
+    assert passes == [1, 4] and batcher.passes == 2 and batcher.crops == 5
+    for i in range(5):
+        np.testing.assert_allclose(got[i], alone[i], rtol=1e-4, atol=1e-5)
+
+    def broken(networks, batch):
+        raise RuntimeError("pose encoder failed")
+    with pytest.raises(RuntimeError, match="pose encoder failed"):
+        PoseBatcher(broken).encode(nets, crops[0])

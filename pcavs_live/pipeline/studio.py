@@ -12,7 +12,8 @@ with its landmark sidecar, or an uploaded photo through the landmark detector) a
 the shared renderer. `serve` wires the whole studio from a Config (`run_live.py serve`): on a GPU it
 warms every render bucket up to `server.max_sessions` (`prepare_runtime`) before the first offer is
 accepted, and every session's pose worker tracks the face through the one shared landmark model
-(`pcavs.alignment.tracking`: the box detector runs only when the face is lost).
+(`pcavs.alignment.tracking`: the box detector runs only when the face is lost); the sessions' pose
+crops share pose-encoder passes (`PoseBatcher`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from capture.pose_rate import DEFAULT_RATE_HZ
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs.mel import StreamingGain, StreamingMel
 from pcavs_live.pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity, make_scheduler, start_live_pose
+from pcavs_live.pipeline.engine_setup import PoseBatcher
 from pcavs_live.pipeline.metrics import LiveMetrics
 from pcavs_live.pipeline.scheduler import SchedulerOptions
 from pcavs_live.pipeline.shared_renderer import RendererClosed, SharedRenderer
@@ -74,8 +76,10 @@ class StudioSession:
 
     def __init__(self, avatar, placeholder: np.ndarray, renderer: SharedRenderer,
                  pose_detector: Callable[[], LandmarkDetector] | None, pose_smoothing: float | None,
-                 device: str | None, pose_rate_hz: float = DEFAULT_RATE_HZ) -> None:
+                 device: str | None, pose_rate_hz: float = DEFAULT_RATE_HZ,
+                 pose_batcher: PoseBatcher | None = None) -> None:
         self.avatar, self.placeholder = avatar, placeholder
+        self._pose_batcher = pose_batcher
         self._pose_rate_hz = pose_rate_hz
         self.metrics = LiveMetrics()
         self._renderer = renderer
@@ -103,7 +107,8 @@ class StudioSession:
             if video is not None and self._pose_detector is not None:
                 self._video = BrowserVideoSource(video, loop)
                 self._pose_worker, pose = start_live_pose(self._video, self.avatar, self._pose_detector(),
-                                                          self._pose_smoothing, self._pose_rate_hz, self.metrics)
+                                                          self._pose_smoothing, self._pose_rate_hz, self.metrics,
+                                                          pose_batcher=self._pose_batcher)
                 checks = [self._pose_worker.check]
             elif video is not None:
                 log.info("no landmark detector for camera pose; using the photo's pose")
@@ -181,15 +186,17 @@ class StudioSessions:
 
     def __init__(self, encode: EncodeIdentity, renderer: SharedRenderer,
                  pose_detector: Callable[[], LandmarkDetector] | None = None,
-                 pose_smoothing: float | None = 0.5, device: str | None = None, pose_rate_hz: float = DEFAULT_RATE_HZ) -> None:
+                 pose_smoothing: float | None = 0.5, device: str | None = None, pose_rate_hz: float = DEFAULT_RATE_HZ,
+                 pose_batcher: PoseBatcher | None = None) -> None:
         self.encode, self.renderer = encode, renderer
+        self.pose_batcher = pose_batcher
         self.pose_detector, self.pose_smoothing, self.device = pose_detector, pose_smoothing, device
         self.pose_rate_hz = pose_rate_hz
 
     def create(self, photo: np.ndarray | None, name: str) -> StudioSession:
         avatar, aligned = self.encode(photo, name)
         return StudioSession(avatar, aligned, self.renderer, self.pose_detector, self.pose_smoothing, self.device,
-                             self.pose_rate_hz)
+                             self.pose_rate_hz, pose_batcher=self.pose_batcher)
 
     def stats(self) -> dict:
         return self.renderer.stats()
@@ -253,7 +260,7 @@ def serve(config, options: ServeOptions = ServeOptions(), stop: threading.Event 
     renderer = SharedRenderer(render_sessions)
     factory = StudioSessions(IdentityEncoder(None, opts, Path(config.identity.photo), detector), renderer,
                              pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), pose_smoothing=config.pose.smoothing,
-                             device=opts.device, pose_rate_hz=config.pose.rate_hz)
+                             device=opts.device, pose_rate_hz=config.pose.rate_hz, pose_batcher=PoseBatcher())
     server = StudioServer(factory, host=s.host, port=s.port, token=s.token, max_sessions=s.max_sessions,
                           ice_servers=ice_servers(s.stun_url, s.turn_url, s.turn_username, s.turn_credential),
                           ice_host_addresses=s.ice_host_addresses if hosts is None else hosts,
