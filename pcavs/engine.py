@@ -239,7 +239,8 @@ class SessionRequest:
 
 def render_sessions(requests: Sequence[SessionRequest], times: StageTimes | None = None) -> list[np.ndarray]:
     """Cross-session batching: every session due on this tick in one audio pass and one generator pass
-    (CUDA graphs on a GPU). All avatars must belong to one `RenderRuntime`. Each row keeps its own identity, pose, mouth weight and noise policy; Python only assembles
+    (CUDA graphs on a GPU). All avatars must belong to one `RenderRuntime`. Each row keeps its own
+    identity, pose, mouth weight and noise policy; Python only assembles
     the host arrays (no per-session tensor work)."""
     if not requests:
         return []

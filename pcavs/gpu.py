@@ -161,13 +161,6 @@ def download(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     return [h.numpy() for h in hosts]
 
 
-def sync_current_stream(device: str | torch.device) -> None:
-    """Wait for the calling thread's current stream only (set-up steps whose results other streams
-    will read); no-op off CUDA."""
-    if is_cuda(device):
-        torch.cuda.current_stream(torch.device(device)).synchronize()
-
-
 class StageClock:
     """Time per named stage: `split(name)` charges the time since the previous split (or the start) to
     `name`. CUDA: events recorded on the current stream, read by `totals_ms()` after the caller's own wait

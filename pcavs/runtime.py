@@ -257,12 +257,6 @@ class RenderRuntime:
         identity stream, at the lowest priority, not on the default stream a render would wait for."""
         return self.identity_stream.scope()
 
-    @property
-    def batched(self) -> bool:
-        """Whether the generator runs a batch in one pass, as on CUDA (emulated graphs imitate it); the
-        plain CPU path runs batch-1 passes (`ModulatedGenerator.max_batch` "auto")."""
-        return self.cuda or self.emulate_graphs
-
     # ------------------------------------------------------------------ configuration
     def configure(self, graphs: bool | None = None, buckets: Sequence[int] | None = None,
                   pad_to_buckets: bool | None = None, emulate_graphs: bool | None = None) -> None:
