@@ -1,8 +1,8 @@
 """The pieces every session is built from, shared by the CLI's one run and the studio's many.
 
 A session is: an identity (`encode_identity`: the photo aligned and encoded once, on the one
-`RenderRuntime` made from the networks `load_engine` loaded: `make_runtime`), an audio source and its `AudioTimeline`, a pose provider (`start_live_pose`, or
-none for the photo's own pose), sinks, and the `Scheduler` that drives them
+`RenderRuntime` made from the networks `load_engine` loaded: `make_runtime`), an audio source and its
+`AudioTimeline`, a pose provider (`start_live_pose`, or none for the photo's own pose), sinks, and the `Scheduler` that drives them
 (`make_scheduler`, the one place a Scheduler is constructed). `pcavs_live.pipeline.session.LiveSession` builds one
 session from a Config and its local devices; `pcavs_live.pipeline.studio` builds one per browser, with the
 browser's tracks as sources and a `SharedRenderer` handle as its renderer.
