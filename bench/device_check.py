@@ -19,8 +19,10 @@ test suite does, so the script is known to work before it meets a GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +137,17 @@ def _max_peak(stage: dict[str, Any]) -> float | None:
     return max(peaks) if peaks else None
 
 
+def _tidy_tmp(out: Path) -> None:
+    """device_check.sh points TMPDIR at OUT/tmp so nothing is written outside OUT; at the end the
+    carried wheels' install folder goes, and the folder itself when nothing else is left in it."""
+    tmp = Path(os.environ.get("TMPDIR", ""))
+    if not tmp.is_dir() or tmp.resolve().parent != out.resolve():
+        return
+    shutil.rmtree(tmp / "pcavs_site", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        tmp.rmdir()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -168,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             txt_path.write_text(tables(results))
     print("\n" + txt_path.read_text())
     print(f"wrote {json_path}, {txt_path} and {args.out / 'device_check.log'}")
+    _tidy_tmp(args.out)
     failed = [k for k, v in results.items() if k != "meta" and v.get("status") not in ("ok", "skipped")]
     return 1 if failed else 0
 

@@ -9,12 +9,17 @@
 # packages, if the caller carried a .whl/ folder, are installed into a private folder first. The parity stage
 # needs the oracle: $PCAVS_SHARED_DIR (a folder holding parity/make_weights.py, manifest.json, cases/), else
 # ./shared or ../shared; without it that stage reports only the precision rows on random weights.
+# Everything the check writes stays under OUTDIR, a failed stage included: temporary files (the carried
+# wheels' install folder, generated parity weights, stage results) go to OUTDIR/tmp, which
+# bench/device_check.py removes at the end unless a stage left something there to look at.
 set -u
 out="${1:?usage: bench/device_check.sh OUTDIR [--smoke] [--budget-s S] [--stages a,b,...]}"
 shift
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 mkdir -p "$out" || exit 2
 out="$(cd "$out" && pwd)"
+export TMPDIR="$out/tmp"
+mkdir -p "$TMPDIR" || exit 2
 py="${PYTHON:-python3}"
 "$py" - <<'PYCHECK' || { echo "device_check: $py cannot import torch" >&2; exit 2; }
 import sys, torch
@@ -22,7 +27,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA build {
       f"CUDA available: {torch.cuda.is_available()}")
 PYCHECK
 if compgen -G ".whl/*.whl" > /dev/null; then
-    site="${TMPDIR:-/tmp}/pcavs_site"
+    site="$TMPDIR/pcavs_site"
     if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl; then
         export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     else

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_network_args, load_for_bench, median_ms  # noqa: E402
 from pcavs.engine import Avatar, EngineOptions  # noqa: E402
+from pcavs.runtime import RenderRuntime  # noqa: E402
 
 # Upstream figures (ms/frame, B=1 median / B=16) from shared/parity/README.md, same 2-core CPU, fp32.
 UPSTREAM_MS = {"pose": (92, 386), "audio": (21, 68), "generator": (740, 2040), "identity": (71, 257),
@@ -35,8 +36,9 @@ def main() -> int:
     photo = torch.from_numpy(rng.uniform(-1, 1, (3, 224, 224)).astype(np.float32))
     options = EngineOptions(device=device, dtype=dtype)
 
-    identity_ms = median_ms(lambda: Avatar(nets, photo, options), args.runs, args.warmup, device)
-    avatar = Avatar(nets, photo, options)
+    runtime = RenderRuntime(nets)
+    identity_ms = median_ms(lambda: Avatar(runtime, photo, options), args.runs, args.warmup, device)
+    avatar = Avatar(runtime, photo, options)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         poses_in = torch.from_numpy(rng.uniform(-1, 1, (b, 3, 224, 224)).astype(np.float32)).to(device, dtype)

@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype, report, nets = start_generator_stage("generator", args)
 
     from pcavs.engine import Avatar, EngineOptions, StageTimes
-    from pcavs.runtime import RowBatch
+    from pcavs.runtime import RenderRuntime, RowBatch
 
-    runtime = nets.runtime
+    runtime = RenderRuntime(nets)
     photo = torch.rand(3, 224, 224) * 2 - 1
-    avatar = Avatar(nets, photo, EngineOptions(device=device, dtype=dtype))
+    avatar = Avatar(runtime, photo, EngineOptions(device=device, dtype=dtype))
     rng = np.random.default_rng(0)
     modes = ["eager", "graphs"] if device.startswith("cuda") else ["eager"]
     for mode in modes:

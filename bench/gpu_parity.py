@@ -2,8 +2,8 @@
 of TF32 / fp16 / bf16 against float32.
 
 Parity: the oracle case (../shared/parity, seed 0) through the engine on the device: identity feature and
-map, reference pose, pose codes, mouth codes (bounds of tests/test_engine.py: rtol 1e-4, atol 1e-5,
-reported as the worst |Δ|/(atol + rtol·|ref|), ≤ 1 passes), the generator's float output on the recorded
+map, reference pose, pose codes, mouth codes (the one device bound `ENC_RTOL`/`ENC_ATOL`, shared with
+tests/test_gpu_path.py; reported as the worst |Δ|/(atol + rtol·|ref|), ≤ 1 passes), the generator's float output on the recorded
 noise (max |Δ| < 1e-4, tests/test_generator.py) and the engine's uint8 frames (max |Δ| ≤ 1). Weights:
 make_weights.py's seed 0 (generated into a temporary folder when no complete copy is found).
 
@@ -32,7 +32,14 @@ sys.path.insert(0, str(REPO))
 from bench.stage import Report, peak_memory_mb, print_table, random_networks, resolve, stage_args  # noqa: E402
 
 PARITY_ATOL = 1e-4       # tests/test_generator.py
-ENC_RTOL, ENC_ATOL = 1e-4, 1e-5  # tests/test_engine.py
+# The one bound for the float32 encoders on a device (TF32 off) against a CPU result (the oracle here, our
+# CPU path in tests/test_gpu_path.py). Not the CPU parity bound of tests/test_engine.py (1e-4, 1e-5):
+# a GPU sums every conv's K = C_in·k² products (up to 512·3·3 = 4608) in another order than the CPU, and
+# float32 reordering alone moves a sum by up to ~√K·eps ≈ 1e-5 relative per layer (worst case K·eps ≈
+# 5e-4); over the ~50 layers of the identity encoder's ResNet, with BatchNorm rescaling, that reaches
+# a few 1e-4 relative with no bug. 1e-3 relative (atol 1e-4 for values near zero) holds that with
+# margin and still fails any real mistake (a wrong weight or layout is off by ≥ 1e-2).
+ENC_RTOL, ENC_ATOL = 1e-3, 1e-4
 
 
 def shared_dir(arg: str | None) -> Path | None:
@@ -81,10 +88,11 @@ class Tf32:
 def parity(nets, case: dict, device: str, report: Report) -> torch.Tensor:
     """The oracle comparisons in float32 with TF32 off; returns the generator's float output (on CPU)."""
     from pcavs.engine import Avatar, EngineOptions, encode_poses
+    from pcavs.runtime import RenderRuntime
 
     rows = []
     with Tf32(False), torch.inference_mode():
-        avatar = Avatar(nets, torch.from_numpy(case["identity_input"]), EngineOptions(device=device))
+        avatar = Avatar(RenderRuntime(nets), torch.from_numpy(case["identity_input"]), EngineOptions(device=device))
         rows.append(("id_feature", enc_ratio(avatar.id_feature.cpu().numpy(), case["id_feature"][0])))
         rows.append(("id_map", enc_ratio(avatar.id_map.cpu().numpy(), case["id_map"][0])))
         rows.append(("ref_pose_code", enc_ratio(avatar.reference_pose.cpu().numpy(), case["ref_pose_code"][0, 0])))
@@ -94,7 +102,7 @@ def parity(nets, case: dict, device: str, report: Report) -> torch.Tensor:
         rows.append(("mouth_embed", enc_ratio(mouth, case["mouth_embed"][:, 0])))
         for name, value in rows:
             report.row("parity", {"check": name, "value": float(f"{value:.3g}"), "bound": 1.0, "ok": value <= 1.0,
-                                  "measure": "max |Δ|/(1e-5 + 1e-4·|ref|)"})
+                                  "measure": f"max |Δ|/({ENC_ATOL:g} + {ENC_RTOL:g}·|ref|)"})
         noise = [torch.from_numpy(case[f"noise_{i}"].astype(np.float32)).to(device) for i in range(11)]
         style = torch.from_numpy(case["style_driven"]).to(device)
         start = torch.from_numpy(case["id_map"]).to(device)

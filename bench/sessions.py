@@ -31,6 +31,7 @@ from capture.audio_sources import FileAudioSource  # noqa: E402
 from capture.looped_audio import LoopedAudioSource  # noqa: E402
 from pcavs.engine import Avatar, EngineOptions, render_sessions  # noqa: E402
 from pcavs.mel import StreamingGain, StreamingMel  # noqa: E402
+from pcavs.runtime import RenderRuntime  # noqa: E402
 from pcavs_live.pipeline.builders import make_scheduler  # noqa: E402
 from pcavs_live.pipeline.metrics import FrameRecord, LiveMetrics  # noqa: E402
 from pcavs_live.pipeline.scheduler import SchedulerOptions  # noqa: E402
@@ -131,7 +132,8 @@ def main() -> int:
     default = "1,2,4,8,16,32,64,128,256" if device.startswith("cuda") else "1,2,4,8,16"
     counts = [int(x) for x in (args.sessions or default).split(",")]
     rng = np.random.default_rng(0)
-    avatars = [Avatar(nets, torch.from_numpy(rng.uniform(-1, 1, (3, 224, 224)).astype(np.float32)),
+    runtime = RenderRuntime(nets)
+    avatars = [Avatar(runtime, torch.from_numpy(rng.uniform(-1, 1, (3, 224, 224)).astype(np.float32)),
                       EngineOptions(device=device, dtype=dtype, noise_seed=i))
                for i in range(min(args.identities, max(counts)))]
     speech = load_audio_16k(SPEECH)

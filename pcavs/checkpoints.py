@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import pickle
 import re
-import threading
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -29,7 +28,6 @@ from pcavs.networks.pose_encoder import PoseEncoder
 
 if TYPE_CHECKING:  # the generator module is imported lazily (see load_networks)
     from pcavs.networks.generator import ModulatedGenerator
-    from pcavs.runtime import RenderRuntime
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +66,14 @@ class PcavsNetworks:
     BatchNorm statistics and the identity/pose features lose too much in half precision); only the
     generator runs in the model dtype (`generator_dtype`).
 
-    `runtime` is what rendering shares across every Avatar of these networks (identity bank, render
-    stream, CUDA graphs, one lock); it is made on first use."""
+    Plain networks: what rendering shares across avatars (identity bank, render stream, CUDA graphs)
+    is a `pcavs.runtime.RenderRuntime` made from these by whoever builds sessions; this module does
+    not know about it (imports go runtime → checkpoints only)."""
 
     identity: IdentityEncoder
     pose: PoseEncoder
     audio: AudioEncoder
     generator: "ModulatedGenerator"
-    _runtime: object = field(default=None, init=False, repr=False, compare=False)
-    _runtime_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -85,15 +82,6 @@ class PcavsNetworks:
     @property
     def generator_dtype(self) -> torch.dtype:
         return self.generator.conv1.conv.weight.dtype
-
-    @property
-    def runtime(self) -> "RenderRuntime":
-        with self._runtime_lock:
-            if self._runtime is None:
-                from pcavs.runtime import RenderRuntime  # imported late: the loader does not need it
-
-                object.__setattr__(self, "_runtime", RenderRuntime(self))
-            return self._runtime  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------- reading files

@@ -6,9 +6,10 @@ encoder on a 20-row mel window, a 12-d pose code (computed by the pose worker at
 one generator pass. Everything that depends on the photo alone is computed in `Avatar.__init__`:
 the identity feature, the generator's start map, the photo's own pose, and the identity part of every
 generator layer's style modulation (so a frame only pays for its 512 mouth/pose style columns). Those
-per-photo tensors are registered in the networks' shared `RenderRuntime` (pcavs/runtime.py), so one
-avatar's batch and a tick of many sessions (`render_sessions`) go through the same vectorised path:
-one audio pass, one generator pass, CUDA graphs on a GPU.
+per-photo tensors are registered in the `RenderRuntime` (pcavs/runtime.py) the avatar belongs to (one
+per loaded networks, made by whoever builds sessions), so one avatar's batch and a tick of many
+sessions (`render_sessions`) go through the same vectorised path: one audio pass, one generator pass,
+CUDA graphs on a GPU.
 
 Precision: the encoders run in float32 and only the generator in the model dtype; the style and start
 map are cast at the generator's boundary. A frame with a non-finite value is never returned: the
@@ -28,7 +29,7 @@ from pcavs.constants import MOUTH_DIM, POSE_DIM, NoiseMode
 from pcavs.gpu import download, upload
 from pcavs.networks.generator import IdentityStyle
 from pcavs.preprocess import to_network_input
-from pcavs.runtime import RowBatch, frames_on_device
+from pcavs.runtime import RenderRuntime, RowBatch, frames_on_device
 
 __all__ = ["Avatar", "DEFAULT_MOUTH_WEIGHT", "EngineOptions", "NoiseBank", "NoiseMode", "SessionRequest", "StageTimes",
            "encode_poses", "render_sessions", "to_uint8_frames", "warm_up"]
@@ -106,19 +107,24 @@ class NoiseBank:
 
 
 class Avatar:
-    """One identity photo, encoded once; renders frames from mel windows and pose codes."""
+    """One identity photo, encoded once; renders frames from mel windows and pose codes. It belongs to
+    `runtime` (its networks, identity bank and render stream), shared with every other avatar of it."""
 
-    def __init__(self, networks: PcavsNetworks, identity_input: torch.Tensor,
+    def __init__(self, runtime: RenderRuntime, identity_input: torch.Tensor,
                  options: EngineOptions = EngineOptions()) -> None:
         """`identity_input`: (3,224,224) float in [-1,1], the photo already through
-        `pcavs.preprocess.to_network_input` (spec §5)."""
+        `pcavs.preprocess.to_network_input` (spec §5). Encoded on the runtime's identity stream, so a
+        joining session never holds up the render stream."""
+        if not isinstance(runtime, RenderRuntime):
+            raise TypeError(f"Avatar needs a RenderRuntime (RenderRuntime(networks)), got {type(runtime).__name__}")
+        networks = runtime.networks
         self.networks = networks
         self.options = options
-        self.runtime = networks.runtime
+        self.runtime = runtime
         self.device = options.device
         self.dtype = _ENCODER_DTYPE  # what the encoders take; the generator's is networks.generator_dtype
         self.generator_dtype = networks.generator_dtype
-        with torch.inference_mode():
+        with torch.inference_mode(), runtime.identity_scope():
             img = upload(torch.as_tensor(identity_input), self.device, _ENCODER_DTYPE).unsqueeze(0)
             id_feature, id_map = networks.identity(img)
             self.id_feature = id_feature[0]          # (2048,) float32
@@ -134,7 +140,7 @@ class Avatar:
                                                                                       mode="area")
             self.placeholder: np.ndarray = to_uint8_frames(shown)[0]
             self._last_good = self.placeholder
-        self.slot = self.runtime.add_identity(self.identity_style, self.id_map, self.noise.fixed)
+            self.slot = runtime.add_identity(self.identity_style, self.id_map, self.noise.fixed)
         self._release = weakref.finalize(self, self.runtime.release, self.slot)
         self.frames_nonfinite = 0
 
@@ -232,14 +238,14 @@ class SessionRequest:
 
 def render_sessions(requests: Sequence[SessionRequest], times: StageTimes | None = None) -> list[np.ndarray]:
     """Cross-session batching: every session due on this tick in one audio pass and one generator pass
-    (CUDA graphs on a GPU). All avatars must share the same networks (same checkpoint, device and
-    dtype). Each row keeps its own identity, pose, mouth weight and noise policy; Python only assembles
+    (CUDA graphs on a GPU). All avatars must belong to one `RenderRuntime`. Each row keeps its own
+    identity, pose, mouth weight and noise policy; Python only assembles
     the host arrays (no per-session tensor work)."""
     if not requests:
         return []
-    networks = requests[0].avatar.networks
-    if any(r.avatar.networks is not networks for r in requests):
-        raise ValueError("render_sessions: all avatars must share one PcavsNetworks instance")
+    runtime = requests[0].avatar.runtime
+    if any(r.avatar.runtime is not runtime for r in requests):
+        raise ValueError("render_sessions: all avatars must belong to one RenderRuntime")
     n = len(requests)
     avatars = [r.avatar for r in requests]
     rows = RowBatch(
@@ -250,7 +256,7 @@ def render_sessions(requests: Sequence[SessionRequest], times: StageTimes | None
                         else np.asarray(r.pose_code, np.float32).reshape(POSE_DIM) for r in requests]),
         mouth_weights=np.fromiter((a.options.mouth_weight for a in avatars), np.float32, n),
         random_noise=np.fromiter((a.options.noise == "random" for a in avatars), bool, n))
-    rendered = networks.runtime.render(rows)
+    rendered = runtime.render(rows)
     if times is not None:
         times.add(rendered.stage_ms)
     out = list(_hold_nonfinite(rendered.frames, rendered.finite, avatars))
@@ -259,9 +265,9 @@ def render_sessions(requests: Sequence[SessionRequest], times: StageTimes | None
     return out
 
 
-def warm_up(networks: PcavsNetworks, batch_sizes: Sequence[int], force: bool = False) -> list[int]:
+def warm_up(runtime: RenderRuntime, batch_sizes: Sequence[int], force: bool = False) -> list[int]:
     """Engine-level warm-up (the studio: every session count it will batch). See `RenderRuntime.warm_up`."""
-    return networks.runtime.warm_up(batch_sizes, force=force)
+    return runtime.warm_up(batch_sizes, force=force)
 
 
 @torch.inference_mode()

@@ -41,15 +41,48 @@ def render_stream(device: str | torch.device) -> "torch.cuda.Stream | None":
 
 
 @contextlib.contextmanager
-def stream_scope(stream: "torch.cuda.Stream | None") -> Iterator[None]:
-    """Run the block's CUDA work on `stream`, ordered after whatever the calling thread had already
-    queued on its own current stream (so a caller's CUDA inputs are ready; no host wait)."""
+def stream_scope(stream: "torch.cuda.Stream | None", after_caller: bool = True) -> Iterator[None]:
+    """Run the block's CUDA work on `stream`. `after_caller`: first order it after whatever the calling
+    thread had already queued on its own current stream (when the block reads the caller's CUDA
+    tensors; no host wait). Without it the block waits for nothing it does not ask for itself
+    (`wait_events`): the render path, whose inputs come from the host, must not queue behind work on the
+    caller's stream (the default stream, where anything else may run)."""
     if stream is None:
         yield
         return
-    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    if after_caller:
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
     with torch.cuda.stream(stream):
         yield
+
+
+def record_event() -> "torch.cuda.Event":
+    """An event recorded on the current CUDA stream: the point another stream waits for (`wait_events`)."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def wait_events(stream: "torch.cuda.Stream | None", events: Sequence["torch.cuda.Event"]) -> None:
+    """Make `stream` wait (on the device, not the host) for each event; no-op off CUDA."""
+    if stream is None:
+        return
+    for event in events:
+        stream.wait_event(event)
+
+
+@contextlib.contextmanager
+def restore_current_stream(device: str | torch.device) -> Iterator[None]:
+    """Whatever happens in the block, the calling thread's current stream is the one it had before.
+    `torch.cuda.graph` switches to its capture stream on entry and switches back only after
+    `capture_end` succeeded: a capture that fails there would leave the thread on the capture stream,
+    and everything after it (the eager fallback) would run there. CUDA only."""
+    saved = torch.cuda.current_stream(torch.device(device))
+    try:
+        yield
+    finally:
+        if torch.cuda.current_stream(torch.device(device)) != saved:
+            torch.cuda.set_stream(saved)
 
 
 class WorkerStream:
@@ -126,13 +159,6 @@ def download(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     done.record()
     done.synchronize()
     return [h.numpy() for h in hosts]
-
-
-def sync_current_stream(device: str | torch.device) -> None:
-    """Wait for the calling thread's current stream only (set-up steps whose results other streams
-    will read); no-op off CUDA."""
-    if is_cuda(device):
-        torch.cuda.current_stream(torch.device(device)).synchronize()
 
 
 class StageClock:

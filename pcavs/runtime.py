@@ -20,28 +20,37 @@ bank's size or on which sessions are in the batch. Capture happens in `warm_up` 
 on first use of a bucket) and a failed capture falls back to the eager path for that bucket.
 
 Everything runs under one lock (the device runs one render at a time anyway) on the runtime's own
-high-priority stream (`pcavs.gpu`).
+high-priority stream (`pcavs.gpu`), which waits only for what a render reads: a new identity is
+encoded on the runtime's identity stream (`identity_scope`, lowest priority) and the render stream
+waits for that one event before copying it into the bank; nothing on the caller's (default) stream
+holds a render up.
+
+Ownership: whoever builds sessions makes one `RenderRuntime(networks)` from the loaded networks and
+gives it to every `pcavs.engine.Avatar`; the networks (`pcavs.checkpoints.PcavsNetworks`) know nothing
+of it (imports go runtime → checkpoints only).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from pcavs.checkpoints import PcavsNetworks
 from pcavs.constants import N_MELS, POSE_DIM, WINDOW_ROWS
-from pcavs.gpu import StageClock, download, is_cuda, render_stream, stream_scope, sync_current_stream, upload_into
+from pcavs.gpu import (StageClock, WorkerStream, download, is_cuda, record_event, render_stream,
+                       restore_current_stream, stream_scope, upload_into, wait_events)
 from pcavs.networks.generator import IdentityStyle
-
-if TYPE_CHECKING:
-    from pcavs.checkpoints import PcavsNetworks
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Batch sizes a render is padded up to (and on CUDA, captured once each). Between powers of two from 16
+# up, steps of a quarter to a half: 100 sessions pad to 112, not 128 (a padded row costs a full row).
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 _MIN_BANK_CAPACITY = 4
 
 
@@ -216,9 +225,10 @@ class _BucketGraphs:
 
 
 class RenderRuntime:
-    """Per-networks render state (see the module doc). Made by `PcavsNetworks.runtime` on first use."""
+    """Per-networks render state (see the module doc): one per loaded `PcavsNetworks`, made by whoever
+    builds sessions and shared by every Avatar of those networks."""
 
-    def __init__(self, networks: "PcavsNetworks") -> None:
+    def __init__(self, networks: PcavsNetworks) -> None:
         self.networks = networks
         self.device = networks.device
         self.dtype = networks.generator_dtype
@@ -237,9 +247,15 @@ class RenderRuntime:
             # (render, pose worker) must see them. The render path itself never syncs the device.
             torch.cuda.synchronize(self.device)
         self.stream = render_stream(self.device)
-        with torch.inference_mode():
+        self.identity_stream = WorkerStream(self.device)
+        with torch.inference_mode(), stream_scope(self.stream):  # the bank lives on the render stream
             self.bank = IdentityBank(networks.generator, self.device, self.dtype)
         self._rng = torch.Generator(device=self.device).manual_seed(0)
+
+    def identity_scope(self) -> contextlib.AbstractContextManager:
+        """Enter around encoding a new identity (Avatar.__init__): its CUDA work runs on the runtime's
+        identity stream, at the lowest priority, not on the default stream a render would wait for."""
+        return self.identity_stream.scope()
 
     # ------------------------------------------------------------------ configuration
     def configure(self, graphs: bool | None = None, buckets: Sequence[int] | None = None,
@@ -270,11 +286,17 @@ class RenderRuntime:
     @torch.inference_mode()
     def add_identity(self, style: IdentityStyle, start: torch.Tensor,
                      noise: Sequence[torch.Tensor] | None) -> int:
-        with self.lock:
-            slot = self.bank.add(style, start, noise)
-            # The bank is written on this thread's stream and read on the render stream.
-            sync_current_stream(self.device)
-            return slot
+        """Store an identity's tensors (computed on the caller's current stream, normally the identity
+        stream) in the bank; returns its slot. The copy runs on the render stream after one event of
+        the caller's stream: no host wait, and the render stream waits for nothing else."""
+        ready = record_event() if self.cuda else None
+        with self.lock, stream_scope(self.stream, after_caller=False):
+            if ready is not None:
+                wait_events(self.stream, [ready])
+                for t in (*style.terms, start, *(noise or ())):
+                    if t is not None and t.is_cuda:
+                        t.record_stream(self.stream)  # read here: not reused before this copy ran
+            return self.bank.add(style, start, noise)
 
     def release(self, slot: int) -> None:
         with self.lock:
@@ -289,8 +311,24 @@ class RenderRuntime:
 
     def _frames(self, terms: Sequence[torch.Tensor], rest: torch.Tensor, start: torch.Tensor,
                 noise: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.networks.generator.forward_cached(IdentityStyle(tuple(terms)), rest, start, noise)
+        with self._whole_batches():
+            images = self.networks.generator.forward_cached(IdentityStyle(tuple(terms)), rest, start, noise)
         return frames_on_device(images)
+
+    @contextlib.contextmanager
+    def _whole_batches(self) -> Iterator[None]:
+        """With emulated graphs on the CPU, run the generator's whole batch in one pass as CUDA does
+        (its "auto" chunking would run batch-1 passes there), so the CPU tests exercise the batched
+        path that CUDA captures. Only the runtime runs the generator's synthesis, under its lock."""
+        generator = self.networks.generator
+        if self.cuda or not self.emulate_graphs or getattr(generator, "max_batch", None) != "auto":
+            yield
+            return
+        generator.max_batch = None
+        try:
+            yield
+        finally:
+            generator.max_batch = "auto"
 
     # ------------------------------------------------------------------ rendering
     @torch.inference_mode()
@@ -302,7 +340,9 @@ class RenderRuntime:
         if n == 0:
             size = self.networks.generator.size
             return Rendered(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool), {})
-        with self.lock, stream_scope(self.stream):
+        # The rows come from the host: the render stream waits for nothing on the caller's stream,
+        # except for the caller's own noise tensors (the oracle's), which may be CUDA tensors.
+        with self.lock, stream_scope(self.stream, after_caller=noise is not None):
             clock = StageClock(self.device)
             outs: list[tuple[torch.Tensor, torch.Tensor]] = []
             step = max(self.buckets) if self.pad_to_buckets and noise is None else n
@@ -361,28 +401,11 @@ class RenderRuntime:
         """Both passes for b rows captured as CUDA graphs after eager warm-up runs on a side stream
         (cuDNN autotuning and the weight-derived caches happen there, outside the graphs)."""
         try:
-            inputs = _Inputs(b, self.bank)
             if self.emulate_graphs:
-                audio = _EmulatedGraph(lambda: self._rest(inputs))
-                rest = audio.outputs
-                generator = _EmulatedGraph(lambda: self._frames(inputs.terms, rest, inputs.start, inputs.noise))
-                frames, finite = generator.outputs
+                graphs = self._emulated_graphs(b)
             else:
-                current = torch.cuda.current_stream(self.device)
-                side = torch.cuda.Stream(device=self.device)
-                side.wait_stream(current)
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self._frames(inputs.terms, self._rest(inputs), inputs.start, inputs.noise)
-                current.wait_stream(side)
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                audio = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(audio, pool=self._pool, capture_error_mode="thread_local"):
-                    rest = self._rest(inputs)
-                generator = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(generator, pool=self._pool, capture_error_mode="thread_local"):
-                    frames, finite = self._frames(inputs.terms, rest, inputs.start, inputs.noise)
+                with restore_current_stream(self.device):  # a failed capture_end leaves the capture stream
+                    graphs = self._cuda_graphs(b)
         except Exception as exc:  # noqa: BLE001 - a capture problem must not stop rendering
             self.stats.graph_failures += 1
             log.warning("CUDA graph capture for batch %d failed (%s: %s); that batch size runs eagerly",
@@ -390,6 +413,34 @@ class RenderRuntime:
             return None
         self.stats.graph_captures += 1
         self.stats.captured_buckets.append(b)
+        return graphs
+
+    def _emulated_graphs(self, b: int) -> _BucketGraphs:
+        inputs = _Inputs(b, self.bank)
+        audio = _EmulatedGraph(lambda: self._rest(inputs))
+        rest = audio.outputs
+        generator = _EmulatedGraph(lambda: self._frames(inputs.terms, rest, inputs.start, inputs.noise))
+        frames, finite = generator.outputs
+        return _BucketGraphs(inputs, audio, generator, rest, frames, finite)
+
+    def _cuda_graphs(self, b: int) -> _BucketGraphs:
+        """The capture itself (see `_capture`); raises whatever the capture raises."""
+        inputs = _Inputs(b, self.bank)
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._frames(inputs.terms, self._rest(inputs), inputs.start, inputs.noise)
+        current.wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        audio = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(audio, pool=self._pool, capture_error_mode="thread_local"):
+            rest = self._rest(inputs)
+        generator = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(generator, pool=self._pool, capture_error_mode="thread_local"):
+            frames, finite = self._frames(inputs.terms, rest, inputs.start, inputs.noise)
         return _BucketGraphs(inputs, audio, generator, rest, frames, finite)
 
     # ------------------------------------------------------------------ warm-up

@@ -8,6 +8,7 @@ import torch
 from pcavs.checkpoints import load_networks
 from pcavs.constants import ID_DIM
 from pcavs.engine import Avatar, EngineOptions, SessionRequest, render_sessions, to_uint8_frames
+from pcavs.runtime import RenderRuntime
 from tests.conftest import load_case, parity_weights_dir
 
 pytestmark = pytest.mark.slow
@@ -16,8 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def seed0():
     case = load_case(0)
-    nets = load_networks(parity_weights_dir(0))
-    return nets, case
+    return RenderRuntime(load_networks(parity_weights_dir(0))), case
 
 
 def stored_noise(case, rows=slice(None)):
@@ -25,8 +25,8 @@ def stored_noise(case, rows=slice(None)):
 
 
 def test_identity_is_encoded_once_and_matches_the_oracle(seed0):
-    nets, case = seed0
-    avatar = Avatar(nets, torch.from_numpy(case["identity_input"]))
+    rt, case = seed0
+    avatar = Avatar(rt, torch.from_numpy(case["identity_input"]))
     np.testing.assert_allclose(avatar.id_feature.numpy(), case["id_feature"][0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(avatar.id_map.numpy(), case["id_map"][0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(avatar.reference_pose.numpy(), case["ref_pose_code"][0, 0], rtol=1e-4, atol=1e-5)
@@ -35,8 +35,8 @@ def test_identity_is_encoded_once_and_matches_the_oracle(seed0):
 def test_driven_frames_match_the_original_output(seed0):
     """Engine path end to end (mel window → audio enc ×1.2 → mouth; pose frame → pose code; one G pass)
     reproduces upstream's saved uint8 frames; the float output is checked at 1e-4 in test_generator."""
-    nets, case = seed0
-    avatar = Avatar(nets, torch.from_numpy(case["identity_input"]))
+    rt, case = seed0
+    avatar = Avatar(rt, torch.from_numpy(case["identity_input"]))
     codes = np.stack([avatar.pose_code(torch.from_numpy(p)) for p in case["pose_input"]])
     np.testing.assert_allclose(codes, case["pose_code"][:, 0], rtol=1e-4, atol=1e-5)
     mouth = avatar.mouth_codes(case["mel_input"])
@@ -53,16 +53,16 @@ def test_driven_frames_match_the_original_output(seed0):
 def test_identity_part_of_the_style_is_computed_once_per_photo(seed0, monkeypatch):
     """Frames (alone or batched across sessions) reuse the avatar's cached identity style: the generator
     never runs the full 2560-wide modulation, and precompute_style runs once per photo."""
-    nets, case = seed0
+    rt, case = seed0
     calls = {"precompute_style": 0, "modulations": 0}
     for name in calls:
-        real = getattr(nets.generator, name)
+        real = getattr(rt.networks.generator, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
-        monkeypatch.setattr(nets.generator, name, counted)
-    avatar = Avatar(nets, torch.from_numpy(case["identity_input"]), EngineOptions(noise="zero"))
+        monkeypatch.setattr(rt.networks.generator, name, counted)
+    avatar = Avatar(rt, torch.from_numpy(case["identity_input"]), EngineOptions(noise="zero"))
     assert calls == {"precompute_style": 1, "modulations": 0}
     frame = avatar.render(case["mel_input"][:1])
     render_sessions([SessionRequest(avatar, case["mel_input"][0])])
@@ -70,34 +70,34 @@ def test_identity_part_of_the_style_is_computed_once_per_photo(seed0, monkeypatc
     # The cached path is the full style's maths: same frame as one forward() on [id | mouth | pose].
     style = torch.cat([avatar.id_feature[None], avatar.frame_style(avatar.mouth_codes(case["mel_input"][:1]), None)], 1)
     with torch.inference_mode():
-        full = nets.generator(style, avatar.id_map[None], None)
+        full = rt.networks.generator(style, avatar.id_map[None], None)
     assert np.abs(frame.astype(int) - to_uint8_frames(full).astype(int)).max() <= 1
 
 
 def test_reference_pose_when_no_pose_is_given(seed0):
-    nets, case = seed0
-    avatar = Avatar(nets, torch.from_numpy(case["identity_input"]))
+    rt, case = seed0
+    avatar = Avatar(rt, torch.from_numpy(case["identity_input"]))
     mouth = avatar.mouth_codes(case["mel_input"])
     np.testing.assert_allclose(avatar.frame_style(mouth, None).numpy(), case["style_ref"][:, ID_DIM:],
                                rtol=1e-4, atol=1e-5)
 
 
 def test_noise_policies(seed0):
-    nets, case = seed0
+    rt, case = seed0
     img = torch.from_numpy(case["identity_input"])
     mel = case["mel_input"][:1]
-    fixed = Avatar(nets, img, EngineOptions(noise="fixed"))
+    fixed = Avatar(rt, img, EngineOptions(noise="fixed"))
     np.testing.assert_array_equal(fixed.render(mel), fixed.render(mel))  # steady video: same input, same frame
-    rnd = Avatar(nets, img, EngineOptions(noise="random"))
+    rnd = Avatar(rt, img, EngineOptions(noise="random"))
     assert np.any(rnd.render(mel) != rnd.render(mel))
-    zero = Avatar(nets, img, EngineOptions(noise="zero"))
+    zero = Avatar(rt, img, EngineOptions(noise="zero"))
     assert np.any(zero.render(mel) != fixed.render(mel))
 
 
 def test_cross_session_batch_equals_separate_renders(seed0):
-    nets, case = seed0
-    a = Avatar(nets, torch.from_numpy(case["identity_input"]), EngineOptions(noise_seed=1))
-    b = Avatar(nets, torch.from_numpy(case["pose_input"][2]), EngineOptions(noise_seed=2))
+    rt, case = seed0
+    a = Avatar(rt, torch.from_numpy(case["identity_input"]), EngineOptions(noise_seed=1))
+    b = Avatar(rt, torch.from_numpy(case["pose_input"][2]), EngineOptions(noise_seed=2))
     mels = case["mel_input"]
     reqs = [SessionRequest(a, mels[0]), SessionRequest(b, mels[1], case["pose_code"][1, 0])]
     together = render_sessions(reqs)

@@ -4,6 +4,7 @@ test counts real generator calls on stand-in weights."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +97,34 @@ def test_a_request_waits_at_most_for_the_batch_in_flight():
     assert calls == [1, 1] and stuck.frames_rendered == 0
 
 
+def test_active_sessions_asking_one_by_one_share_one_batch():
+    """Sessions that were active ask one after another while a batch gathers: one render call for all
+    of them. The sessions waited for are listed once per batch and drop out as they ask (no pass over
+    every session on each wake-up)."""
+    calls = []
+
+    def slow(rows):
+        calls.append(len(rows))
+        time.sleep(0.2)      # the batch duration bounds the gather wait: room for the staggered asks
+        return [np.zeros((224, 224, 3), np.uint8) for _ in rows]
+
+    r = SharedRenderer(slow, gather_max_s=5.0).start()
+    handles = [r.handle(Av(i)) for i in range(20)]
+    try:
+        first = [h.submit(MEL) for h in handles]
+        for h, p in zip(handles, first):
+            h.wait(p)
+        second = []
+        for h in handles:
+            second.append(h.submit(MEL))
+            time.sleep(0.001)
+        for h, p in zip(handles, second):
+            h.wait(p)
+    finally:
+        r.stop()
+    assert sum(calls) == 40 and calls[-1] == 20 and not r._awaited
+
+
 def test_a_failing_batch_reaches_its_callers_and_the_renderer_goes_on():
     state = {"fail": True}
 
@@ -120,10 +149,11 @@ def test_real_generator_renders_k_sessions_in_one_pass():
 
     from pcavs.checkpoints import load_networks
     from pcavs.engine import Avatar, EngineOptions, render_sessions
+    from pcavs.runtime import RenderRuntime
     from tests.conftest import parity_weights_dir
 
     nets = load_networks(parity_weights_dir(0), device="cpu")
-    avatar = Avatar(nets, torch.zeros(3, 224, 224), EngineOptions(noise_seed=0))
+    avatar = Avatar(RenderRuntime(nets), torch.zeros(3, 224, 224), EngineOptions(noise_seed=0))
     batches = []
     forward_cached = nets.generator.forward_cached   # the app's generator pass (cached identity style)
 

@@ -1,7 +1,7 @@
 """The pieces every session is built from, shared by the CLI's one run and the studio's many.
 
-A session is: an identity (`encode_identity`: the photo aligned and encoded once, sharing the networks
-`load_model_networks` loaded), an audio source and its `AudioTimeline`, a pose provider (`start_live_pose`, or
+A session is: an identity (`encode_identity`: the photo aligned and encoded once, on the one
+`RenderRuntime` made from the networks `load_model_networks` loaded: `make_runtime`), an audio source and its `AudioTimeline`, a pose provider (`start_live_pose`, or
 none for the photo's own pose), sinks, and the `Scheduler` that drives them
 (`make_scheduler`, the one place a Scheduler is constructed). `pcavs_live.pipeline.session.SessionBuilder` builds
 every session: from a Config and its local devices (the CLI's run), or with the browser's tracks as sources
@@ -20,6 +20,7 @@ from pcavs.alignment import AlignedFace, FaceAligner, LandmarkDetector
 from pcavs.checkpoints import PcavsNetworks, load_networks
 from pcavs.device import resolve_device_and_dtype
 from pcavs.engine import Avatar, EngineOptions
+from pcavs.runtime import RenderRuntime
 from pcavs.preprocess import to_network_input
 from pcavs_live.pipeline.engine_setup import prepare_engine, start_live_pose
 from pcavs_live.pipeline.metrics import LiveMetrics
@@ -28,8 +29,8 @@ from pcavs_live.pipeline.scheduler import Renderer, Scheduler, SchedulerOptions
 from pcavs_live.pipeline.timeline import AudioTimeline
 from stream.sinks import FrameSink
 
-__all__ = ["POSE_DETECT_MAX_SIDE", "encode_identity", "engine_options", "load_model_networks", "make_scheduler",
-           "prepare_engine", "start_live_pose"]
+__all__ = ["POSE_DETECT_MAX_SIDE", "encode_identity", "engine_options", "load_model_networks", "make_runtime",
+           "make_scheduler", "prepare_engine", "start_live_pose"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,12 @@ def load_model_networks(model: ModelConfig, options: EngineOptions) -> PcavsNetw
     return load_networks(model.checkpoint_dir, device=options.device, dtype=options.dtype)
 
 
-def encode_identity(networks: PcavsNetworks, options: EngineOptions, rgb: np.ndarray, name: str,
+def make_runtime(model: ModelConfig, options: EngineOptions) -> RenderRuntime:
+    """The loaded networks' one `RenderRuntime`, which every session's Avatar of this process joins."""
+    return RenderRuntime(load_model_networks(model, options))
+
+
+def encode_identity(runtime: RenderRuntime, options: EngineOptions, rgb: np.ndarray, name: str,
                     landmarks: np.ndarray | None = None,
                     detector: Callable[[], LandmarkDetector] | None = None) -> tuple[Avatar, AlignedFace]:
     """Align the photo (known landmarks, else the detector: `FaceNotFoundError` when it finds no face)
@@ -63,7 +69,7 @@ def encode_identity(networks: PcavsNetworks, options: EngineOptions, rgb: np.nda
     its matrix places generated faces back into the photo."""
     aligner = FaceAligner(None if landmarks is not None or detector is None else detector())
     face = aligner.align_photo(rgb, name=name, landmarks=landmarks)
-    return Avatar(networks, to_network_input(face.image), options), face
+    return Avatar(runtime, to_network_input(face.image), options), face
 
 
 def make_scheduler(audio: AudioSource, timeline: AudioTimeline, renderer: Renderer | Avatar, sink: FrameSink,

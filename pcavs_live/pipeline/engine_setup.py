@@ -5,14 +5,20 @@ pose path beside it without slowing it down.
   CUDA, so call this after the detectors exist), then a warm-up of every batch size the loop will render,
   which on a GPU autotunes and captures the CUDA graphs now instead of in the first seconds live; the
   metrics get the avatar's count of held non-finite frames (`frames_nonfinite`).
+* `prepare_runtime`: the studio's form of it, before its first session: every batch a tick of 1 ..
+  `max_sessions` sessions pads to, so no session joining later waits for a capture.
 * `start_live_pose`: frames → at most `rate_hz` per second (`capture.pose_rate.RateLimitedSource`) → face
   detected once, then tracked (`pcavs.alignment.tracking`) → live alignment → pose encoder, all of the
   worker's GPU work on its own lowest-priority stream (`pcavs.gpu.WorkerStream`); the scheduler's pose
   callback interpolates the newest codes per output frame (`capture.pose_rate.InterpolatedPose`).
+* `PoseBatcher`: the studio's sessions' pose crops through one pose-encoder pass (`encode_poses`)
+  whenever several are waiting, instead of one pass per session.
 """
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -22,9 +28,10 @@ from capture.pose_sources import FrameSource, PoseFilter, PoseWorker
 from pcavs.alignment import LandmarkDetector, LiveAligner
 from pcavs.alignment.tracking import tracking_detector
 from pcavs.device import configure_cudnn
-from pcavs.engine import Avatar
+from pcavs.engine import Avatar, encode_poses
 from pcavs.gpu import WorkerStream
 from pcavs.preprocess import to_network_input
+from pcavs.runtime import RenderRuntime
 from pcavs_live.pipeline.metrics import LiveMetrics
 
 log = logging.getLogger(__name__)
@@ -42,18 +49,92 @@ def prepare_engine(avatar: Avatar, batch_sizes: Iterable[int], metrics: LiveMetr
     return prepared
 
 
+def prepare_runtime(runtime: RenderRuntime, max_sessions: int) -> list[int]:
+    """Before a studio accepts its first session: cuDNN as we want it, then a warm-up of every batch
+    bucket up to the one `max_sessions` rows pad to (on a GPU: autotuning and the CUDA graphs captured
+    now, largest first, not while sessions wait). Returns the buckets prepared (none on a CPU)."""
+    configure_cudnn(str(runtime.device))
+    prepared = runtime.warm_up(range(1, max(1, int(max_sessions)) + 1))
+    if prepared:
+        log.info("render runtime warmed up for batch buckets %s", prepared)
+    return prepared
+
+
+@dataclass
+class _PoseCrop:
+    networks: object
+    crop: np.ndarray
+    code: np.ndarray | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class PoseBatcher:
+    """Several sessions' pose crops in one pose-encoder pass. Each session's pose worker calls
+    `encode(networks, crop)`; a caller that finds no pass running leads one over every crop waiting
+    (up to `max_batch`, its own first), on its own worker stream, and hands each caller its code. While
+    a pass runs, the crops arriving meanwhile wait for the next one: no added wait when the device is
+    idle, one pass for many sessions when it is busy. No thread of its own (nothing to stop); a failing
+    pass raises in every caller of that pass."""
+
+    def __init__(self, encode_many: Callable[[object, np.ndarray], np.ndarray] = encode_poses,
+                 max_batch: int = 64) -> None:
+        self._encode_many, self.max_batch = encode_many, max(1, int(max_batch))
+        self._cond = threading.Condition()
+        self._pending: list[_PoseCrop] = []
+        self._running = False
+        self.passes = 0
+        self.crops = 0
+
+    def encode(self, networks, crop: np.ndarray) -> np.ndarray:
+        """(224,224,3) uint8 aligned crop → (12,) float32 pose code."""
+        item = _PoseCrop(networks, np.asarray(crop))
+        with self._cond:
+            self._pending.append(item)
+            while not item.done and self._running:
+                self._cond.wait()
+            if not item.done:                     # lead the next pass
+                self._running = True
+                others = [p for p in self._pending if p is not item and p.networks is networks]
+                batch = [item] + others[: self.max_batch - 1]
+                self._pending = [p for p in self._pending if not any(p is b for b in batch)]
+        if not item.done:
+            try:
+                codes, error = np.asarray(self._encode_many(networks, np.stack([p.crop for p in batch])),
+                                          np.float32), None
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller of this pass
+                codes, error = None, exc
+            with self._cond:
+                for i, p in enumerate(batch):
+                    p.code, p.error, p.done = (None if codes is None else codes[i]), error, True
+                self.passes += 1
+                self.crops += len(batch)
+                self._running = False
+                self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        assert item.code is not None
+        return item.code
+
+
 def start_live_pose(frames: FrameSource, avatar: Avatar, detector: LandmarkDetector,
                     smoothing: PoseFilter | float | None, rate_hz: float,
-                    metrics: LiveMetrics) -> tuple[PoseWorker, Callable[[], np.ndarray | None]]:
+                    metrics: LiveMetrics, pose_batcher: PoseBatcher | None = None,
+                    ) -> tuple[PoseWorker, Callable[[], np.ndarray | None]]:
     """The started worker (its owner stops it) and the scheduler's pose callback (see the module doc).
     The metrics get the face status per new sample, `pose_frames_skipped` (frames above the pose rate)
-    and, when the detector can be tracked with, `pose_detections` (box-detector runs)."""
+    and, when the detector can be tracked with, `pose_detections` (box-detector runs). `pose_batcher`:
+    the crops go through it (shared with other sessions) instead of one pass each."""
     stream = WorkerStream(avatar.device)
     tracked = tracking_detector(detector, scope=stream.scope)
     capped = RateLimitedSource(frames, rate_hz)
-    worker = PoseWorker(capped, LiveAligner(tracked),
-                        encode=stream.wrap(lambda crop: avatar.pose_code(to_network_input(crop))),
-                        smoothing=smoothing)
+    if pose_batcher is not None:
+        def encode(crop: np.ndarray) -> np.ndarray:
+            return pose_batcher.encode(avatar.networks, crop)
+    else:
+        def encode(crop: np.ndarray) -> np.ndarray:
+            return avatar.pose_code(to_network_input(crop))
+    worker = PoseWorker(capped, LiveAligner(tracked), encode=stream.wrap(encode), smoothing=smoothing)
     metrics.watch("pose_frames_skipped", lambda: capped.frames_skipped)
     if hasattr(tracked, "counters"):
         metrics.watch("pose_detections", lambda: tracked.counters.detections)

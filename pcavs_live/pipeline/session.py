@@ -33,9 +33,9 @@ from pcavs.alignment import (AlignedFace, FaceAlignmentDetector, LandmarkDetecto
 from pcavs.constants import FPS
 from pcavs.device import resolve_device
 from pcavs.engine import Avatar, encode_poses
-from pcavs_live.pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, engine_options, load_model_networks,
+from pcavs_live.pipeline.builders import (POSE_DETECT_MAX_SIDE, encode_identity, engine_options, make_runtime,
                                           make_scheduler, start_live_pose)
-from pcavs_live.pipeline.engine_setup import prepare_engine
+from pcavs_live.pipeline.engine_setup import PoseBatcher, prepare_engine
 from pcavs_live.pipeline.inputs import audio_input, pose_input
 from pcavs_live.pipeline.metrics import LiveMetrics, format_status_line
 from pcavs_live.pipeline.offline import OfflineOptions, OfflineRenderer, SlotPose, sequence_pose
@@ -111,10 +111,10 @@ def build_avatar(config: Config, detector: Callable[[], LandmarkDetector]
     if not photo.is_file():
         raise UserError(f"identity photo {photo} not found", hint="pass --identity PATH to a photo of a face")
     rgb = read_rgb(photo)  # a damaged photo is named as such, before any model is loaded
-    networks = load_model_networks(config.model, options)
+    runtime = make_runtime(config.model, options)
     side = sidecar_path(photo)
     landmarks = load_landmark_sidecar(side) if side.is_file() else None  # a sidecar needs no detector
-    avatar, face = encode_identity(networks, options, rgb, str(photo), landmarks, detector)
+    avatar, face = encode_identity(runtime, options, rgb, str(photo), landmarks, detector)
     return avatar, face, rgb
 
 
@@ -183,6 +183,7 @@ class SessionBuilder:
       `wrap_sink` wraps whatever sinks were built (benches stamp each slot's index).
     * `pose_frames` — live frames for the pose worker instead of `pose.source` (the studio: the browser's camera).
     * `ice_host_addresses` — the viewer's ICE addresses (loopback tests); `metrics` — the session's metrics.
+    * `pose_batcher` — encodes several sessions' pose crops in one pass (the studio's `PoseBatcher`).
     """
 
     def __init__(self, config: Config, run: RunOptions = RunOptions(), *,
@@ -194,8 +195,10 @@ class SessionBuilder:
                  wrap_sink: Callable[[FrameSink], FrameSink] | None = None,
                  pose_frames: "FrameSource | None" = None,
                  ice_host_addresses: tuple[str, ...] | None = None,
-                 metrics: LiveMetrics | None = None) -> None:
+                 metrics: LiveMetrics | None = None,
+                 pose_batcher: "PoseBatcher | None" = None) -> None:
         self.config, self.run_options = config, run
+        self._pose_batcher = pose_batcher
         self._landmark_detector, self._avatar, self._renderer = landmark_detector, avatar, renderer
         self._audio, self._sinks, self._wrap_sink, self._pose_frames = audio, sinks, wrap_sink, pose_frames
         self.metrics = metrics or LiveMetrics()
@@ -267,7 +270,8 @@ class SessionBuilder:
             self._stack.callback(frames.close)
         pose = self.config.pose
         worker, latest = start_live_pose(frames, avatar, self._detector(avatar.device, POSE_DETECT_MAX_SIDE),
-                                         pose.smoothing, pose.rate_hz, self.metrics)
+                                         pose.smoothing, pose.rate_hz, self.metrics,
+                                         pose_batcher=self._pose_batcher)
         self._stack.callback(worker.stop)
         self._pose_worker = worker
         return worker.check, latest

@@ -155,6 +155,7 @@ class SharedRenderer:
         self._cond = threading.Condition()
         self._pending: dict[SessionHandle, _Pending] = {}
         self._handles: set[SessionHandle] = set()
+        self._awaited: set[SessionHandle] = set()  # active sessions a gathering batch still waits for
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count(1)
@@ -223,6 +224,7 @@ class SharedRenderer:
                 old.replaced_by = p
                 self.superseded += 1
             self._pending[handle] = p
+            self._awaited.discard(handle)
             self._cond.notify_all()
         return p
 
@@ -230,6 +232,7 @@ class SharedRenderer:
         with self._cond:
             handle.closed = True
             self._handles.discard(handle)
+            self._awaited.discard(handle)
             p = self._pending.pop(handle, None)
             if p is not None:
                 self.dropped_on_close += 1
@@ -261,17 +264,24 @@ class SharedRenderer:
         (`gather_max_s`, and the last batch's duration), lets them share one pass. "Recently" is
         `ACTIVE_S` plus two batch durations, so slow batches (a CPU) do not make every session look idle.
         A session that stops asking is no longer waited for after that; the wait is in `batch_wait_ms`.
+        The sessions to wait for are listed once per batch and each drops out as it asks (`_submit`), so
+        a wake-up costs O(1), not a pass over every session (O(N²) per batch with N sessions).
         """
         if not self._pending:
             return
-        deadline = time.monotonic() + min(self.gather_max_s, self._last_batch_s)
+        now = time.monotonic()
+        deadline = now + min(self.gather_max_s, self._last_batch_s)
         recent_s = ACTIVE_S + 2 * self._last_batch_s
-        while not self._stopping:
-            now = time.monotonic()
-            active = {h for h in self._handles if h.last_submit is not None and now - h.last_submit < recent_s}
-            if now >= deadline or not self._pending or active <= self._pending.keys():
-                return
-            self._cond.wait(deadline - now)
+        self._awaited = {h for h in self._handles if h not in self._pending
+                         and h.last_submit is not None and now - h.last_submit < recent_s}
+        try:
+            while not self._stopping and self._awaited:
+                now = time.monotonic()
+                if now >= deadline:
+                    return
+                self._cond.wait(deadline - now)
+        finally:
+            self._awaited = set()
 
     def _render(self, batch: list[_Pending]) -> None:
         started = time.monotonic()

@@ -1,7 +1,7 @@
 """Studio sessions: what runs behind each browser of `stream.studio.StudioServer`.
 
 A `StudioSession` is one session in the same structure as the CLI's run (pcavs_live/pipeline/builders.py): its
-own identity (photo encoded once, sharing the one loaded `PcavsNetworks`), the browser's microphone as
+own identity (photo encoded once, on the process's one `RenderRuntime`), the browser's microphone as
 its audio source (`BrowserAudioSource` → its own `AudioTimeline`), the browser's camera through its own
 `PoseWorker` (or the photo's pose), `SessionOutput` as its sink, and the same `Scheduler`, on a thread
 the session owns. Its renderer is a handle of the process's one `SharedRenderer`, so every session's
@@ -11,12 +11,15 @@ A session is built by the CLI's own `SessionBuilder`, with the browser's parts g
 
 `StudioSessions` is the server's factory: it encodes identities (`AvatarFactory`: the bundled sample
 with its landmark sidecar, or an uploaded photo through the landmark detector) and attaches sessions to
-the shared renderer. `serve` wires the whole studio from a Config (`run_live.py serve`).
+the shared renderer. `serve` wires the whole studio from a Config (`run_live.py serve`): on a GPU it
+warms every render bucket up to `server.max_sessions` (`prepare_runtime`) before the first offer is
+accepted, and every session's pose worker tracks the face through the one shared landmark model
+(`pcavs.alignment.tracking`: the box detector runs only when the face is lost); the sessions' pose
+crops share pose-encoder passes (`PoseBatcher`).
 """
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 import threading
@@ -32,6 +35,7 @@ from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs.mel import StreamingGain, StreamingMel
 from pcavs_live.pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity
+from pcavs_live.pipeline.engine_setup import PoseBatcher
 from pcavs_live.pipeline.metrics import LiveMetrics
 from pcavs_live.pipeline.options import Config
 from pcavs_live.pipeline.session import RunOptions, Session, SessionBuilder
@@ -43,38 +47,29 @@ log = logging.getLogger(__name__)
 EncodeIdentity = Callable[[np.ndarray | None, str], tuple[object, np.ndarray]]
 
 
-def release_device_memory(device: str | None) -> None:
-    """Give a finished session's memory back: collect its cycles, and empty PyTorch's CUDA cache so
-    that `nvidia-smi` (and the next session) see the memory free."""
-    gc.collect()
-    if device is not None and str(device).startswith("cuda"):
-        import torch
-        torch.cuda.empty_cache()
-
-
 class AvatarFactory:
-    """Photo → Avatar on the shared networks (it runs the network `IdentityEncoder`; it is not one).
+    """Photo → Avatar on the shared runtime (it runs the network `IdentityEncoder`; it is not one).
     The sample uses its landmark sidecar; uploads use the
     landmark detector (a photo without a face: `FaceNotFoundError`, one line for the page)."""
 
-    def __init__(self, networks, options, sample_photo: Path,
+    def __init__(self, runtime, options, sample_photo: Path,
                  detector: Callable[[], LandmarkDetector] | None) -> None:
-        self.networks, self.options = networks, options
+        self.runtime, self.options = runtime, options  # a RenderRuntime; None until serve has warmed it
         self.sample_photo = Path(sample_photo)
         self.detector = detector
         self._lock = threading.Lock()    # one detector and one identity pass at a time
 
     def __call__(self, photo: np.ndarray | None, name: str):
-        if self.networks is None:
+        if self.runtime is None:
             raise UserError("the studio is still loading its networks; try again in a few seconds")
         with self._lock:
             if photo is None:
                 side = sidecar_path(self.sample_photo)
                 landmarks = load_landmark_sidecar(side) if side.is_file() else None
-                avatar, face = encode_identity(self.networks, self.options, read_rgb(self.sample_photo), name,
+                avatar, face = encode_identity(self.runtime, self.options, read_rgb(self.sample_photo), name,
                                                landmarks, self.detector)
             else:
-                avatar, face = encode_identity(self.networks, self.options, photo, name, None, self.detector)
+                avatar, face = encode_identity(self.runtime, self.options, photo, name, None, self.detector)
             return avatar, face.image
 
 
@@ -83,9 +78,10 @@ class StudioSession:
 
     def __init__(self, avatar, placeholder: np.ndarray, renderer: SharedRenderer,
                  pose_detector: Callable[[], LandmarkDetector] | None, config: Config,
-                 device: str | None) -> None:
+                 device: str | None, pose_batcher: PoseBatcher | None = None) -> None:
         self.avatar, self.placeholder = avatar, placeholder
         self.config = config
+        self._pose_batcher = pose_batcher
         self.metrics = LiveMetrics()
         self._renderer = renderer
         self._pose_detector = pose_detector
@@ -118,7 +114,7 @@ class StudioSession:
                 self.config, RunOptions(realtime=True, status_interval_s=0), landmark_detector=detector,
                 avatar=(self.avatar, self.placeholder), renderer=self.handle,
                 audio=(self._source, StreamingMel(StreamingGain())), sinks=sink, pose_frames=self._video,
-                metrics=self.metrics).build()
+                metrics=self.metrics, pose_batcher=self._pose_batcher).build()
             self._thread = threading.Thread(target=self._run, args=(self._session, on_end),
                                             name="studio-session", daemon=True)
             self._thread.start()
@@ -176,10 +172,15 @@ class StudioSession:
             self._source.stop()
         if self._video is not None:
             self._video.close()
-        # Drop every reference to the session's tensors and buffers, then return the memory.
+        # Free the session's slot in the identity bank and drop every reference to its tensors: the
+        # caching allocator reuses them for the next session. No gc.collect() (GIL held for the whole
+        # heap) and no torch.cuda.empty_cache() (a device-wide sync, and an allocator assert if it
+        # overlapped another thread's graph capture) on a stop.
+        close = getattr(self.avatar, "close", None)
+        if close is not None:
+            close()
         self.avatar = self.handle = self._source = self._video = self._session = self._thread = None
         self.placeholder = None
-        release_device_memory(self._device)
 
 
 class StudioSessions:
@@ -187,16 +188,39 @@ class StudioSessions:
     session's pose smoothing and rate come from `config.pose`."""
 
     def __init__(self, encode: EncodeIdentity, renderer: SharedRenderer, config: Config,
-                 pose_detector: Callable[[], LandmarkDetector] | None = None, device: str | None = None) -> None:
+                 pose_detector: Callable[[], LandmarkDetector] | None = None, device: str | None = None,
+                 pose_batcher: PoseBatcher | None = None) -> None:
         self.encode, self.renderer, self.config = encode, renderer, config
-        self.pose_detector, self.device = pose_detector, device
+        self.pose_detector, self.device, self.pose_batcher = pose_detector, device, pose_batcher
 
     def create(self, photo: np.ndarray | None, name: str) -> StudioSession:
         avatar, aligned = self.encode(photo, name)
-        return StudioSession(avatar, aligned, self.renderer, self.pose_detector, self.config, self.device)
+        return StudioSession(avatar, aligned, self.renderer, self.pose_detector, self.config, self.device,
+                             pose_batcher=self.pose_batcher)
 
     def stats(self) -> dict:
         return self.renderer.stats()
+
+
+class SharedLandmarkModel:
+    """The process's one landmark model (face_alignment's SFD + FAN), loaded on first use and shared by
+    the identity encoder (boxes at full size) and every session's pose worker (`max_side`:
+    `POSE_DETECT_MAX_SIDE`). What it hands out keeps the model's two stages (`face_boxes`,
+    `landmarks_in_boxes`), so each session's pose worker tracks its face (`tracking_detector`) and runs
+    the box detector only when the face is lost. No studio-wide lock around a session's frame: the
+    model guards each of its own calls."""
+
+    def __init__(self, load: Callable[[], object]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._model: object | None = None
+
+    def __call__(self, max_side: int | None = None):
+        with self._lock:      # loaded once, by the first caller
+            if self._model is None:
+                self._model = self._load()
+        resize = getattr(self._model, "with_detect_max_side", None)
+        return self._model if resize is None else resize(max_side)
 
 
 @dataclass(frozen=True)
@@ -208,38 +232,44 @@ class ServeOptions:
 
 def serve(config: Config, options: ServeOptions = ServeOptions(), stop: threading.Event | None = None,
           ready: Callable[[object], None] | None = None) -> int:
-    """Load the networks once, start the shared renderer and the studio server, run until `stop`."""
+    """Load the networks once, warm the runtime up for `server.max_sessions` rows, start the shared
+    renderer and the studio server, run until `stop`. Offers are refused ("still loading") until the
+    warm-up is done, so no CUDA graph is captured while sessions wait."""
+    from pcavs.device import configure_cudnn
     from pcavs.engine import render_sessions
-    from pcavs_live.pipeline.builders import engine_options, load_model_networks
+    from pcavs_live.pipeline.builders import engine_options, make_runtime
+    from pcavs_live.pipeline.engine_setup import prepare_runtime
     from pcavs_live.pipeline.outputs.webrtc import ice_servers_for
     from stream.studio import StudioServer
 
     stop = stop or threading.Event()
     s, m = config.server, config.model
     hosts = options.ice_host_addresses
-    detector_lock = threading.Lock()
-    shared: list = []
 
-    def detector(max_side: int | None = None):
+    def load_detector():
         if options.landmark_detector is not None:
             return options.landmark_detector
-        with detector_lock:      # one face_alignment model for the process (loaded on first use)
-            if not shared:
-                from pcavs.alignment import FaceAlignmentDetector
-                shared.append(FaceAlignmentDetector(device=opts.device))
-            return _LockedDetector(shared[0].with_detect_max_side(max_side), detector_lock)
+        from pcavs.alignment import FaceAlignmentDetector
+        model = FaceAlignmentDetector(device=opts.device)
+        configure_cudnn(opts.device)  # importing face_alignment set it behind our back
+        return model
+
+    detector = SharedLandmarkModel(load_detector)
 
     opts = engine_options(m)
     renderer = SharedRenderer(render_sessions)
     factory = StudioSessions(AvatarFactory(None, opts, Path(config.identity.photo), detector), renderer, config,
-                             pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), device=opts.device)
+                             pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), device=opts.device,
+                             pose_batcher=PoseBatcher())
     server = StudioServer(factory, host=s.host, port=s.port, token=s.token, max_sessions=s.max_sessions,
                           ice_servers=ice_servers_for(s),
                           ice_host_addresses=s.ice_host_addresses if hosts is None else hosts,
                           lost_timeout_s=options.lost_timeout_s)
     server.start()               # a port in use is reported before the networks load
     try:
-        factory.encode.networks = load_model_networks(m, opts)
+        runtime = make_runtime(m, opts)
+        prepare_runtime(runtime, s.max_sessions)
+        factory.encode.runtime = runtime  # from here offers are accepted
         renderer.start()
         print(f"studio: open {server.url}  (up to {s.max_sessions} sessions)", file=sys.stderr, flush=True)
         if ready is not None:
@@ -250,13 +280,3 @@ def serve(config: Config, options: ServeOptions = ServeOptions(), stop: threadin
         renderer.stop()
     return 0
 
-
-class _LockedDetector:
-    """The process's one landmark model, used by several sessions' threads one call at a time."""
-
-    def __init__(self, detector: LandmarkDetector, lock: threading.Lock) -> None:
-        self._detector, self._lock = detector, lock
-
-    def detect(self, rgb: np.ndarray):
-        with self._lock:
-            return self._detector.detect(rgb)
