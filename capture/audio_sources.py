@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from pcavs_live.common.audio_devices import AudioDevice, AudioDevicesUnavailable, list_audio_devices
 from pcavs_live.common.errors import UserError
 from pcavs_live.common.queues import DropOldestQueue
 from pcavs.constants import SAMPLE_RATE
@@ -51,21 +52,6 @@ class AudioDeviceError(UserError):
 
 
 # ---------------------------------------------------------------------------- device back end
-@dataclass(frozen=True)
-class AudioDevice:
-    """One PortAudio device as sounddevice lists it: microphones here, the virtual microphone's outputs
-    in stream.vmic."""
-
-    index: int
-    name: str
-    hostapi: str
-    max_channels: int
-    default_rate: float
-
-    def label(self) -> str:
-        return f"{self.index}: {self.name} ({self.hostapi}, {self.max_channels} ch, {self.default_rate:g} Hz)"
-
-
 class InputStreamLike(Protocol):
     @property
     def active(self) -> bool: ...
@@ -100,15 +86,10 @@ class SoundDeviceBackend:
         self._sd = sounddevice
 
     def input_devices(self) -> list[AudioDevice]:
-        sd = self._sd
         try:
-            apis = [api["name"] for api in sd.query_hostapis()]
-            devices = sd.query_devices()
-        except sd.PortAudioError as exc:
-            raise AudioDeviceError(f"cannot query audio devices ({exc}); {NO_DEVICES_MESSAGE}") from None
-        return [AudioDevice(int(d["index"]), str(d["name"]), apis[d["hostapi"]] if d["hostapi"] < len(apis)
-                            else "?", int(d["max_input_channels"]), float(d["default_samplerate"]))
-                for d in devices if d["max_input_channels"] > 0]
+            return list_audio_devices(self._sd, "input")
+        except AudioDevicesUnavailable as exc:
+            raise AudioDeviceError(f"{exc}; {NO_DEVICES_MESSAGE}") from None
 
     def default_input_index(self) -> int | None:
         try:
