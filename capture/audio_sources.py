@@ -22,6 +22,7 @@ import numpy as np
 from pcavs_live.common.audio_devices import AudioDevice, AudioDevicesUnavailable, list_audio_devices
 from pcavs_live.common.errors import UserError
 from pcavs_live.common.queues import DropOldestQueue
+from pcavs_live.common.workers import Worker
 from pcavs.constants import SAMPLE_RATE
 from capture.audio_files import load_audio_16k
 
@@ -310,7 +311,7 @@ class FileAudioSource:
         self._queue: DropOldestQueue[AudioChunk] = DropOldestQueue(max(1, round(max_queue_ms / block_ms)))
         self._stop = threading.Event()
         self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker: Worker | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -335,10 +336,10 @@ class FileAudioSource:
         with self._lock:
             if self._stop.is_set():
                 raise RuntimeError("FileAudioSource cannot be restarted after stop(); create a new one")
-            if self._thread is not None:
+            if self._worker is not None:
                 return
-            self._thread = threading.Thread(target=self._produce, name="file-audio", daemon=True)
-            self._thread.start()
+            self._worker = Worker(self._produce, "file-audio", stopping=self._stop)
+            self._worker.start()
 
     def _produce(self) -> None:
         try:
@@ -366,15 +367,18 @@ class FileAudioSource:
             self._queue.close()
 
     def read(self, timeout: float) -> AudioChunk | None:
-        return self._queue.get(timeout)
+        chunk = self._queue.get(timeout)
+        if chunk is None and self._worker is not None:
+            self._worker.check()         # the reader thread failed: say so instead of just ending
+        return chunk
 
     def stop(self) -> None:
         with self._lock:
             self._stop.set()
-            thread = self._thread
+            worker = self._worker
         self._queue.close()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        if worker is not None:
+            worker.join()
 
     def __enter__(self) -> "FileAudioSource":
         self.start()

@@ -345,7 +345,7 @@ def test_stop_joins_the_threads_and_closes_the_source():
     wait_for(lambda: worker.latest() is not None, "a first pose")
     assert worker.alive and not worker.finished
     worker.stop()
-    assert not worker.alive and worker._threads and not any(t.is_alive() for t in worker._threads)
+    assert not worker.alive and worker._workers and not any(w.alive for w in worker._workers)
     assert source.read() is None  # closed
     worker.stop()  # idempotent
 

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from pcavs_live.common.errors import UserError
+from pcavs_live.common.workers import Worker
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
 from capture.pose_rate import DEFAULT_RATE_HZ
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
@@ -92,7 +93,7 @@ class StudioSession:
         self._source: BrowserAudioSource | None = None
         self._video: BrowserVideoSource | None = None
         self._pose_worker = None
-        self._thread: threading.Thread | None = None
+        self._worker: Worker | None = None
         self._stop = threading.Event()
         self._stopped = False
         self._started_at: float | None = None
@@ -101,7 +102,7 @@ class StudioSession:
 
     def start(self, audio, video, loop: asyncio.AbstractEventLoop, sink, on_end: Callable[[str], None]) -> None:
         with self._lock:
-            if self._stopped or self._thread is not None:
+            if self._stopped or self._worker is not None:
                 raise RuntimeError("a studio session starts once")
             self._started_at = time.monotonic()
             self._source = BrowserAudioSource(audio, loop)
@@ -117,9 +118,8 @@ class StudioSession:
             self.handle = self._renderer.handle(self.avatar)
             scheduler = make_scheduler(self._source, timeline, self.handle, sink, self.placeholder, pose,
                                        self.metrics, SchedulerOptions(), health_checks=checks)
-            self._thread = threading.Thread(target=self._run, args=(scheduler, on_end),
-                                            name="studio-session", daemon=True)
-            self._thread.start()
+            self._worker = Worker(lambda: self._run(scheduler, on_end), "studio-session", stopping=self._stop)
+            self._worker.start()
 
     def _run(self, scheduler, on_end: Callable[[str], None]) -> None:
         reason = "the browser's audio ended"
@@ -162,10 +162,8 @@ class StudioSession:
         self._stop.set()
         if self.handle is not None:
             self.handle.close()          # a render waiting for its batch returns at once
-        if self._thread is not None:
-            self._thread.join(10)
-            if self._thread.is_alive():
-                log.error("studio session thread did not stop within 10 s")
+        if self._worker is not None:
+            self._worker.join(10)        # a stuck session thread is named in the log
         if self._pose_worker is not None:
             self._pose_worker.stop()
         if self._source is not None:
@@ -173,7 +171,7 @@ class StudioSession:
         if self._video is not None:
             self._video.close()
         # Drop every reference to the session's tensors and buffers, then return the memory.
-        self.avatar = self.handle = self._source = self._video = self._pose_worker = self._thread = None
+        self.avatar = self.handle = self._source = self._video = self._pose_worker = self._worker = None
         self.placeholder = None
         release_device_memory(self._device)
 
