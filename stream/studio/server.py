@@ -38,15 +38,15 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc import RTCIceServer, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
 
 from pcavs_live.common.errors import UserError
 from stream.sinks import FrameSink
 from stream.studio.output import SessionOutput
 from stream.studio.uploads import MAX_PHOTO_SIDE, MAX_UPLOAD_BYTES, UploadError, decode_photo
-from stream.webrtc.host import (DEFAULT_WEB_ROOT, WebHost, describe_failure, discard_body, error_response,
-                                json_response, keys_match, offer_sdp, request_token)
+from stream.webrtc.host import (DEFAULT_WEB_ROOT, HostAttributes, WebHost, describe_failure, discard_body,
+                                error_response, json_response, keys_match, offer_sdp, request_token)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class _Session:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class StudioServer:
+class StudioServer(HostAttributes):
     """The studio page and API on the thread + event loop of its `WebHost` (which also does the binding,
     ICE checks and token, as for the viewer server)."""
 
@@ -106,13 +106,6 @@ class StudioServer:
         self.sessions_created = 0
         self.sessions_ended: dict[str, int] = {}
 
-    host = property(lambda self: self.web.host)
-    token = property(lambda self: self.web.token)
-    port = property(lambda self: self.web.port)
-    url = property(lambda self: self.web.url)
-    running = property(lambda self: self.web.running)
-    ice_host_addresses = property(lambda self: self.web.ice_host_addresses)
-    web_root = property(lambda self: self.web.web_root)
 
     def start(self, timeout: float = 15.0) -> None:
         self.web.start(self._make_app, self._shutdown, timeout)
@@ -122,9 +115,6 @@ class StudioServer:
     def stop(self, timeout: float = 15.0) -> None:
         """Every session ended (peers closed, backends stopped), the app and the loop stopped. Idempotent."""
         self.web.stop(timeout)
-
-    def rtc_configuration(self) -> RTCConfiguration:
-        return self.web.rtc_configuration()
 
     @property
     def session_count(self) -> int:

@@ -390,6 +390,24 @@ class WebHost:
         expiry = loop.call_later(connect_timeout_s, expire)
 
 
+class HostAttributes:
+    """A server's read-only view of the `WebHost` it composes (`self.web`): the same names on both
+    servers without either deriving from the other."""
+
+    web: WebHost
+    host = property(lambda self: self.web.host)
+    token = property(lambda self: self.web.token)
+    port = property(lambda self: self.web.port)
+    url = property(lambda self: self.web.url)
+    running = property(lambda self: self.web.running)
+    ice_host_addresses = property(lambda self: self.web.ice_host_addresses)
+    web_root = property(lambda self: self.web.web_root)
+
+    def rtc_configuration(self) -> RTCConfiguration:
+        """What every peer connection is made with (the configured STUN/TURN servers)."""
+        return self.web.rtc_configuration()
+
+
 def describe_failure(exc: BaseException) -> str:
     """An exception from negotiation as one line for the client."""
     reason = " ".join(str(exc).split()) or type(exc).__name__

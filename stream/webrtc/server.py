@@ -25,11 +25,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc import RTCIceServer, RTCPeerConnection
 
 from stream.webrtc.buffer import LatestBuffer
-from stream.webrtc.host import (DEFAULT_WEB_ROOT, MAX_OFFER_BYTES, ServerError, WebHost, describe_failure,
-                                error_response, json_response, offer_sdp, request_token)
+from stream.webrtc.host import (DEFAULT_WEB_ROOT, MAX_OFFER_BYTES, HostAttributes, ServerError, WebHost,
+                                describe_failure, error_response, json_response, offer_sdp, request_token)
 from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, ViewerRelay
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_WEB_ROOT", "MAX_OFFER_BYTES", "ServerError", "WebRTCServer"]
 
 
-class WebRTCServer:
+class WebRTCServer(HostAttributes):
     """The viewer web server and its WebRTC peers, on the thread and event loop of its `WebHost`.
 
     `token`: shared secret a viewer must send with its offer (and /stats). Required for any
@@ -74,13 +74,6 @@ class WebRTCServer:
         self._next_index = 0
 
     # ------------------------------------------------------------------ lifecycle (caller's thread)
-    host = property(lambda self: self.web.host)
-    token = property(lambda self: self.web.token)
-    port = property(lambda self: self.web.port)
-    url = property(lambda self: self.web.url)
-    running = property(lambda self: self.web.running)
-    ice_host_addresses = property(lambda self: self.web.ice_host_addresses)
-    web_root = property(lambda self: self.web.web_root)
 
     def start(self, timeout: float = 15.0) -> None:
         self.web.start(self._make_app, self._shutdown, timeout)
@@ -202,10 +195,6 @@ class WebRTCServer:
             self._negotiating -= 1
         self._watch(pc)
         return web.json_response({"sdp": answer.sdp, "type": answer.type})
-
-    def rtc_configuration(self) -> RTCConfiguration:
-        """What every viewer's RTCPeerConnection is made with (the configured STUN/TURN servers)."""
-        return self.web.rtc_configuration()
 
     def _watch(self, pc: RTCPeerConnection) -> None:
         """Track the peer until it closes or fails; also give up on one that never connects."""
