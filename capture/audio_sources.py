@@ -19,7 +19,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from pcavs_live.common.audio_devices import AudioDevice, AudioDevicesUnavailable, list_audio_devices
+from pcavs_live.common.audio_devices import (AudioDevice, AudioDevicesUnavailable, import_sounddevice,
+                                             list_audio_devices)
 from pcavs_live.common.errors import UserError
 from pcavs_live.common.queues import DropOldestQueue
 from pcavs_live.common.workers import Worker
@@ -81,10 +82,9 @@ class SoundDeviceBackend:
 
     def __init__(self) -> None:
         try:
-            import sounddevice
-        except OSError:  # libportaudio2 missing: sounddevice cannot load PortAudio at import
+            self._sd = import_sounddevice()
+        except AudioDevicesUnavailable:  # libportaudio2 missing: sounddevice cannot load PortAudio at import
             raise AudioDeviceError(NO_DEVICES_MESSAGE) from None
-        self._sd = sounddevice
 
     def input_devices(self) -> list[AudioDevice]:
         try:

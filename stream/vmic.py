@@ -32,7 +32,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from pcavs_live.common.audio_devices import AudioDevice, AudioDevicesUnavailable, list_audio_devices
+from pcavs_live.common.audio_devices import (AudioDevice, AudioDevicesUnavailable, import_sounddevice,
+                                             list_audio_devices)
 from pcavs_live.common.errors import UserError
 from pcavs.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
 from stream.playout import PlayoutBuffer
@@ -102,11 +103,10 @@ class SoundDeviceOutput:
 
     def __init__(self) -> None:
         try:
-            import sounddevice
-        except OSError:  # libportaudio2 missing
+            self._sd = import_sounddevice()
+        except AudioDevicesUnavailable:  # libportaudio2 missing
             raise VirtualMicError("cannot load PortAudio for the virtual microphone",
                                   hint="install it (apt install libportaudio2)") from None
-        self._sd = sounddevice
 
     def output_devices(self) -> list[AudioDevice]:
         try:
