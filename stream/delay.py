@@ -39,6 +39,7 @@ class DelayedSink:
         self.late: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         # ^ (due, seconds late) of recent frames handed over more than `late_s` after they were due
         self.late_s = 0.005
+        self.stop_timeout_s = 10.0   # close() waits this long for a write in progress
 
     def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
         self.sink.open(width, height, fps, sample_rate)
@@ -86,5 +87,8 @@ class DelayedSink:
                 self._stopping = True
                 self._queue.clear()  # the session is ending: frames not yet due are not shown
                 self._cond.notify()
-            worker.join()            # a wrapped sink stuck in write() is named, not waited on forever
+            # A wrapped sink stuck in write() is named, not waited on forever, and not closed under the
+            # write (as the pose worker's camera).
+            if not worker.join(self.stop_timeout_s):
+                return
         self.sink.close()

@@ -106,3 +106,38 @@ def test_no_hand_written_thread_lifecycles_are_left():
                  for p in (REPO_ROOT / root).rglob("*.py")
                  if "threading.Thread(" in p.read_text() and p.name != "workers.py"]
     assert offenders == []
+
+
+def test_a_delayed_sink_stuck_in_write_is_left_open_and_named(caplog):
+    """DelayedSink on a Worker: closing while the wrapped sink hangs in write() returns after the bounded
+    wait, names the thread, and does not close the sink under the write."""
+    from stream.delay import DelayedSink
+
+    release, entered = threading.Event(), threading.Event()
+
+    class Hanging:
+        closed = False
+
+        def open(self, *a):
+            pass
+
+        def write(self, frame, audio, k):
+            entered.set()
+            release.wait(30)
+
+        def close(self):
+            self.closed = True
+
+    inner = Hanging()
+    sink = DelayedSink(inner, lambda: 0.0)
+    sink.open(4, 4, 25, 16000)
+    sink.write(None, None, 0)
+    assert entered.wait(5.0)
+    sink.stop_timeout_s = 0.2
+    try:
+        with caplog.at_level(logging.ERROR, logger="pcavs_live.common.workers"):
+            sink.close()
+    finally:
+        release.set()
+    assert "thread delay-Hanging did not stop within 0.2 s; left running" in caplog.text
+    assert not inner.closed
