@@ -138,8 +138,7 @@ class AudioPump:
 
     def __init__(self, source: AudioSource, timeline: LiveTimeline) -> None:
         self._source, self._timeline = source, timeline
-        self._halt = threading.Event()
-        self._worker = Worker(self._run, "audio-pump", stopping=self._halt)
+        self._worker = Worker(self._run, "audio-pump")
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -147,7 +146,7 @@ class AudioPump:
 
     def _run(self) -> None:
         try:
-            while not self._halt.is_set():
+            while not self._worker.stopping.is_set():
                 chunk = self._source.read(PUMP_READ_TIMEOUT_S)
                 if chunk is None:
                     if self._source.finished:

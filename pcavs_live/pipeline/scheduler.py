@@ -100,8 +100,7 @@ class RenderWorker:
         self._max_pending = max_pending
         self._frames: dict[int, _Rendered] = {}
         self._lock = threading.Lock()
-        self._halt = threading.Event()
-        self._worker = Worker(self._run, "render", wake=timeline.notify, stopping=self._halt)
+        self._worker = Worker(self._run, "render", wake=timeline.notify)
         self.warm = threading.Event()
         self.render_s: float | None = None
         self.discarded = 0
@@ -130,14 +129,14 @@ class RenderWorker:
     def _run(self) -> None:
         try:
             for _ in range(self._warmups):       # the timeline holds no audio yet: silent windows
-                if self._halt.is_set():
+                if self._worker.stopping.is_set():
                     return
                 t = time.perf_counter()
                 self._render(0)
                 self.render_s = time.perf_counter() - t
             self.warm.set()
             last = -1
-            while not self._halt.is_set():
+            while not self._worker.stopping.is_set():
                 newest = self._newest_ready()
                 if newest <= last:
                     total = self._timeline.total_frames
