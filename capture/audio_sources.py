@@ -19,8 +19,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from pcavs_live.common.audio_devices import (AudioDevice, AudioDevicesUnavailable, import_sounddevice,
+                                             list_audio_devices)
 from pcavs_live.common.errors import UserError
 from pcavs_live.common.queues import DropOldestQueue
+from pcavs_live.common.workers import Worker
 from pcavs.constants import SAMPLE_RATE
 from capture.audio_files import finite_audio, read_audio_16k, warn_nonfinite
 
@@ -52,21 +55,6 @@ class AudioDeviceError(UserError):
 
 
 # ---------------------------------------------------------------------------- device back end
-@dataclass(frozen=True)
-class AudioDevice:
-    """One PortAudio device as sounddevice lists it: microphones here, the virtual microphone's outputs
-    in stream.vmic."""
-
-    index: int
-    name: str
-    hostapi: str
-    max_channels: int
-    default_rate: float
-
-    def label(self) -> str:
-        return f"{self.index}: {self.name} ({self.hostapi}, {self.max_channels} ch, {self.default_rate:g} Hz)"
-
-
 class InputStreamLike(Protocol):
     @property
     def active(self) -> bool: ...
@@ -95,21 +83,15 @@ class SoundDeviceBackend:
 
     def __init__(self) -> None:
         try:
-            import sounddevice
-        except OSError:  # libportaudio2 missing: sounddevice cannot load PortAudio at import
+            self._sd = import_sounddevice()
+        except AudioDevicesUnavailable:  # libportaudio2 missing: sounddevice cannot load PortAudio at import
             raise AudioDeviceError(NO_DEVICES_MESSAGE) from None
-        self._sd = sounddevice
 
     def input_devices(self) -> list[AudioDevice]:
-        sd = self._sd
         try:
-            apis = [api["name"] for api in sd.query_hostapis()]
-            devices = sd.query_devices()
-        except sd.PortAudioError as exc:
-            raise AudioDeviceError(f"cannot query audio devices ({exc}); {NO_DEVICES_MESSAGE}") from None
-        return [AudioDevice(int(d["index"]), str(d["name"]), apis[d["hostapi"]] if d["hostapi"] < len(apis)
-                            else "?", int(d["max_input_channels"]), float(d["default_samplerate"]))
-                for d in devices if d["max_input_channels"] > 0]
+            return list_audio_devices(self._sd, "input")
+        except AudioDevicesUnavailable as exc:
+            raise AudioDeviceError(f"{exc}; {NO_DEVICES_MESSAGE}") from None
 
     def default_input_index(self) -> int | None:
         try:
@@ -341,7 +323,7 @@ class FileAudioSource:
         self._queue: DropOldestQueue[AudioChunk] = DropOldestQueue(max(1, round(max_queue_ms / block_ms)))
         self._stop = threading.Event()
         self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker: Worker | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -366,10 +348,10 @@ class FileAudioSource:
         with self._lock:
             if self._stop.is_set():
                 raise RuntimeError("FileAudioSource cannot be restarted after stop(); create a new one")
-            if self._thread is not None:
+            if self._worker is not None:
                 return
-            self._thread = threading.Thread(target=self._produce, name="file-audio", daemon=True)
-            self._thread.start()
+            self._worker = Worker(self._produce, "file-audio", stopping=self._stop)
+            self._worker.start()
 
     def _produce(self) -> None:
         try:
@@ -397,15 +379,18 @@ class FileAudioSource:
             self._queue.close()
 
     def read(self, timeout: float) -> AudioChunk | None:
-        return self._queue.get(timeout)
+        chunk = self._queue.get(timeout)
+        if chunk is None and self._worker is not None:
+            self._worker.check()         # the reader thread failed: say so instead of just ending
+        return chunk
 
     def stop(self) -> None:
         with self._lock:
             self._stop.set()
-            thread = self._thread
+            worker = self._worker
         self._queue.close()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        if worker is not None:
+            worker.join()
 
     def __enter__(self) -> "FileAudioSource":
         self.start()

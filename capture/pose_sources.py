@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from pcavs_live.common.errors import UserError
+from pcavs_live.common.workers import Worker
 from pcavs.alignment import AlignedFace, ClipAligner, LandmarkDetector, largest_face
 from pcavs.constants import FPS, POSE_DIM
 
@@ -340,18 +341,18 @@ class PoseWorker:
         self._without_face = 0
         self.frames_processed = 0
         self.frames_dropped = 0
-        self._threads: list[threading.Thread] = []
+        self._workers: list[Worker] = []
         self._stopped = False
 
     # ----------------------------------------------------------------- owner API
     def start(self) -> None:
-        if self._threads:
+        if self._workers:
             raise RuntimeError("PoseWorker already started")
         if self._drop_stale:
-            self._threads.append(threading.Thread(target=self._read_loop, name="pose-reader", daemon=True))
-        self._threads.append(threading.Thread(target=self._process_loop, name="pose-worker", daemon=True))
-        for th in self._threads:
-            th.start()
+            self._workers.append(Worker(self._read_loop, "pose-reader", self._wake, self._stop))
+        self._workers.append(Worker(self._process_loop, "pose-worker", self._wake, self._stop))
+        for worker in self._workers:
+            worker.start()
 
     def latest(self) -> PoseSample | None:
         """Newest published sample (a plain attribute read: never blocks); None before the first face."""
@@ -364,7 +365,7 @@ class PoseWorker:
 
     @property
     def alive(self) -> bool:
-        return any(th.is_alive() for th in self._threads)
+        return any(worker.alive for worker in self._workers)
 
     def check(self) -> None:
         """Re-raise, in the caller's thread, an exception that stopped the worker."""
@@ -376,18 +377,16 @@ class PoseWorker:
         if self._stopped:
             return
         self._stopped = True
-        self._stop.set()
+        for worker in self._workers:
+            worker.request_stop()
+        # Each stuck thread is logged by name; a camera driver blocked in read() must not be closed under.
+        stopped = [worker.join(timeout) for worker in self._workers]
+        if all(stopped):
+            self.source.close()
+
+    def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
-        stuck = []
-        for th in self._threads:
-            th.join(timeout)
-            if th.is_alive():
-                stuck.append(th.name)
-        if stuck:  # a camera driver blocked in read(); closing under it would be unsafe
-            log.error("pose worker threads did not stop within %.1f s: %s", timeout, ", ".join(stuck))
-            return
-        self.source.close()
 
     def __enter__(self) -> "PoseWorker":
         self.start()

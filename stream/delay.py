@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from pcavs_live.common.workers import Worker
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ class DelayedSink:
         self.sink, self._delay_s, self._max_queue = sink, delay_s, max_queue
         self._queue: collections.deque[tuple[float, np.ndarray, np.ndarray, int]] = collections.deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._worker: Worker | None = None
         self._stopping = False
         self._error: BaseException | None = None
         self.dropped = 0     # frames lost because the queue was full (the wrapped sink is stuck)
@@ -37,15 +39,16 @@ class DelayedSink:
         self.late: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         # ^ (due, seconds late) of recent frames handed over more than `late_s` after they were due
         self.late_s = 0.005
+        self.stop_timeout_s = 10.0   # close() waits this long for a write in progress
 
     def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
         self.sink.open(width, height, fps, sample_rate)
         self._stopping, self._error = False, None
-        self._thread = threading.Thread(target=self._serve, name=f"delay-{type(self.sink).__name__}", daemon=True)
-        self._thread.start()
+        self._worker = Worker(self._serve, f"delay-{type(self.sink).__name__}")
+        self._worker.start()
 
     def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
-        if self._thread is None:
+        if self._worker is None:
             raise RuntimeError("DelayedSink.write called before open()")
         due = time.monotonic() + max(0.0, float(self._delay_s()))
         with self._cond:
@@ -78,11 +81,14 @@ class DelayedSink:
                 return
 
     def close(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
             with self._cond:
                 self._stopping = True
                 self._queue.clear()  # the session is ending: frames not yet due are not shown
                 self._cond.notify()
-            thread.join()
+            # A wrapped sink stuck in write() is named, not waited on forever, and not closed under the
+            # write (as the pose worker's camera).
+            if not worker.join(self.stop_timeout_s):
+                return
         self.sink.close()

@@ -32,7 +32,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from capture.audio_sources import AudioDevice
+from pcavs_live.common.audio_devices import (AudioDevice, AudioDevicesUnavailable, import_sounddevice,
+                                             list_audio_devices)
 from pcavs_live.common.errors import UserError
 from pcavs.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
 from stream.playout import PlayoutBuffer
@@ -102,22 +103,16 @@ class SoundDeviceOutput:
 
     def __init__(self) -> None:
         try:
-            import sounddevice
-        except OSError:  # libportaudio2 missing
+            self._sd = import_sounddevice()
+        except AudioDevicesUnavailable:  # libportaudio2 missing
             raise VirtualMicError("cannot load PortAudio for the virtual microphone",
                                   hint="install it (apt install libportaudio2)") from None
-        self._sd = sounddevice
 
     def output_devices(self) -> list[AudioDevice]:
-        sd = self._sd
         try:
-            apis = [api["name"] for api in sd.query_hostapis()]
-            devices = sd.query_devices()
-        except sd.PortAudioError as exc:
+            return list_audio_devices(self._sd, "output")
+        except AudioDevicesUnavailable as exc:
             raise VirtualMicError(f"cannot list audio output devices ({exc})") from None
-        return [AudioDevice(int(d["index"]), str(d["name"]), apis[d["hostapi"]] if d["hostapi"] < len(apis)
-                             else "?", int(d["max_output_channels"]), float(d["default_samplerate"]))
-                for d in devices if d["max_output_channels"] > 0]
 
     def supports(self, index: int, rate: int, channels: int) -> bool:
         try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import threading
 import time
 from typing import Sequence
 from urllib.parse import urljoin, urlsplit
@@ -38,6 +37,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
 from pcavs_live.common.errors import UserError
+from pcavs_live.common.workers import Worker
 from stream.webrtc.buffer import LatestBuffer
 from stream.webrtc.ice import unusable_host_address, unusable_ice_server, use_host_addresses
 from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, ViewerRelay
@@ -92,7 +92,7 @@ class WhipSink:
         self.buffer_frames = buffer_frames
         self.connects = 0
         self.unsent = 0
-        self._thread: threading.Thread | None = None
+        self._thread: Worker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http: aiohttp.ClientSession | None = None
         self._relay: ViewerRelay | None = None
@@ -124,7 +124,7 @@ class WhipSink:
                 raise WhipError(reason)
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="whip-publisher", daemon=True)
+        self._thread = Worker(loop.run_forever, "whip-publisher", wake=lambda: loop.call_soon_threadsafe(loop.stop))
         self._thread.start()
         try:
             self._call(self._start(fps, sample_rate), 2 * self.connect_timeout_s + 5)
@@ -151,9 +151,7 @@ class WhipSink:
         except Exception as exc:  # closing must not fail the session's shutdown
             log.warning("WHIP: stopping the publisher failed: %s", exc)
         finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(15.0)
-            if not thread.is_alive():
+            if thread.stop(15.0):    # a stuck loop is named in the log, never waited on forever
                 loop.close()
             self._loop = self._thread = None
 

@@ -56,10 +56,10 @@ def test_file_source_fast_delivers_every_sample_in_order(speech_wav_path, speech
     with src:
         assert not src.finished
         time.sleep(0.2)                                  # producer must block on the 5-block queue
-        assert src._thread.is_alive() and src.dropped_blocks == 0
+        assert src._worker.alive and src.dropped_blocks == 0
         chunks = _drain(src)
         assert src.finished and src.read(5.0) is None    # a finished source answers at once
-    assert not src._thread.is_alive()
+    assert not src._worker.alive
     _assert_contiguous(chunks)
     assert all(len(c.samples) == 320 for c in chunks)
     np.testing.assert_array_equal(np.concatenate([c.samples for c in chunks]), speech)
@@ -97,7 +97,7 @@ def test_file_source_stop_joins_a_blocked_producer_and_is_final(speech_wav_path)
     assert src.read(1.0) is not None
     time.sleep(0.1)
     src.stop()
-    assert not src._thread.is_alive()
+    assert not src._worker.alive
     src.stop()                                           # idempotent
     with pytest.raises(RuntimeError):
         src.start()

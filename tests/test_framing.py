@@ -16,6 +16,7 @@ from pcavs_live.pipeline.outputs import OUTPUTS
 from pcavs_live.pipeline.outputs.vcam import CALL_SIZE
 from stream.framing import (FitFramer, FramedSink, FramingError, PasteFramer, SharedFramer,
                             feathered_mask, make_framer, parse_size, size_for)
+from tests.fakes import RecordingSink
 
 SIZES = [(640, 480), (1280, 720), (480, 640)]
 
@@ -161,25 +162,10 @@ class CountingFramer:
         return np.full((6, 8, 3), frame[0, 0, 0], np.uint8)
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.opened = None
-        self.frames: list[np.ndarray] = []
-
-    def open(self, width, height, fps, rate):
-        self.opened = (width, height, fps, rate)
-
-    def write(self, frame, audio, k):
-        self.frames.append(frame)
-
-    def close(self):
-        pass
-
-
 def test_shared_framer_frames_each_distinct_picture_once_for_all_sinks():
     counting = CountingFramer()
     shared = SharedFramer(counting)
-    a, b = ListSink(), FramedSink(ListSink(), shared)
+    a, b = RecordingSink(), FramedSink(RecordingSink(), shared)
     sinks = [FramedSink(a, shared), b]
     for s in sinks:
         s.open(224, 224, 25, 16000)

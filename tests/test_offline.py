@@ -17,30 +17,8 @@ from pcavs.mel import StreamingMel, wav_to_mel
 from pcavs_live.pipeline.offline import OfflineOptions, OfflineRenderer, sequence_pose
 from pcavs_live.pipeline.timeline import AudioTimeline
 from tests.test_alignment import synthetic_landmarks
-from tests.test_scheduler import RecordingSink, speechlike
-
-
-class ChunkSource:
-    """A finite AudioSource that has every block ready at once (as a file read offline), optionally
-    skipping some blocks the way a source that dropped audio does."""
-
-    def __init__(self, audio: np.ndarray, block: int = 320, skip_blocks: tuple[int, ...] = ()) -> None:
-        self._chunks = [AudioChunk(audio[s:s + block], s, 0.0) for i, s in enumerate(range(0, len(audio), block))
-                        if i not in skip_blocks]
-        self.started = self.stopped = False
-
-    def start(self) -> None:
-        self.started = True
-
-    def read(self, timeout: float) -> AudioChunk | None:
-        return self._chunks.pop(0) if self._chunks else None
-
-    @property
-    def finished(self) -> bool:
-        return not self._chunks
-
-    def stop(self) -> None:
-        self.stopped = True
+from tests.fakes import ChunkSource, RecordingSink
+from tests.test_scheduler import speechlike
 
 
 class RecordingRenderer:

@@ -12,6 +12,7 @@ import pytest
 from capture.pose_sources import (CameraError, EmaFilter, PoseSample, PoseWorker, VideoFileSource, VideoSourceError,
                                   WebcamSource, encode_pose_video, make_pose_filter, ping_pong_index)
 from pcavs.alignment import LiveAligner
+from tests.fakes import ListFrameSource, RepeatFrameSource
 
 DEADLINE_S = 20.0  # generous upper bound for waiting on threads (never a speed assert)
 
@@ -153,48 +154,8 @@ def test_filter_survives_repeated_timestamps():
 
 
 # --------------------------------------------------------------------------- worker
-class ListSource:
-    """Frames from a list; `realtime` selects the worker's drop-stale reader."""
-
-    def __init__(self, frames, realtime=False, on_read=None):
-        self.frames = list(frames)
-        self.realtime = realtime
-        self.closed = False
-        self.reads = 0
-        self.on_read = on_read
-
-    def read(self):
-        if self.on_read is not None:
-            self.on_read(self.reads)
-        self.reads += 1
-        if not self.frames:
-            return None
-        return self.frames.pop(0), time.monotonic()
-
-    def close(self):
-        self.closed = True
-
-
-class RepeatSource:
-    """A live source showing one frame every `interval` seconds until closed (a still camera view)."""
-
-    realtime = True
-
-    def __init__(self, frame, interval=0.0):
-        self.frame, self.interval, self.closed = frame, interval, False
-
-    def read(self):
-        if self.closed:
-            return None
-        time.sleep(self.interval)
-        return self.frame, time.monotonic()
-
-    def close(self):
-        self.closed = True
-
-
-def run_recording(worker: PoseWorker, source: ListSource) -> list[PoseSample]:
-    """Run `worker` over an in-order (not real-time) ListSource to its end and return the sample published
+def run_recording(worker: PoseWorker, source: ListFrameSource) -> list[PoseSample]:
+    """Run `worker` over an in-order (not real-time) ListFrameSource to its end and return the sample published
     after each frame: the processing thread itself reads the next frame, so at read n the worker has
     finished frame n-1."""
     seen: list[PoseSample | None] = []
@@ -235,7 +196,7 @@ def value_encoder(aligned: np.ndarray) -> np.ndarray:
 
 def test_worker_holds_last_pose_without_face_and_recovers(caplog):
     values = [50] * 4 + [0] * 3 + [200] * 4
-    source = ListSource([flat_frame(v) for v in values])
+    source = ListFrameSource([flat_frame(v) for v in values])
     worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=None)
     with caplog.at_level(logging.INFO, logger="capture.pose_sources"):
         samples = run_recording(worker, source)
@@ -253,7 +214,7 @@ def test_worker_holds_last_pose_without_face_and_recovers(caplog):
 
 def test_worker_publishes_nothing_before_the_first_face():
     """Until a face is seen, latest() stays None: the engine then renders the photo's own pose."""
-    source = ListSource([flat_frame(0), flat_frame(0), flat_frame(90)])
+    source = ListFrameSource([flat_frame(0), flat_frame(0), flat_frame(90)])
     worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=None)
     assert worker.latest() is None
     samples = run_recording(worker, source)
@@ -264,7 +225,7 @@ def test_worker_publishes_nothing_before_the_first_face():
 def test_worker_applies_the_smoothing_filter():
     rng = np.random.default_rng(1)
     values = [int(v) for v in rng.integers(60, 200, 30)]
-    source = ListSource([flat_frame(v) for v in values])
+    source = ListFrameSource([flat_frame(v) for v in values])
     worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=EmaFilter(0.2))
     samples = run_recording(worker, source)
     out = np.array([s.code[0] for s in samples])
@@ -290,7 +251,7 @@ def test_worker_drops_stale_frames_from_realtime_sources():
         encoded.append(value_encoder(aligned))
         return encoded[-1]
 
-    source = ListSource([flat_frame(10 * (i + 1)) for i in range(6)], realtime=True, on_read=on_read)
+    source = ListFrameSource([flat_frame(10 * (i + 1)) for i in range(6)], realtime=True, on_read=on_read)
     worker = PoseWorker(source, LiveAligner(ValueDetector()), slow_encode, smoothing=None)
     worker.start()
     wait_for(lambda: worker.finished, "the source to end")
@@ -305,7 +266,7 @@ def test_worker_exception_surfaces_through_check():
     def broken_encode(aligned):
         raise RuntimeError("pose encoder exploded")
 
-    worker = PoseWorker(RepeatSource(flat_frame(80), interval=0.01), LiveAligner(ValueDetector()),
+    worker = PoseWorker(RepeatFrameSource(flat_frame(80), interval=0.01), LiveAligner(ValueDetector()),
                         broken_encode, smoothing=None)
     worker.start()
     wait_for(lambda: not worker.alive, "the worker to die")
@@ -316,7 +277,7 @@ def test_worker_exception_surfaces_through_check():
 
 
 def test_reader_exception_surfaces_through_check():
-    class Failing(ListSource):
+    class Failing(ListFrameSource):
         def read(self):
             raise OSError("camera unplugged")
 
@@ -329,7 +290,7 @@ def test_reader_exception_surfaces_through_check():
 
 
 def test_bad_encoder_output_is_reported():
-    worker = PoseWorker(ListSource([flat_frame(80)]), LiveAligner(ValueDetector()),
+    worker = PoseWorker(ListFrameSource([flat_frame(80)]), LiveAligner(ValueDetector()),
                         lambda a: np.zeros(5), smoothing=None)
     worker.start()
     wait_for(lambda: not worker.alive, "the worker to die")
@@ -339,13 +300,13 @@ def test_bad_encoder_output_is_reported():
 
 
 def test_stop_joins_the_threads_and_closes_the_source():
-    source = RepeatSource(flat_frame(120), interval=0.01)
+    source = RepeatFrameSource(flat_frame(120), interval=0.01)
     worker = PoseWorker(source, LiveAligner(ValueDetector()), value_encoder, smoothing=EmaFilter(0.1))
     worker.start()
     wait_for(lambda: worker.latest() is not None, "a first pose")
     assert worker.alive and not worker.finished
     worker.stop()
-    assert not worker.alive and worker._threads and not any(t.is_alive() for t in worker._threads)
+    assert not worker.alive and worker._workers and not any(w.alive for w in worker._workers)
     assert source.read() is None  # closed
     worker.stop()  # idempotent
 

@@ -10,6 +10,7 @@ from capture.pose_sources import PoseSample
 from pcavs.alignment import LiveAligner
 from pcavs.alignment.tracking import (ScopedDetector, TrackingDetector, box_from_landmarks, fraction_inside,
                                       tracking_detector)
+from tests.fakes import ListFrameSource
 
 W, H = 320, 240
 
@@ -150,23 +151,14 @@ def test_box_geometry():
 
 
 # ------------------------------------------------------------------------------------- rate and interpolation
-class ListSource:
-    realtime = True
-
-    def __init__(self, times):
-        self.items = [(FRAME, t) for t in times]
-        self.closed = False
-
-    def read(self):
-        return self.items.pop(0) if self.items else None
-
-    def close(self):
-        self.closed = True
+def frames_at(times, frame=None):
+    """A live camera that captured `frame` (FRAME) at each of `times`."""
+    return ListFrameSource([FRAME if frame is None else frame] * len(times), times=times, realtime=True)
 
 
 def test_rate_cap_passes_12_5_frames_per_second_of_a_30_fps_camera():
     times = [i / 30 for i in range(60)]  # two seconds
-    src = RateLimitedSource(ListSource(times), rate_hz=12.5)
+    src = RateLimitedSource(frames_at(times), rate_hz=12.5)
     passed = []
     while (item := src.read()) is not None:
         passed.append(item[1])
@@ -179,7 +171,7 @@ def test_rate_cap_passes_12_5_frames_per_second_of_a_30_fps_camera():
 
 
 def test_rate_cap_never_bursts_after_a_stall():
-    src = RateLimitedSource(ListSource([0.0, 1.0, 1.01, 1.02, 1.05, 1.09]), rate_hz=12.5)
+    src = RateLimitedSource(frames_at([0.0, 1.0, 1.01, 1.02, 1.05, 1.09]), rate_hz=12.5)
     passed = [src.read()[1] for _ in range(3)]
     # After the stall the next frame waits at least half a period (no burst of "overdue" frames).
     assert passed == [0.0, 1.0, 1.05] and src.read() is None and src.frames_skipped == 3
@@ -240,8 +232,7 @@ def test_live_pose_path_tracks_caps_and_interpolates():
             return np.full(12, float(self.calls), np.float32)
 
     rgb = np.random.default_rng(2).integers(0, 256, (H, W, 3), dtype=np.uint8)
-    source = ListSource([i / 30 for i in range(30)])
-    source.items = [(rgb, t) for _, t in source.items]
+    source = frames_at([i / 30 for i in range(30)], rgb)
     source.realtime = False  # read in order by the worker: every passed frame is processed
     model, metrics, avatar = FakeModel(), LiveMetrics(), Avatar()
     worker, pose = start_live_pose(source, avatar, model, smoothing=None, rate_hz=12.5, metrics=metrics)

@@ -1,7 +1,6 @@
 """Scheduler behaviour with fakes at the seams: frame counts, audio continuity, dropping under load."""
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
@@ -11,6 +10,7 @@ import pytest
 from capture.audio_sources import AudioChunk
 from pcavs_live.pipeline.scheduler import Scheduler, SchedulerOptions
 from pcavs_live.pipeline.timeline import AudioTimeline
+from tests.fakes import ListAudioSource, RecordingSink
 
 
 class HopMel:
@@ -32,57 +32,6 @@ class HopMel:
         return tail
 
 
-class ListSource:
-    """A finite audio source delivering fixed blocks, optionally paced in real time, optionally skipping."""
-
-    sample_rate = 16000
-
-    def __init__(self, audio: np.ndarray, block: int = 320, realtime: bool = False,
-                 skip_blocks: tuple[int, ...] = ()) -> None:
-        self._audio, self._block, self._realtime, self._skip = audio, block, realtime, set(skip_blocks)
-        self._q: queue.Queue[AudioChunk] = queue.Queue(maxsize=8)
-        self._thread: threading.Thread | None = None
-        self._done = threading.Event()
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        for i, s in enumerate(range(0, len(self._audio), self._block)):
-            if self._stop.is_set():
-                break
-            if self._realtime:
-                time.sleep(max(0.0, t0 + (s + self._block) / 16000 - time.monotonic()))
-            if i in self._skip:
-                continue
-            chunk = AudioChunk(self._audio[s:s + self._block], s, time.monotonic())
-            while not self._stop.is_set():
-                try:
-                    self._q.put(chunk, timeout=0.05)
-                    break
-                except queue.Full:
-                    pass
-        self._done.set()
-
-    def read(self, timeout: float) -> AudioChunk | None:
-        try:
-            return self._q.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set() and self._q.empty()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
 class MelEchoRenderer:
     """Renders a frame whose pixels hold the mean of its mel window, so tests can tell frames apart."""
 
@@ -98,25 +47,6 @@ class MelEchoRenderer:
         return np.stack([np.full((8, 8, 3), min(255, int(v * 1000)), np.uint8) for v in vals])
 
 
-class RecordingSink:
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
-        self.audio: list[np.ndarray] = []
-        self.indices: list[int] = []
-        self.opened = self.closed = False
-
-    def open(self, width, height, fps, sample_rate):
-        self.opened = (width, height, fps, sample_rate)
-
-    def write(self, frame, audio, frame_index):
-        self.frames.append(frame)
-        self.audio.append(audio)
-        self.indices.append(frame_index)
-
-    def close(self):
-        self.closed = True
-
-
 def speechlike(seconds: float) -> np.ndarray:
     t = np.arange(int(seconds * 16000)) / 16000
     return (0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
@@ -124,7 +54,7 @@ def speechlike(seconds: float) -> np.ndarray:
 
 def make(audio, renderer, realtime, **src_kw):
     sink = RecordingSink()
-    sched = Scheduler(ListSource(audio, realtime=realtime, **src_kw), AudioTimeline(HopMel()), renderer, sink,
+    sched = Scheduler(ListAudioSource(audio, realtime=realtime, **src_kw), AudioTimeline(HopMel()), renderer, sink,
                       placeholder=np.zeros((8, 8, 3), np.uint8),
                       options=SchedulerOptions())
     return sched, sink
@@ -156,7 +86,7 @@ def test_stop_event_ends_a_live_run():
 def test_looped_source_continues_the_timeline_across_loops():
     from capture.looped_audio import LoopedAudioSource
     clip = speechlike(0.1)  # 1600 samples = 5 blocks
-    src = LoopedAudioSource(lambda start_at: ListSource(clip))
+    src = LoopedAudioSource(lambda start_at: ListAudioSource(clip))
     src.start()
     chunks = []
     try:
@@ -187,18 +117,6 @@ def test_frame_is_ready_exactly_when_its_look_ahead_audio_arrives(upstream_numbe
 
 
 # ------------------------------------------------------------------ the live loop (issue 10)
-class TimedSink(RecordingSink):
-    """Records when each slot was handed over."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-
-    def write(self, frame, audio, frame_index):
-        self.times.append(time.monotonic())
-        super().write(frame, audio, frame_index)
-
-
 class TaggingRenderer:
     """Each frame carries its render number in pixel (0, 0); `windows[i]` is the mel window it was
     rendered from, so a test can tell which slot a frame was made for."""
@@ -222,9 +140,9 @@ class TaggingRenderer:
 
 
 def live(audio, renderer, sink=None, source=None, **options):
-    sink = sink or TimedSink()
+    sink = sink or RecordingSink()
     timeline = AudioTimeline(HopMel())
-    sched = Scheduler(source or ListSource(audio, realtime=True), timeline, renderer, sink,
+    sched = Scheduler(source or ListAudioSource(audio, realtime=True), timeline, renderer, sink,
                       placeholder=np.full((8, 8, 3), 255, np.uint8), options=SchedulerOptions(**options))
     return sched, sink, timeline
 
@@ -356,7 +274,7 @@ def test_looped_file_keeps_one_clock_across_its_seams():
 
 def test_live_input_gap_is_filled_with_silence_and_counted():
     audio = speechlike(2.0)
-    sched, sink, _ = live(audio, MelEchoRenderer(), source=ListSource(audio, realtime=True, skip_blocks=(10, 11)))
+    sched, sink, _ = live(audio, MelEchoRenderer(), source=ListAudioSource(audio, realtime=True, skip_blocks=(10, 11)))
     sched.run()
     out = np.concatenate(sink.audio)[: len(audio)]
     assert np.all(out[3200:3840] == 0)

@@ -541,7 +541,7 @@ def test_per_viewer_losses_are_in_stats_and_logged_when_the_server_stops(caplog)
                 assert status == 200 and [v["viewer"] for v in stats["viewer_streams"]] == [1]
                 assert stats["viewer_streams"][0]["video_sent"] >= 1
                 assert stats["viewer_streams"][0]["video_dropped"] == 0
-                srv._loop.call_soon_threadsafe(time.sleep, 2.0)   # a CPU spike starves the loop
+                srv.web.loop.call_soon_threadsafe(time.sleep, 2.0)   # a CPU spike starves the loop
                 await asyncio.sleep(3.0)
                 status, stats = await get_json(base_url(srv) + "stats")
                 return stats["viewer_streams"]

@@ -69,17 +69,16 @@ def probe_microphones() -> list[str]:
 
 def probe_audio_outputs() -> list[str]:
     """Output devices, "index: name (host API, channels)"; raises ProbeError without PortAudio."""
+    from pcavs_live.common.audio_devices import AudioDevicesUnavailable, import_sounddevice, list_audio_devices
     try:
-        import sounddevice as sd
-    except OSError:  # the PortAudio library is missing
+        sd = import_sounddevice()
+    except AudioDevicesUnavailable:
         raise ProbeError("PortAudio is not installed (apt install libportaudio2)") from None
     try:
-        apis = [api["name"] for api in sd.query_hostapis()]
-        devices = sd.query_devices()
-    except sd.PortAudioError as exc:
-        raise ProbeError(f"cannot query audio devices ({exc})") from None
-    return [f"{d['index']}: {d['name']} ({apis[d['hostapi']] if d['hostapi'] < len(apis) else '?'}, "
-            f"{d['max_output_channels']} ch)" for d in devices if d["max_output_channels"] > 0]
+        devices = list_audio_devices(sd, "output")
+    except AudioDevicesUnavailable as exc:
+        raise ProbeError(str(exc)) from None
+    return [f"{d.index}: {d.name} ({d.hostapi}, {d.max_channels} ch)" for d in devices]
 
 
 def probe_cameras(system: str | None = None, max_index: int = 4) -> list[str]:

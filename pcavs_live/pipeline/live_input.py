@@ -21,6 +21,7 @@ from collections import deque
 import numpy as np
 
 from capture.audio_sources import AudioSource
+from pcavs_live.common.workers import Worker
 from pcavs.constants import SAMPLES_PER_FRAME
 from pcavs_live.pipeline.timeline import AudioTimeline
 
@@ -137,17 +138,15 @@ class AudioPump:
 
     def __init__(self, source: AudioSource, timeline: LiveTimeline) -> None:
         self._source, self._timeline = source, timeline
-        self._halt = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(self._run, "audio-pump")
         self.error: BaseException | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="audio-pump", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def _run(self) -> None:
         try:
-            while not self._halt.is_set():
+            while not self._worker.stopping.is_set():
                 chunk = self._source.read(PUMP_READ_TIMEOUT_S)
                 if chunk is None:
                     if self._source.finished:
@@ -165,7 +164,4 @@ class AudioPump:
 
     def stop(self) -> None:
         """Idempotent; returns within one read timeout."""
-        self._halt.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        self._worker.stop()

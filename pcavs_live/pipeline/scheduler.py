@@ -30,6 +30,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from capture.audio_sources import AudioSource
+from pcavs_live.common.workers import Worker
 from pcavs.engine import Avatar, StageTimes
 from pcavs_live.pipeline.live_input import AudioPump, LiveTimeline
 from pcavs_live.pipeline.metrics import FrameRecord, LiveMetrics
@@ -50,6 +51,8 @@ TICK_S = 0.05
 # after the worker was free), and scheduling jitter.
 LATENCY_MARGIN = 1.25
 LATENCY_SLACK_S = 0.04
+# Stopping waits for the render in progress; one slow CPU render can take seconds, a stuck one is named.
+RENDER_STOP_TIMEOUT_S = 30.0
 
 
 class Renderer(Protocol):
@@ -97,24 +100,19 @@ class RenderWorker:
         self._max_pending = max_pending
         self._frames: dict[int, _Rendered] = {}
         self._lock = threading.Lock()
-        self._halt = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(self._run, "render", wake=timeline.notify)
         self.warm = threading.Event()
         self.render_s: float | None = None
         self.discarded = 0
         self.error: BaseException | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="render", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        """Returns once the render in progress (if any) has finished."""
-        self._halt.set()
-        self._timeline.notify()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        """Returns once the render in progress (if any) has finished, or after RENDER_STOP_TIMEOUT_S with
+        the render thread named in the log."""
+        self._worker.stop(RENDER_STOP_TIMEOUT_S)
 
     def _render(self, k: int) -> _Rendered:
         mels = self._timeline.mel_window(k)[None]
@@ -131,14 +129,14 @@ class RenderWorker:
     def _run(self) -> None:
         try:
             for _ in range(self._warmups):       # the timeline holds no audio yet: silent windows
-                if self._halt.is_set():
+                if self._worker.stopping.is_set():
                     return
                 t = time.perf_counter()
                 self._render(0)
                 self.render_s = time.perf_counter() - t
             self.warm.set()
             last = -1
-            while not self._halt.is_set():
+            while not self._worker.stopping.is_set():
                 newest = self._newest_ready()
                 if newest <= last:
                     total = self._timeline.total_frames

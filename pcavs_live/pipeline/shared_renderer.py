@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pcavs.engine import SessionRequest, StageTimes, render_sessions
+from pcavs_live.common.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class SharedRenderer:
         self._pending: dict[SessionHandle, _Pending] = {}
         self._handles: set[SessionHandle] = set()
         self._awaited: set[SessionHandle] = set()  # active sessions a gathering batch still waits for
-        self._thread: threading.Thread | None = None
+        self._worker: Worker | None = None
         self._stopping = False
         self._ids = itertools.count(1)
         self.batches = 0
@@ -169,9 +170,9 @@ class SharedRenderer:
 
     # ---------------------------------------------------------------- owner API
     def start(self) -> "SharedRenderer":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-            self._thread.start()
+        if self._worker is None:
+            self._worker = Worker(self._loop, self._name)
+            self._worker.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -183,11 +184,9 @@ class SharedRenderer:
                 p.done.set()
             self._pending.clear()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.error("shared renderer thread did not stop within %.0f s", timeout)
-            self._thread = None
+        if self._worker is not None:
+            self._worker.join(timeout)      # a stuck render is named in the log, not waited on forever
+            self._worker = None
 
     def handle(self, avatar: object, name: str | None = None) -> SessionHandle:
         h = SessionHandle(self, avatar, name or f"session-{next(self._ids)}")

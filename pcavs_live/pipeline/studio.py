@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from pcavs_live.common.errors import UserError
+from pcavs_live.common.workers import Worker
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
 from pcavs.mel import StreamingGain, StreamingMel
@@ -90,7 +91,7 @@ class StudioSession:
         self._source: BrowserAudioSource | None = None
         self._video: BrowserVideoSource | None = None
         self._session: Session | None = None
-        self._thread: threading.Thread | None = None
+        self._worker: Worker | None = None
         self._stop = threading.Event()
         self._stopped = False
         self._started_at: float | None = None
@@ -99,7 +100,7 @@ class StudioSession:
 
     def start(self, audio, video, loop: asyncio.AbstractEventLoop, sink, on_end: Callable[[str], None]) -> None:
         with self._lock:
-            if self._stopped or self._thread is not None:
+            if self._stopped or self._worker is not None:
                 raise RuntimeError("a studio session starts once")
             self._started_at = time.monotonic()
             self._source = BrowserAudioSource(audio, loop)
@@ -110,14 +111,13 @@ class StudioSession:
             elif video is not None:
                 log.info("no landmark detector for camera pose; using the photo's pose")
             self.handle = self._renderer.handle(self.avatar)
-            self._session = SessionBuilder(
+            self._session = session = SessionBuilder(
                 self.config, RunOptions(realtime=True, status_interval_s=0), landmark_detector=detector,
                 avatar=(self.avatar, self.placeholder), renderer=self.handle,
                 audio=(self._source, StreamingMel(StreamingGain())), sinks=sink, pose_frames=self._video,
                 metrics=self.metrics, pose_batcher=self._pose_batcher).build()
-            self._thread = threading.Thread(target=self._run, args=(self._session, on_end),
-                                            name="studio-session", daemon=True)
-            self._thread.start()
+            self._worker = Worker(lambda: self._run(session, on_end), "studio-session", stopping=self._stop)
+            self._worker.start()
 
     def _run(self, session: Session, on_end: Callable[[str], None]) -> None:
         reason = "the browser's audio ended"
@@ -162,10 +162,8 @@ class StudioSession:
         self._stop.set()
         if self.handle is not None:
             self.handle.close()          # a render waiting for its batch returns at once
-        if self._thread is not None:
-            self._thread.join(10)
-            if self._thread.is_alive():
-                log.error("studio session thread did not stop within 10 s")
+        if self._worker is not None:
+            self._worker.join(10)        # a stuck session thread is named in the log
         if self._session is not None:
             self._session.close()        # the pose worker
         if self._source is not None:
@@ -179,7 +177,7 @@ class StudioSession:
         close = getattr(self.avatar, "close", None)
         if close is not None:
             close()
-        self.avatar = self.handle = self._source = self._video = self._session = self._thread = None
+        self.avatar = self.handle = self._source = self._video = self._session = self._worker = None
         self.placeholder = None
 
 

@@ -2,8 +2,9 @@
 
 Shape of the thing
 ------------------
-`WebRTCServer` (server.py) owns one thread running one asyncio loop; aiohttp serves the page
-(`stream/web/`), `POST /offer` (SDP offer in, answer out), `GET /stats` and `GET /health` on it, and
+`WebRTCServer` (server.py) runs on a `WebHost` (host.py: binding, token, ICE checks, one thread
+running one asyncio loop, JSON bodies, negotiation; the studio server composes one too); aiohttp
+serves the page (`stream/web/`), `POST /offer` (SDP offer in, answer out), `GET /stats` and `GET /health` on it, and
 every viewer's RTCPeerConnection lives there too. `WebRTCSink` (sink.py) is the FrameSink the scheduler
 writes to: it only drops each frame + its 40 ms of audio into two small bounded buffers (buffer.py)
 and returns, so a slow network or a stuck browser can never hold up the render loop.
