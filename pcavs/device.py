@@ -116,7 +116,7 @@ def cpu_bf16_support(flags: frozenset[str] | None = None, capability: str | None
         return CpuBf16(False, "no native bf16 on this CPU (neither AMX-BF16 nor AVX512-BF16)")
     if not capability.upper().startswith("AVX512"):
         return CpuBf16(False, f"CPU has {' + '.join(found)} but torch runs {capability} kernels")
-    return CpuBf16(True, f"native bf16 on this CPU ({' + '.join(found)})")
+    return CpuBf16(True, f"native bf16 on this CPU: {' + '.join(found)}")
 
 
 def _device_index(device: str) -> int:
