@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pcavs.checkpoints import load_networks  # noqa: E402
 from pcavs.constants import ID_DIM  # noqa: E402
 from pcavs.device import describe_dtype  # noqa: E402
-from pcavs.engine import Avatar, EngineOptions  # noqa: E402
+from pcavs.engine import Avatar, EngineOptions, encode_poses  # noqa: E402
 from pcavs.runtime import frames_on_device  # noqa: E402
 
 CASE = Path(__file__).resolve().parent.parent.parent / "shared" / "parity" / "cases" / "case_seed0.npz"
@@ -173,7 +173,14 @@ class Stages:
             p32, p16 = n32.pose.pose_code(pose_in), e16.pose_code(pose_in.bfloat16())
             t = round_robin({"32": lambda: n32.pose.pose_code(pose_in), "16": lambda: e16.pose_code(pose_in.bfloat16())},
                             runs, warmup)
-            rows.append(("pose encoder E", t["32"], t["16"], psnr(frame_with(pose=p16), frame_with(pose=p32), 2.0)))
+            rows.append(("pose encoder E (bf16 weights)", t["32"], t["16"],
+                         psnr(frame_with(pose=p16), frame_with(pose=p32), 2.0)))
+            # the app's form (pcavs.engine.pose_precision): float32 weights under bf16 autocast
+            pa = torch.from_numpy(encode_poses(n16, pose_in))
+            t = round_robin({"32": lambda: encode_poses(n32, pose_in), "16": lambda: encode_poses(n16, pose_in)},
+                            runs, warmup)
+            rows.append(("pose encoder E (app: autocast)", t["32"], t["16"],
+                         psnr(frame_with(pose=pa[None] if pa.dim() == 1 else pa), frame_with(pose=p32), 2.0)))
 
             out16 = g16.forward_cached(cache16, rest, start, noise16)
             t = round_robin({"32": lambda: g32.forward_cached(cache32, rest, start, self.noise),
@@ -385,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, t32, t16, db in rows:
         if name.startswith(("generator", "whole", "uint8")):
             app = "auto dtype"
+        elif name.startswith("pose encoder E (app"):
+            app = "bf16 autocast with a bf16 generator" if db >= BF16_FRAME_BOUND_DB else "float32"
+        elif name.startswith("pose encoder E"):
+            app = "-"
         elif name.startswith(("FAN", "SFD")):
             app = "float32 (no real weights here to bound bf16)"
         else:
