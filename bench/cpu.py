@@ -25,6 +25,9 @@ Medians of --runs after --warmup, load average before and after (the CPU is shar
 within one run, not absolute numbers across runs).
 
     python bench/cpu.py [--checkpoints checkpoints/parity_seed0] [--runs 7] [--trials]
+torchao is not a dependency (int8 was not adopted); for the int8 trial put it on a private path:
+    pip install --no-deps --target /tmp/torchao torchao==0.18.0
+    PYTHONPATH=/tmp/torchao python bench/cpu.py --trials
 Stand-in weights: python ../shared/parity/make_weights.py --seed 0 --out checkpoints/parity_seed0
 """
 from __future__ import annotations
