@@ -11,13 +11,10 @@ avatar's batch and a tick of many sessions (`render_sessions`) go through the sa
 one audio pass, one generator pass, CUDA graphs on a GPU.
 
 Precision: the encoders run in float32 and only the generator in the model dtype; the style and start
-map are cast at the generator's boundary. One exception, measured in bench/cpu.py: live pose codes on a
-CPU with a bf16 generator run the pose encoder under bf16 autocast (`pose_precision`). A frame with a non-finite value is never returned: the
+map are cast at the generator's boundary. A frame with a non-finite value is never returned: the
 avatar's last good frame is held in its place and `Avatar.frames_nonfinite` counts it.
 """
 from __future__ import annotations
-
-import contextlib
 
 import weakref
 from dataclasses import dataclass, field
@@ -293,15 +290,4 @@ def encode_poses(networks: PcavsNetworks, crops: np.ndarray | torch.Tensor | Seq
     if batch.shape[0] == 0:
         return np.zeros((0, POSE_DIM), np.float32)
     x = upload(batch, networks.device, _ENCODER_DTYPE)
-    with pose_precision(networks):
-        return download([networks.pose.pose_code(x).float()])[0]
-
-
-def pose_precision(networks: PcavsNetworks) -> contextlib.AbstractContextManager:
-    """The live pose codes' precision: bfloat16 autocast on a CPU whose generator runs in bf16 (a CPU
-    with native bf16: the pose encoder is then ~1.6x faster, its frames 80 dB from float32's in
-    bench/cpu.py), float32 everywhere else. The weights stay float32 (the mouth embedding of the same
-    network feeds the audio path in float32)."""
-    if str(networks.device) == "cpu" and networks.generator_dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return download([networks.pose.pose_code(x).float()])[0]

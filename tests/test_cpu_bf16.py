@@ -66,28 +66,3 @@ def test_bf16_whole_frame_within_the_bench_bound(case, networks) -> None:
     value = psnr(frames[torch.bfloat16].astype(np.float64), frames[torch.float32].astype(np.float64), 255.0)
     print(f"\nwhole frames (audio + generator + uint8): bf16 {value:.1f} dB against float32")
     assert BF16_FRAME_BOUND_DB <= value < math.inf
-
-
-def test_live_pose_codes_under_bf16_autocast_stay_within_the_bound(case, networks) -> None:
-    """With a bf16 generator on the CPU the pose encoder runs under bf16 autocast (`pose_precision`); the
-    frame made with its pose codes stays within the bound of the one made with float32's."""
-    from pcavs.engine import encode_poses
-
-    crops = torch.from_numpy(case["pose_input"])
-    codes = {dt: torch.from_numpy(encode_poses(nets, crops)) for dt, nets in networks.items()}
-    assert codes[torch.bfloat16].dtype == torch.float32 and codes[torch.bfloat16].shape == (3, 12)
-    assert not torch.equal(codes[torch.bfloat16], codes[torch.float32])  # really computed in bf16
-    np.testing.assert_allclose(codes[torch.float32].numpy(), case["pose_code"][:, 0], atol=1e-4)
-    g = networks[torch.float32].generator
-    style = torch.from_numpy(case["style_driven"])
-    noise = [torch.from_numpy(case[f"noise_{i}"].astype(np.float32)) for i in range(11)]
-    with torch.inference_mode():
-        cache = g.precompute_style(style[:, :ID_DIM])
-        frames = {}
-        for dt, code in codes.items():
-            rest = style[:, ID_DIM:].clone()
-            rest[:, -12:] = code
-            frames[dt] = g.forward_cached(cache, rest, torch.from_numpy(case["id_map"]), noise)
-    value = psnr(frames[torch.bfloat16], frames[torch.float32], 2.0)
-    print(f"\nframes from bf16-autocast pose codes: {value:.1f} dB against float32's")
-    assert value >= BF16_FRAME_BOUND_DB
