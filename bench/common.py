@@ -18,7 +18,8 @@ def add_network_args(ap: argparse.ArgumentParser) -> None:
                     help="checkpoint folder (stand-ins: ../shared/parity/make_weights.py --seed 0 --out DIR)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="generator dtype (auto: bfloat16 on CUDA sm_80+, else float32; encoders stay float32)")
+                    help="generator dtype (auto: bfloat16 on CUDA sm_80+ and on CPUs with native bf16, else float32; "
+                         "encoders stay float32)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
 

@@ -9,7 +9,9 @@ import torch
 
 import run_live
 from pcavs_live.common.errors import UserError
-from pcavs.device import DeviceError, configure_cudnn, resolve_device, resolve_device_and_dtype, resolve_dtype
+import pcavs.device
+from pcavs.device import (DeviceError, configure_cudnn, cpu_bf16_support, cpu_flags, describe_dtype, resolve_device,
+                          resolve_device_and_dtype, resolve_dtype)
 
 
 def fake_gpus(monkeypatch, count: int, capability: tuple[int, int] = (9, 0)) -> None:
@@ -134,10 +136,52 @@ def test_auto_dtype_is_bf16_from_sm80_only(monkeypatch, capability, expected):
     assert resolve_device_and_dtype("auto", "auto") == ("cuda", expected)
 
 
-def test_auto_dtype_is_float32_on_cpu_and_explicit_words_are_kept(monkeypatch):
+def fake_cpu(monkeypatch, flags: set[str] | None, capability: str = "AVX512") -> None:
+    monkeypatch.setattr(pcavs.device, "cpu_flags", lambda path=None: None if flags is None else frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
+
+@pytest.mark.parametrize("flags,capability,expected,why", [
+    ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "AVX512", torch.bfloat16, "AMX-BF16 + AVX512-BF16"),
+    ({"avx512f", "avx512_bf16"}, "AVX512", torch.bfloat16, ": AVX512-BF16"),   # Zen 4, Cooper Lake
+    ({"avx512f", "avx512_vnni", "avx2"}, "AVX512", torch.float32, "no native bf16"),  # Ice Lake, Cascade Lake
+    ({"avx2", "fma"}, "AVX2", torch.float32, "no native bf16"),
+    ({"avx512_bf16", "amx_bf16"}, "AVX2", torch.float32, "torch runs AVX2 kernels"),  # ATEN_CPU_CAPABILITY=avx2
+    (None, "AVX512", torch.float32, "unreadable"),                             # no /proc/cpuinfo (macOS, Windows)
+])
+def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, flags, capability, expected, why):
     fake_gpus(monkeypatch, 0)
-    assert resolve_device_and_dtype("auto", "auto") == ("cpu", torch.float32)
+    fake_cpu(monkeypatch, flags, capability)
+    assert resolve_device_and_dtype("auto", "auto") == ("cpu", expected)
+    assert resolve_dtype("auto", "cpu") == expected
+    support = cpu_bf16_support()
+    assert support.native == (expected == torch.bfloat16) and why in support.reason
+    line = describe_dtype("auto", "cpu")
+    assert line.startswith(str(expected).removeprefix("torch.")) and why in line
+
+
+@pytest.mark.parametrize("flags", [{"avx512_bf16", "amx_bf16"}, {"avx2"}])
+def test_explicit_words_are_kept_on_cpu(monkeypatch, flags):
+    fake_gpus(monkeypatch, 0)
+    fake_cpu(monkeypatch, flags)
     assert resolve_dtype("float16", "cpu") == torch.float16
+    assert resolve_device_and_dtype("cpu", "float32") == ("cpu", torch.float32)
+    assert resolve_device_and_dtype("cpu", "bfloat16") == ("cpu", torch.bfloat16)
+    assert describe_dtype("float32", "cpu") == "float32 (as asked)"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16 amx_bf16\n\nprocessor\t: 1\n"
+                    "flags\t\t: fpu sse avx512_bf16 amx_bf16\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx512_bf16", "amx_bf16"}
+    assert cpu_flags(tmp_path / "absent") is None
+    assert cpu_bf16_support(cpu_flags(info), "AVX512").native
+
+
+def test_auto_dtype_on_cuda_gives_its_reason(monkeypatch):
+    fake_gpus(monkeypatch, 1, (7, 5))
+    assert describe_dtype("auto", "cuda") == "float32 (auto: no bf16 tensor cores before sm_80 (this GPU is sm_75))"
 
 
 def test_explicit_bf16_on_an_old_gpu_is_still_refused(monkeypatch):

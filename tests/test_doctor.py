@@ -125,6 +125,11 @@ def test_torch_rows_for_missing_gpu_and_missing_torch(tmp_path):
     mps = rows_by_check(diagnose(config_for(tmp_path, **{"model.device": "mps"}), cpu_only))["torch"]
     assert not mps.ok and "--device cpu" in mps.fix
 
+    bf16 = replace(healthy(tmp_path), torch=lambda: TorchInfo("2.14.1+cpu", None, (), False,
+                                                              "bfloat16 (auto: native bf16 on this CPU: AMX-BF16)"))
+    row = rows_by_check(diagnose(config_for(tmp_path), bf16))["torch"]
+    assert row.ok and "generator in bfloat16 (auto: native bf16 on this CPU: AMX-BF16)" in row.detail
+
     gone = replace(healthy(tmp_path, system="Windows"), torch=_raise("cannot import torch (No module named 'torch')"))
     row = rows_by_check(diagnose(config_for(tmp_path), gone))["torch"]
     assert not row.ok and row.fix == f"pip install {doctor.TORCH_PINS} --index-url {doctor.TORCH_CPU_INDEX}"

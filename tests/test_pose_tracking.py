@@ -2,10 +2,12 @@
 interpolated per output frame. The detector is injected and counts its calls."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-from capture.pose_rate import InterpolatedPose, PoseInterpolator, RateLimitedSource
+from capture.pose_rate import InterpolatedPose, PoseBudget, PoseInterpolator, RateLimitedSource
 from capture.pose_sources import PoseSample
 from pcavs.alignment import LiveAligner
 from pcavs.alignment.tracking import (ScopedDetector, TrackingDetector, box_from_landmarks, fraction_inside,
@@ -250,3 +252,109 @@ def test_live_pose_path_tracks_caps_and_interpolates():
     snap = metrics.snapshot()
     assert snap["pose_detections"] == 1 and snap["pose_frames_skipped"] == 30 - worker.frames_processed
     assert snap["pose_face_found"] is True
+
+
+# ------------------------------------------------------------------------------------- CPU pose budget
+class FakeCpuClock:
+    """Thread CPU time that advances only when a pose step 'spends' it."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def spend(clock, seconds):
+    def step(*_):
+        clock.t += seconds
+        return "done"
+    return step
+
+
+@pytest.mark.parametrize("cost_s,expected_hz", [(0.2, 2.5), (0.01, 12.5), (2.0, 1.0)])
+def test_pose_budget_leaves_three_quarters_of_the_machine(cost_s, expected_hz):
+    """2 cores, a quarter for the pose worker: 0.5 CPU-s per second. A 200 ms pose frame → 2.5 Hz; a cheap
+    one stays at the configured 12.5 Hz; a very slow one is held at the 1 Hz floor."""
+    clock = FakeCpuClock()
+    budget = PoseBudget(12.5, cores=2, alpha=1.0, cpu_clock=clock)
+    assert budget.rate_hz == 12.5 and budget.frame_cpu_ms is None      # nothing measured yet
+    align = budget.wrap(spend(clock, cost_s * 0.75), new_frame=True)
+    encode = budget.wrap(spend(clock, cost_s * 0.25))
+    for _ in range(3):
+        assert align() == "done" and encode() == "done"
+    budget.close_frame()
+    assert budget.frames_measured == 3
+    assert budget.frame_cpu_ms == pytest.approx(cost_s * 1e3)
+    assert budget.rate_hz == pytest.approx(expected_hz) and budget() == budget.rate_hz
+
+
+def test_pose_budget_averages_and_ignores_idle_time():
+    clock = FakeCpuClock()
+    budget = PoseBudget(12.5, cores=4, alpha=0.5, cpu_clock=clock)
+    align = budget.wrap(spend(clock, 0.1), new_frame=True)
+    align()
+    budget.close_frame()
+    budget.close_frame()                       # nothing spent since: no frame, no change
+    clock.t += 5.0                             # CPU spent outside the wrapped steps is not the worker's
+    align = budget.wrap(spend(clock, 0.3), new_frame=True)
+    align()
+    budget.close_frame()
+    assert budget.frames_measured == 2 and budget.frame_cpu_ms == pytest.approx(200.0)
+    assert budget.rate_hz == pytest.approx(0.25 * 4 / 0.2)
+    with pytest.raises(ValueError):
+        PoseBudget(12.5, min_hz=20.0)
+
+
+def test_rate_cap_follows_a_changing_rate():
+    rate = [12.5]
+    src = RateLimitedSource(frames_at([i / 100 for i in range(200)]), rate_hz=lambda: rate[0])
+    first = [src.read()[1] for _ in range(5)]
+    assert np.diff(first).min() >= 0.08 - 1e-9
+    rate[0] = 2.0
+    later = [src.read()[1] for _ in range(3)]
+    assert np.diff(later).min() >= 0.5 - 1e-9 and src.period == 0.5
+
+
+def test_live_pose_on_a_cpu_lowers_the_rate_for_a_costly_pose_frame():
+    """start_live_pose on the CPU with a pose encoder burning 150 ms of CPU per frame: the budget measures
+    the worker thread's CPU time and brings the rate under the configured 12.5 Hz, in the stats; the
+    worker thread's torch runs on one intra-op thread, the caller's is left as it was."""
+    import time
+
+    import torch
+
+    from pcavs_live.pipeline.engine_setup import CPU_POSE_THREADS, start_live_pose
+    from pcavs_live.pipeline.metrics import LiveMetrics
+
+    threads_seen = []
+
+    class Avatar:
+        device = "cpu"
+
+        def pose_code(self, x):
+            threads_seen.append(torch.get_num_threads())
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < 0.15:
+                pass
+            return np.zeros(12, np.float32)
+
+    caller_threads = torch.get_num_threads()
+    rgb = np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    source = ListFrameSource([rgb] * 30, times=[i / 30 for i in range(30)], realtime=False)
+    metrics = LiveMetrics()
+    worker, pose = start_live_pose(source, Avatar(), FakeModel(), smoothing=None, rate_hz=12.5, metrics=metrics)
+    try:
+        deadline = time.monotonic() + 30
+        while not worker.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        worker.check()
+    finally:
+        worker.stop()
+    snap = metrics.snapshot()
+    cores = len(os.sched_getaffinity(0))
+    assert snap["pose_cpu_ms"] >= 150
+    assert snap["pose_rate_hz"] <= max(1.0, 0.25 * cores / 0.15) + 0.01 < 12.5 or cores >= 8
+    assert worker.frames_processed < 12        # 12.5 Hz would have passed 12-13 of the 30 frames
+    assert threads_seen and set(threads_seen) == {CPU_POSE_THREADS}
+    assert torch.get_num_threads() == caller_threads

@@ -129,7 +129,8 @@ def check_torch(probe: Callable[[], TorchInfo], device: str, system: str) -> Row
     if device == "auto" and info.cuda_devices:
         return Row("torch", True, f"{build}; runs on cuda: {gpus}")
     note = "MPS available: --device mps" if info.mps else "no CUDA GPU visible; real time needs one"
-    return Row("torch", True, f"{build}; runs on cpu ({note})")
+    precision = f"; generator in {info.cpu_dtype}" if info.cpu_dtype else ""
+    return Row("torch", True, f"{build}; runs on cpu ({note}){precision}")
 
 
 def check_checkpoints(probe: Callable[[Path], dict[str, str]], folder: Path, fetch_command: str) -> Row:

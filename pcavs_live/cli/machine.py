@@ -40,6 +40,7 @@ class TorchInfo:
     cuda_build: str | None               # torch.version.cuda: None for a CPU-only (or macOS) build
     cuda_devices: tuple[str, ...] = ()   # "NVIDIA H200, capability 9.0" per visible GPU
     mps: bool = False                    # Apple-silicon GPU available
+    cpu_dtype: str = ""                  # the CPU's "auto" generator dtype and why ("bfloat16 (auto: native ...)")
 
 
 def probe_python() -> PythonInfo:
@@ -58,7 +59,8 @@ def probe_torch() -> TorchInfo:
             major, minor = torch.cuda.get_device_capability(i)
             devices.append(f"{torch.cuda.get_device_name(i)}, capability {major}.{minor}")
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    return TorchInfo(torch.__version__, torch.version.cuda, tuple(devices), mps)
+    from pcavs.device import describe_dtype
+    return TorchInfo(torch.__version__, torch.version.cuda, tuple(devices), mps, describe_dtype("auto", "cpu"))
 
 
 def probe_microphones() -> list[str]:

@@ -18,7 +18,7 @@ import torch
 from capture.audio_sources import AudioSource
 from pcavs.alignment import AlignedFace, FaceAligner, LandmarkDetector
 from pcavs.checkpoints import PcavsNetworks, load_networks
-from pcavs.device import resolve_device_and_dtype
+from pcavs.device import cpu_bf16_support, describe_dtype, resolve_device_and_dtype
 from pcavs.engine import Avatar, EngineOptions
 from pcavs.runtime import RenderRuntime
 from pcavs.preprocess import to_network_input
@@ -42,10 +42,11 @@ def engine_options(model: ModelConfig) -> EngineOptions:
     """The `[model]` section as EngineOptions (device resolved: "auto" → cuda or cpu)."""
     dtype_name = model.dtype
     device, dtype = resolve_device_and_dtype(model.device, dtype_name)  # one line for a device problem, before any
-    # checkpoint is read; "auto" dtype: bf16 on sm_80+ GPUs, float32 elsewhere
-    if dtype != torch.float32 and device == "cpu":
-        log.warning("%s on the CPU runs on PyTorch's reference kernels (~35x slower than float32 on CPUs "
-                    "without native half-precision convolutions); it is meant for GPUs", dtype_name)
+    # checkpoint is read; "auto" dtype: bf16 on sm_80+ GPUs and on CPUs with native bf16, float32 elsewhere
+    log.info("generator on %s in %s", device, describe_dtype(dtype_name, device))
+    if device == "cpu" and (dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_bf16_support().native)):
+        log.warning("%s on this CPU runs on conversion or reference kernels (slower than float32: it has no "
+                    "native %s); use --dtype auto", dtype_name, "float16" if dtype == torch.float16 else "bf16")
     return EngineOptions(device=device, dtype=dtype, noise=model.noise, noise_seed=model.noise_seed,
                          mouth_weight=model.mouth_weight)
 

@@ -11,6 +11,10 @@ pose path beside it without slowing it down.
   detected once, then tracked (`pcavs.alignment.tracking`) → live alignment → pose encoder, all of the
   worker's GPU work on its own lowest-priority stream (`pcavs.gpu.WorkerStream`); the scheduler's pose
   callback interpolates the newest codes per output frame (`capture.pose_rate.InterpolatedPose`).
+  On a CPU the worker's torch ops run on `CPU_POSE_THREADS` intra-op thread (torch's OpenMP thread count
+  is per calling thread, so the renderer keeps all cores) and the rate adapts (`capture.pose_rate.PoseBudget`):
+  at most `rate_hz`, lower when the worker would take more than a quarter of the machine; the chosen rate
+  is in the stats (`pose_rate_hz`, with `pose_cpu_ms` per pose frame).
 * `PoseBatcher`: the studio's sessions' pose crops through one pose-encoder pass (`encode_poses`)
   whenever several are waiting, instead of one pass per session.
 """
@@ -22,8 +26,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
+import torch
 
-from capture.pose_rate import InterpolatedPose, RateLimitedSource
+from capture.pose_rate import InterpolatedPose, PoseBudget, RateLimitedSource
 from capture.pose_sources import FrameSource, PoseFilter, PoseWorker
 from pcavs.alignment import LandmarkDetector, LiveAligner
 from pcavs.alignment.tracking import tracking_detector
@@ -35,6 +40,26 @@ from pcavs.runtime import RenderRuntime
 from pcavs_live.pipeline.metrics import LiveMetrics
 
 log = logging.getLogger(__name__)
+
+# bench/cpu.py, threads table: two threads for the pose worker beside a two-thread renderer oversubscribe
+# a 2-core CPU; one leaves the renderer its cores and makes the worker's CPU time measurable per thread.
+CPU_POSE_THREADS = 1
+
+
+class _CpuPoseAligner:
+    """The live aligner as the CPU pose worker runs it: its first call sets the worker thread's intra-op
+    threads, and each call opens a new frame of the budget's CPU-time measurement."""
+
+    def __init__(self, aligner: LiveAligner, budget: PoseBudget, threads: int) -> None:
+        self._align = budget.wrap(aligner.align, new_frame=True)
+        self._threads = threads
+        self._thread_set = False
+
+    def align(self, frame: np.ndarray):
+        if not self._thread_set:
+            torch.set_num_threads(self._threads)  # this (the pose worker's) thread only: OpenMP is per thread
+            self._thread_set = True
+        return self._align(frame)
 
 
 def prepare_engine(avatar: Avatar, batch_sizes: Iterable[int], metrics: LiveMetrics | None = None) -> list[int]:
@@ -122,19 +147,28 @@ def start_live_pose(frames: FrameSource, avatar: Avatar, detector: LandmarkDetec
                     metrics: LiveMetrics, pose_batcher: PoseBatcher | None = None,
                     ) -> tuple[PoseWorker, Callable[[], np.ndarray | None]]:
     """The started worker (its owner stops it) and the scheduler's pose callback (see the module doc).
-    The metrics get the face status per new sample, `pose_frames_skipped` (frames above the pose rate)
-    and, when the detector can be tracked with, `pose_detections` (box-detector runs). `pose_batcher`:
-    the crops go through it (shared with other sessions) instead of one pass each."""
+    The metrics get the face status per new sample, `pose_frames_skipped` (frames above the pose rate),
+    `pose_rate_hz` (the rate in force: `rate_hz`, or on a CPU the budget's) and, when the detector can be
+    tracked with, `pose_detections` (box-detector runs). `pose_batcher`: the crops go through it (shared
+    with other sessions) instead of one pass each."""
     stream = WorkerStream(avatar.device)
     tracked = tracking_detector(detector, scope=stream.scope)
-    capped = RateLimitedSource(frames, rate_hz)
+    aligner = LiveAligner(tracked)
     if pose_batcher is not None:
-        def encode(crop: np.ndarray) -> np.ndarray:
+        def encode_crop(crop: np.ndarray) -> np.ndarray:
             return pose_batcher.encode(avatar.networks, crop)
     else:
-        def encode(crop: np.ndarray) -> np.ndarray:
+        def encode_crop(crop: np.ndarray) -> np.ndarray:
             return avatar.pose_code(to_network_input(crop))
-    worker = PoseWorker(capped, LiveAligner(tracked), encode=stream.wrap(encode), smoothing=smoothing)
+    encode = stream.wrap(encode_crop)
+    rate: float | PoseBudget = rate_hz
+    if avatar.device == "cpu":
+        budget = rate = PoseBudget(rate_hz)
+        aligner, encode = _CpuPoseAligner(aligner, budget, CPU_POSE_THREADS), budget.wrap(encode)
+        metrics.watch("pose_cpu_ms", lambda: None if budget.frame_cpu_ms is None else round(budget.frame_cpu_ms, 1))
+    capped = RateLimitedSource(frames, rate)
+    worker = PoseWorker(capped, aligner, encode=encode, smoothing=smoothing)
+    metrics.watch("pose_rate_hz", lambda: round(1.0 / capped.period, 2))
     metrics.watch("pose_frames_skipped", lambda: capped.frames_skipped)
     if hasattr(tracked, "counters"):
         metrics.watch("pose_detections", lambda: tracked.counters.detections)
@@ -144,4 +178,4 @@ def start_live_pose(frames: FrameSource, avatar: Avatar, detector: LandmarkDetec
                                 pose_frames_without_face=sample.frames_without_face)
 
     worker.start()
-    return worker, InterpolatedPose(worker, rate_hz, on_sample=status)
+    return worker, InterpolatedPose(worker, rate, on_sample=status)

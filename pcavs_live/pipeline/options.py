@@ -57,7 +57,7 @@ class ModelConfig:
     device: str = _spec(pattern=r"auto|cpu|mps|cuda(:\d+)?", expect="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
                         flag="--device", help="auto, cpu, cuda, cuda:N or mps")
     dtype: Dtype = _spec(flag="--dtype", help="generator precision: auto = bfloat16 on CUDA GPUs of compute "
-                         "capability 8.0+, else float32 (half precision is meant for GPUs)")
+                         "capability 8.0+ and on CPUs with native bf16 (AVX512-BF16, AMX), else float32")
     noise: NoiseMode = _spec(flag="--noise", help="generator noise: one draw per session, fresh per frame, or none")
     noise_seed: int = _spec()
     mouth_weight: float = _spec(min=0.0)
