@@ -1,0 +1,192 @@
+"""The studio across a Ray cluster (pcavs_live/cluster): a two-node local cluster on loopback
+(`ray.cluster_utils.Cluster`, one `render_slot` per node), workers with the paint renderer, aiortc
+clients through the front door. Skips when Ray is not installed (`pip install "pcavs-live[cluster]"`)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+# Before Ray is imported: no usage reporting, and every Ray address on loopback (Ray otherwise
+# replaces 127.0.0.1 with the default route's address).
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "pcavs-live[cluster]")')
+
+from pcavs_live.cluster.frontdoor import WORKER_GONE, FrontDoor  # noqa: E402
+from pcavs_live.cluster.pool import WorkerPool, connect  # noqa: E402
+from tests.cluster_support import paint_backend  # noqa: E402
+from tests.studio_support import Client, base, http, run  # noqa: E402
+from tests.test_browser_viewer import REPO  # noqa: E402
+
+NODE = {"num_cpus": 1, "resources": {"render_slot": 1}, "node_ip_address": "127.0.0.1"}
+OVERRIDES = {"server.max_sessions": 1, "pose.smoothing": 0.0}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")  # workers import tests.*
+    c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    c.add_node(**NODE)
+    connect(c.address, "127.0.0.1")
+    pool = WorkerPool(OVERRIDES, backend=paint_backend)
+    door = FrontDoor(pool, port=0).start()
+    try:
+        run(_wait_workers(door, 2), timeout=150)
+        yield c, pool, door
+    finally:
+        door.stop()
+        pool.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+async def _wait_workers(door: FrontDoor, n: int, timeout: float = 140.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        infos = await door.infos()
+        if len(infos) >= n and all(i["free"] == i["max_sessions"] for i in infos):
+            return infos
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{n} idle workers did not come up: {await door.infos()}")
+
+
+def _photo(bgr: tuple[int, int, int]) -> bytes:
+    img = np.zeros((256, 256, 3), np.uint8)
+    img[:] = bgr
+    img[96:160, 96:160] = 60          # not flat: the anchor detector finds a "face"
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+async def _stop(door: FrontDoor, *clients: Client) -> None:
+    for c in clients:
+        if c.session is not None:
+            await http("POST", base(door) + f"sessions/{c.session['id']}/stop", json={"secret": c.session["secret"]})
+        await c.close()
+
+
+def test_two_clients_on_different_workers_each_its_own_face_then_full(cluster):
+    _, _, door = cluster
+
+    async def body():
+        a, b = Client(door), Client(door)
+        try:
+            assert (await a.create())[0] == 201
+            assert (await b.create(_photo((30, 30, 220))))[0] == 201     # red in RGB
+            assert a.session["worker"] != b.session["worker"]           # most free slots first
+            status, refusal = await Client(door).create()
+            assert status == 503 and "the cluster is full: 2 of 2" in refusal["error"]
+            await a.connect()
+            await b.connect()
+            fa, fb = await a.wait_frames(40), await b.wait_frames(40)
+            ca, cb = fa.reshape(-1, 3).mean(0), fb.reshape(-1, 3).mean(0)
+            assert cb[0] > 150 and cb[2] < 80, cb                       # b: its red photo
+            assert np.abs(ca - cb).max() > 60, (ca, cb)                 # a: the sample's colour
+            st, stats = await http("GET", base(door) + f"sessions/{a.session['id']}/stats?secret="
+                                   + a.session["secret"])
+            assert st == 200 and stats["worker"] == a.session["worker"] and stats["connected"]
+            st, _ = await http("GET", base(door) + f"sessions/{a.session['id']}/stats?secret=" + b.session["secret"])
+            assert st == 403                                            # keys are checked across the hop
+        finally:
+            await _stop(door, a, b)
+        await _wait_workers(door, 2, timeout=30)
+
+    run(body(), timeout=120)
+
+
+def test_worker_accepts_no_session_without_the_front_doors_token(cluster):
+    _, pool, _ = cluster
+    actor = next(iter(pool.workers.values()))
+    status, body = ray.get(actor.call.remote("POST", "/sessions", {"sample": "1"}, b""), timeout=30)
+    assert status == 403, body
+
+
+def test_killed_worker_ends_its_session_new_one_lands_on_the_other_and_it_rejoins(cluster):
+    _, _, door = cluster
+
+    async def body():
+        a = Client(door)
+        try:
+            assert (await a.create())[0] == 201
+            await a.connect()
+            await a.wait_frames(40)
+            victim = next(i for i in await door.infos() if i["name"] == a.session["worker"])
+            os.kill(victim["pid"], signal.SIGKILL)
+            # The page's next stats poll says why the session ended.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                st, gone = await http("GET", base(door) + f"sessions/{a.session['id']}/stats?secret="
+                                      + a.session["secret"])
+                if st == 410:
+                    break
+                await asyncio.sleep(0.2)
+            assert st == 410 and gone["error"] == WORKER_GONE
+            # A new session lands on the live worker within 5 s of the kill.
+            b = Client(door)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and b.session is None:
+                await b.create()
+                await asyncio.sleep(0.1)
+            assert b.session is not None, "no worker took the new session within 5 s"
+            assert b.session["worker"] != victim["name"]
+            await b.connect()
+            await b.wait_frames(40)
+            await _stop(door, b)
+            # Ray restarts the killed worker (a new process, a new boot) and it rejoins the pool.
+            infos = await _wait_workers(door, 2, timeout=120)
+            back = next(i for i in infos if i["name"] == victim["name"])
+            assert back["pid"] != victim["pid"] and back["boot"] != victim["boot"]
+        finally:
+            await a.close()
+
+    run(body(), timeout=240)
+
+
+def test_front_door_restart_loses_no_worker_nor_session(cluster):
+    _, pool, door = cluster
+
+    async def body():
+        a = Client(door)
+        assert (await a.create())[0] == 201
+        second = FrontDoor(WorkerPool(OVERRIDES, backend=paint_backend), port=0).start()   # finds them by name
+        try:
+            assert sorted(second.pool.workers) == sorted(pool.workers)
+            st, stats = await http("GET", base(second) + f"sessions/{a.session['id']}/stats?secret="
+                                   + a.session["secret"])
+            assert st == 200 and stats["worker"] == a.session["worker"]
+            st, _ = await http("POST", base(second) + f"sessions/{a.session['id']}/stop",
+                               json={"secret": a.session["secret"]})
+            assert st == 200
+        finally:
+            second.stop()
+        await _wait_workers(door, 2, timeout=30)
+
+    run(body(), timeout=120)
+
+
+def test_twenty_create_stop_cycles_leave_rss_flat(cluster):
+    _, pool, door = cluster
+
+    def rss() -> list[int]:
+        return ray.get([a.rss_bytes.remote() for a in pool.workers.values()], timeout=30)
+
+    async def cycles(n: int) -> None:
+        for _ in range(n):
+            c = Client(door)
+            status, body = await c.create()
+            assert status == 201, body
+            await _stop(door, c)
+
+    run(cycles(4), timeout=120)            # warm-up: first-use allocations
+    before = rss()
+    run(cycles(20), timeout=240)
+    after = rss()
+    growth = [(b - a) / 2**20 for a, b in zip(before, after)]
+    assert max(growth) < 25, f"worker RSS grew by {growth} MiB over 20 cycles"
+    run(_wait_workers(door, 2, timeout=30))
