@@ -4,6 +4,7 @@ clients through the front door. Skips when Ray is not installed (`pip install "p
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -190,3 +191,36 @@ def test_twenty_create_stop_cycles_leave_rss_flat(cluster):
     growth = [(b - a) / 2**20 for a, b in zip(before, after)]
     assert max(growth) < 25, f"worker RSS grew by {growth} MiB over 20 cycles"
     run(_wait_workers(door, 2, timeout=30))
+
+
+def test_doctor_cluster_report_lists_workers_and_free_capacity(cluster):
+    c, pool, door = cluster
+    from pcavs_live.cluster.pool import cluster_report
+    run(_wait_workers(door, 2, timeout=60))
+    text, code = cluster_report(c.address)
+    assert code == 0
+    for name in pool.workers:
+        assert f"worker {name}: 0 of 1 sessions, 1 free" in text, text
+    assert text.count("1 render slots") == 2, text
+
+
+def test_worker_with_the_real_networks_on_stand_in_weights():
+    """The worker's default backend (network_backend: networks loaded in the worker, one shared renderer,
+    the studio's sessions), run in this process: the sample session is a real Avatar; admission holds."""
+    from pcavs_live.cluster.worker import RenderWorker
+    from tests.conftest import parity_weights_dir
+
+    worker = RenderWorker("render-smoke-0", {"model.checkpoint_dir": str(parity_weights_dir(0)),
+                                             "model.device": "cpu", "server.max_sessions": 1})
+    try:
+        status, body = worker.call("POST", "/sessions", {"sample": "1"}, b"", token=True)
+        assert status == 201, body
+        session = worker.server._sessions[body["id"]].runtime
+        assert session.avatar.id_map.shape == (512, 7, 7)
+        assert worker.info()["free"] == 0
+        assert worker.call("POST", "/sessions", {"sample": "1"}, b"", token=True)[0] == 503
+        status, _ = worker.call("POST", f"/sessions/{body['id']}/stop", {}, json.dumps(
+            {"secret": body["secret"]}).encode())
+        assert status == 200
+    finally:
+        worker.stop()

@@ -116,3 +116,30 @@ class WorkerPool:
                 pass
             ray.kill(actor, no_restart=True)
         self.workers.clear()
+
+
+def cluster_report(address: str, node_ip_address: str | None = None, timeout_s: float = 5.0) -> tuple[str, int]:
+    """`doctor --cluster ADDRESS`: each node's render slots and each worker's sessions and free capacity;
+    exit code 1 when no worker answers."""
+    ray = connect(address, node_ip_address)
+    from ray.util import list_named_actors
+    lines = []
+    for node in ray.nodes():
+        if node.get("Alive"):
+            lines.append(f"node {node['NodeID'][:12]} {node.get('NodeManagerAddress', '?')}: "
+                         f"{node_slots(node)} render slots")
+    names = sorted(a["name"] for a in list_named_actors(all_namespaces=True)
+                   if a.get("namespace") == NAMESPACE and a["name"].startswith("render-"))
+    answering = 0
+    for name in names:
+        try:
+            info = ray.get(ray.get_actor(name, namespace=NAMESPACE).info.remote(), timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - dead or restarting: say so, go on
+            lines.append(f"worker {name}: not answering ({type(exc).__name__}; restarting or its node left)")
+            continue
+        answering += 1
+        lines.append(f"worker {name}: {info['sessions']} of {info['max_sessions']} sessions, "
+                     f"{info['free']} free (pid {info['pid']} on {info['node']})")
+    if not names:
+        lines.append("no render workers yet: start the front door (pcavs-live serve --cluster ADDRESS)")
+    return "\n".join(lines), 0 if answering else 1
