@@ -224,3 +224,12 @@ def test_worker_with_the_real_networks_on_stand_in_weights():
         assert status == 200
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("address, says", [("127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),
+                                           ("nonsense", "--cluster 'nonsense' is not HOST:PORT")])
+def test_serve_cluster_with_a_wrong_address_is_one_error_line(address, says, capsys):
+    from pcavs_live.cli.serve import main
+    assert main(["--cluster", address, "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + says), err

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 
 from pcavs_live.common.errors import UserError
 
@@ -36,7 +38,18 @@ def connect(address: str, node_ip_address: str | None = None):
     `node_ip_address`: this machine's address in the cluster (127.0.0.1 for a loopback cluster; by
     default Ray picks the address of the default route)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    host, _, port = address.rpartition(":")
+    if host in ("127.0.0.1", "localhost") and "ray" not in sys.modules:
+        # A one-machine cluster: keep Ray on loopback (it otherwise swaps 127.0.0.1 for the LAN address).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = require_ray()
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except ValueError:
+        raise ClusterError(f"--cluster {address!r} is not HOST:PORT (the head's `ray start --head --port`)") from None
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}); "
+                           "start its head with `ray start --head --port 6379` and give HOST:PORT") from None
     if ray.is_initialized():
         return ray
     try:
