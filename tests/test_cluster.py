@@ -4,6 +4,7 @@ clients through the front door. Skips when Ray is not installed (`pip install "p
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from tests.studio_support import Client, base, http, run  # noqa: E402
 from tests.test_browser_viewer import REPO  # noqa: E402
 
 NODE = {"num_cpus": 1, "resources": {"render_slot": 1}, "node_ip_address": "127.0.0.1"}
-OVERRIDES = {"server.max_sessions": 1, "pose.smoothing": 0.0}
+OVERRIDES = {"server.max_sessions": 1, "pose.smoothing": 0.0, "server.ice_host_addresses": ["127.0.0.1"]}
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +234,48 @@ def test_serve_cluster_with_a_wrong_address_is_one_error_line(address, says, cap
     assert main(["--cluster", address, "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: " + says), err
+
+
+STATUS_LOG = """() => { window.statusLog = []; const el = document.getElementById('status');
+  new MutationObserver(() => window.statusLog.push(el.textContent)).observe(el, {childList: true, characterData: true, subtree: true}); }"""
+
+
+@pytest.mark.integration
+def test_page_shows_why_and_starts_anew_on_a_live_worker_when_its_worker_dies(cluster):
+    """The studio page through the front door (headless Chromium, fake microphone): its worker is
+    killed; the page says why and starts a new session by itself, on the other worker."""
+    from tests.test_browser_viewer import CHROMIUM, CHROMIUM_ARGS
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt install chromium)")
+    from playwright.sync_api import sync_playwright
+    _, _, door = cluster
+    run(_wait_workers(door, 2, timeout=60))
+    speech = REPO / "assets" / "sample" / "speech.wav"
+    args = CHROMIUM_ARGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                            f"--use-file-for-fake-audio-capture={speech}"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=args, timeout=20_000)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(base(door))
+            page.check("input[value=sample]")
+            page.click("#start")
+            page.wait_for_function("() => document.getElementById('status').textContent === 'live'")
+            first = page.evaluate("window.studio.session.id")
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:     # Playwright's loop runs in this thread
+                infos = pool.submit(run, door.infos()).result(30)
+            victim = next(i for i in infos if first.startswith(i["name"] + "."))
+            page.evaluate(STATUS_LOG)
+            os.kill(victim["pid"], signal.SIGKILL)
+            page.wait_for_function(f"() => window.studio.session && window.studio.session.id !== '{first}' "
+                                   "&& document.getElementById('status').textContent === 'live'")
+            second = page.evaluate("window.studio.session.id")
+            assert not second.startswith(victim["name"] + "."), (first, second)
+            assert any(WORKER_GONE in text for text in page.evaluate("window.statusLog")), \
+                page.evaluate("window.statusLog")
+            page.click("#stop")
+            page.wait_for_function("() => !document.getElementById('start').disabled")
+        finally:
+            browser.close()
+    run(_wait_workers(door, 2, timeout=120))
