@@ -279,3 +279,19 @@ def test_page_shows_why_and_starts_anew_on_a_live_worker_when_its_worker_dies(cl
         finally:
             browser.close()
     run(_wait_workers(door, 2, timeout=120))
+
+
+def test_a_node_that_joins_later_adds_its_worker_and_leaving_removes_it(cluster):
+    c, pool, door = cluster
+    node = c.add_node(**NODE)
+    try:
+        infos = run(_wait_workers(door, 3, timeout=120), timeout=150)    # the door's reconcile found it
+        assert len({i["name"] for i in infos}) == 3
+        status, body = run(http("GET", base(door) + "stats"))
+        assert status == 200 and body["max_sessions"] == 3
+    finally:
+        c.remove_node(node)
+    deadline = time.monotonic() + 60
+    while len(pool.workers) != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(pool.workers) == 2
