@@ -1,7 +1,7 @@
 """Imports go downwards only (docs/ARCHITECTURE.md): every module's imports, read with ast (top-level and
 inside functions alike, since a lazy import is still an arrow), checked against the layer order
 
-    pcavs_live.common  <-  pcavs  <-  capture, stream  <-  pcavs_live.pipeline  <-  pcavs_live.cli  <-  run_live.py
+    pcavs_live.common  <-  pcavs  <-  capture, stream  <-  pcavs_live.pipeline  <-  pcavs_live.cluster  <-  pcavs_live.cli  <-  run_live.py
 
 A module may import from its own layer or any layer below it, never above. `capture` and `stream` share
 a layer but are independent of each other: the sideways arrows allowed between them are listed in
@@ -24,8 +24,9 @@ LAYERS: dict[str, int] = {
     "capture": 2,
     "stream": 2,
     "pcavs_live.pipeline": 3,
-    "pcavs_live.cli": 4,
-    "run_live": 5,
+    "pcavs_live.cluster": 4,   # studio workers placed by Ray, above the sessions they run
+    "pcavs_live.cli": 5,
+    "run_live": 6,
 }
 EXACT_ONLY = {"pcavs_live"}    # a new pcavs_live.x must be placed in LAYERS, not inherit layer 0
 # (importer's layer key, imported layer key) pairs allowed although both sit on the same level.

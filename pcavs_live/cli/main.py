@@ -191,6 +191,8 @@ def build_doctor_parser(prog: str) -> argparse.ArgumentParser:
     keys = p.add_argument_group("configuration", "the run to check, as for run")
     _add_config_keys(keys)
     _add_config_files(keys)
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="show a Ray cluster's render workers and their free capacity instead")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -305,6 +307,11 @@ def _doctor(argv: list[str], prog: str) -> int:
     def body() -> int:
         from pcavs_live.cli.config import DEFAULT_CONFIG_PATH
         from pcavs_live.cli.doctor import diagnose, exit_code, render
+        if args.cluster:
+            from pcavs_live.cluster.pool import cluster_report
+            text, code = cluster_report(args.cluster)
+            print(text)
+            return code
         config = load_config(args.config, overrides_from_args(args))
         fetch = f"{command_line(prog)} fetch"
         if args.config is not None:

@@ -2,6 +2,7 @@
 
     python run_live.py serve                      # loopback, prints the URL
     python run_live.py serve --host 0.0.0.0 --token SECRET --max-sessions 16
+    python run_live.py serve --cluster HEAD:6379 --host 0.0.0.0 --token SECRET   # workers on a Ray cluster
 
 Options override configs/default.toml (and --config FILE); `main(argv)` is the whole command, so any
 shell (run_live.py, a console script) can dispatch to it.
@@ -30,6 +31,8 @@ def build_parser(prog: str = "run_live.py serve") -> argparse.ArgumentParser:
     for flag, key, typ in OPTIONS:
         p.add_argument(flag, dest=key.replace(".", "__"), type=typ, metavar=key.split(".")[1].upper(),
                        help=f"sets {key}")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="front door for a Ray cluster's render workers (needs pcavs-live[cluster])")
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (see configs/default.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
@@ -53,10 +56,13 @@ def main(argv: list[str] | None = None, prog: str = "run_live.py serve") -> int:
         if args.print_config:
             sys.stdout.write(config_to_toml(config))
             return 0
-        from pcavs_live.pipeline.studio import serve
         stop = threading.Event()
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        if args.cluster:
+            from pcavs_live.cluster.frontdoor import serve_cluster
+            return serve_cluster(config, args.cluster, stop=stop)
+        from pcavs_live.pipeline.studio import serve
         return serve(config, stop=stop)
 
     return run_with_user_errors(body, debug=args.debug)

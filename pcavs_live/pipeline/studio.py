@@ -228,53 +228,66 @@ class ServeOptions:
     lost_timeout_s: float = 5.0
 
 
-def serve(config: Config, options: ServeOptions = ServeOptions(), stop: threading.Event | None = None,
-          ready: Callable[[object], None] | None = None) -> int:
-    """Load the networks once, warm the runtime up for `server.max_sessions` rows, start the shared
-    renderer and the studio server, run until `stop`. Offers are refused ("still loading") until the
-    warm-up is done, so no CUDA graph is captured while sessions wait."""
+def studio_parts(config: Config, landmark_detector: object | None = None,
+                 ) -> tuple[StudioSessions, Callable[[], None]]:
+    """The studio's pieces, as one process (`serve`) or one cluster worker (`pcavs_live.cluster`) runs
+    them: one landmark model, one `SharedRenderer`, the `StudioSessions` factory. Returns the factory and
+    `load`, which loads the networks, warms the runtime up for `server.max_sessions` rows and starts the
+    renderer; until it has run, offers are refused ("still loading"), so no CUDA graph is captured while
+    sessions wait. The caller stops `factory.renderer`."""
     from pcavs.device import configure_cudnn
     from pcavs.engine import render_sessions
     from pcavs_live.pipeline.builders import engine_options, make_runtime
     from pcavs_live.pipeline.engine_setup import prepare_runtime
-    from pcavs_live.pipeline.outputs.webrtc import ice_servers_for
-    from stream.studio import StudioServer
 
-    stop = stop or threading.Event()
-    s, m = config.server, config.model
-    hosts = options.ice_host_addresses
+    opts = engine_options(config.model)
 
     def load_detector():
-        if options.landmark_detector is not None:
-            return options.landmark_detector
+        if landmark_detector is not None:
+            return landmark_detector
         from pcavs.alignment import FaceAlignmentDetector
         model = FaceAlignmentDetector(device=opts.device)
         configure_cudnn(opts.device)  # importing face_alignment set it behind our back
         return model
 
     detector = SharedLandmarkModel(load_detector)
-
-    opts = engine_options(m)
     renderer = SharedRenderer(render_sessions)
     factory = StudioSessions(AvatarFactory(None, opts, Path(config.identity.photo), detector), renderer, config,
                              pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), device=opts.device,
                              pose_batcher=PoseBatcher())
+
+    def load() -> None:
+        runtime = make_runtime(config.model, opts)
+        prepare_runtime(runtime, config.server.max_sessions)
+        factory.encode.runtime = runtime  # from here offers are accepted
+        renderer.start()
+
+    return factory, load
+
+
+def serve(config: Config, options: ServeOptions = ServeOptions(), stop: threading.Event | None = None,
+          ready: Callable[[object], None] | None = None) -> int:
+    """Start the studio server, then load and warm the networks (`studio_parts`), run until `stop`.
+    A port in use is reported before the networks load."""
+    from pcavs_live.pipeline.outputs.webrtc import ice_servers_for
+    from stream.studio import StudioServer
+
+    stop = stop or threading.Event()
+    s = config.server
+    hosts = options.ice_host_addresses
+    factory, load = studio_parts(config, options.landmark_detector)
     server = StudioServer(factory, host=s.host, port=s.port, token=s.token, max_sessions=s.max_sessions,
                           ice_servers=ice_servers_for(s),
                           ice_host_addresses=s.ice_host_addresses if hosts is None else hosts,
                           lost_timeout_s=options.lost_timeout_s)
     server.start()               # a port in use is reported before the networks load
     try:
-        runtime = make_runtime(m, opts)
-        prepare_runtime(runtime, s.max_sessions)
-        factory.encode.runtime = runtime  # from here offers are accepted
-        renderer.start()
+        load()
         print(f"studio: open {server.url}  (up to {s.max_sessions} sessions)", file=sys.stderr, flush=True)
         if ready is not None:
             ready(server)
         stop.wait()
     finally:
         server.stop()
-        renderer.stop()
+        factory.renderer.stop()
     return 0
-

@@ -95,6 +95,12 @@ function pollStats(query) {
       const resp = await fetch(`sessions/${state.session.id}/stats?${query}`, { cache: "no-store" });
       if (resp.ok) renderStats(await resp.json());
       else if (resp.status === 404) { ended("the session has ended"); return; }
+      else if (resp.status === 410) {   // its render worker died (cluster): say why, start anew on a live one
+        const why = ((await resp.json().catch(() => ({}))).error) || "the session's worker stopped";
+        ended(why);
+        if (query.startsWith("secret=")) { start(); setStatus(why + " — starting a new session…", false); }
+        return;
+      }
     } catch (err) { /* keep the last numbers */ }
     state.statsTimer = setTimeout(tick, 1000);
   };
