@@ -43,7 +43,6 @@ def engine_options(model: ModelConfig) -> EngineOptions:
     dtype_name = model.dtype
     device, dtype = resolve_device_and_dtype(model.device, dtype_name)  # one line for a device problem, before any
     # checkpoint is read; "auto" dtype: bf16 on sm_80+ GPUs and on CPUs with native bf16, float32 elsewhere
-    log.info("generator on %s in %s", device, describe_dtype(dtype_name, device))
     if device == "cpu" and (dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_bf16_support().native)):
         log.warning("%s on this CPU runs on conversion or reference kernels (slower than float32: it has no "
                     "native %s); use --dtype auto", dtype_name, "float16" if dtype == torch.float16 else "bf16")
@@ -58,7 +57,10 @@ def load_model_networks(model: ModelConfig, options: EngineOptions) -> PcavsNetw
 
 
 def make_runtime(model: ModelConfig, options: EngineOptions) -> RenderRuntime:
-    """The loaded networks' one `RenderRuntime`, which every session's Avatar of this process joins."""
+    """The loaded networks' one `RenderRuntime`, which every session's Avatar of this process joins.
+    Says which precision the generator runs in, and why (said here, once the inputs have been checked,
+    so a bad photo or port is still the run's only line)."""
+    log.info("generator on %s in %s", options.device, describe_dtype(model.dtype, options.device))
     return RenderRuntime(load_model_networks(model, options))
 
 
