@@ -324,7 +324,7 @@ def test_live_pose_on_a_cpu_lowers_the_rate_for_a_costly_pose_frame():
 
     import torch
 
-    from pcavs_live.pipeline.engine_setup import CPU_POSE_THREADS, start_live_pose
+    from pcavs_live.pipeline.engine_setup import cpu_pose_threads, start_live_pose
     from pcavs_live.pipeline.metrics import LiveMetrics
 
     threads_seen = []
@@ -356,5 +356,5 @@ def test_live_pose_on_a_cpu_lowers_the_rate_for_a_costly_pose_frame():
     assert snap["pose_cpu_ms"] >= 150
     assert snap["pose_rate_hz"] <= max(1.0, 0.25 * cores / 0.15) + 0.01 < 12.5 or cores >= 8
     assert worker.frames_processed < 12        # 12.5 Hz would have passed 12-13 of the 30 frames
-    assert threads_seen and set(threads_seen) == {CPU_POSE_THREADS}
+    assert threads_seen and set(threads_seen) == {cpu_pose_threads()} == {caller_threads}
     assert torch.get_num_threads() == caller_threads

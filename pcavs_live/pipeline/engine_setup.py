@@ -11,8 +11,8 @@ pose path beside it without slowing it down.
   detected once, then tracked (`pcavs.alignment.tracking`) → live alignment → pose encoder, all of the
   worker's GPU work on its own lowest-priority stream (`pcavs.gpu.WorkerStream`); the scheduler's pose
   callback interpolates the newest codes per output frame (`capture.pose_rate.InterpolatedPose`).
-  On a CPU the worker's torch ops run on `CPU_POSE_THREADS` intra-op thread (torch's OpenMP thread count
-  is per calling thread, so the renderer keeps all cores) and the rate adapts (`capture.pose_rate.PoseBudget`):
+  On a CPU the worker's torch ops run on as many intra-op threads as the renderer's (`cpu_pose_threads`:
+  OpenMP teams of different sizes on one CPU stall each other's barriers) and the rate adapts (`capture.pose_rate.PoseBudget`):
   at most `rate_hz`, lower when the worker would take more than a quarter of the machine; the chosen rate
   is in the stats (`pose_rate_hz`, with `pose_cpu_ms` per pose frame).
 * `PoseBatcher`: the studio's sessions' pose crops through one pose-encoder pass (`encode_poses`)
@@ -41,9 +41,14 @@ from pcavs_live.pipeline.metrics import LiveMetrics
 
 log = logging.getLogger(__name__)
 
-# bench/cpu.py, threads table: two threads for the pose worker beside a two-thread renderer oversubscribe
-# a 2-core CPU; one leaves the renderer its cores and makes the worker's CPU time measurable per thread.
-CPU_POSE_THREADS = 1
+def cpu_pose_threads() -> int:
+    """The pose worker's intra-op threads on a CPU: as many as the renderer's (torch's count in the
+    thread that starts the pose path). bench/cpu.py's threads table on an idle 2-core Zen 5, two runs:
+    bf16 generator frames/s beside a busy pose worker — renderer 2 + worker 2 threads 3.55 / 3.40,
+    renderer 2 + worker 1 thread 1.31 / 1.16 (OpenMP teams of different sizes stall each other's
+    barriers), renderer 1 + worker 1 3.30 / 3.61; the renderer alone 5.47 / 6.05 at 2 threads, and the
+    budget keeps the worker idle three quarters of the time, so the renderer keeps every core."""
+    return torch.get_num_threads()
 
 
 class _CpuPoseAligner:
@@ -164,7 +169,7 @@ def start_live_pose(frames: FrameSource, avatar: Avatar, detector: LandmarkDetec
     rate: float | PoseBudget = rate_hz
     if avatar.device == "cpu":
         budget = rate = PoseBudget(rate_hz)
-        aligner, encode = _CpuPoseAligner(aligner, budget, CPU_POSE_THREADS), budget.wrap(encode)
+        aligner, encode = _CpuPoseAligner(aligner, budget, cpu_pose_threads()), budget.wrap(encode)
         metrics.watch("pose_cpu_ms", lambda: None if budget.frame_cpu_ms is None else round(budget.frame_cpu_ms, 1))
     capped = RateLimitedSource(frames, rate)
     worker = PoseWorker(capped, aligner, encode=encode, smoothing=smoothing)
