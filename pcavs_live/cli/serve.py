@@ -22,7 +22,8 @@ from pcavs_live.cli.logging_setup import setup_logging
 # The keys that matter to the studio, each with its own option (the rest: --set SECTION.KEY=VALUE).
 OPTIONS = (("--host", "server.host", str), ("--port", "server.port", int), ("--token", "server.token", str),
            ("--max-sessions", "server.max_sessions", int), ("--device", "model.device", str),
-           ("--dtype", "model.dtype", str), ("--checkpoints", "model.checkpoint_dir", str))
+           ("--dtype", "model.dtype", str), ("--checkpoints", "model.checkpoint_dir", str),
+           ("--cluster", "cluster.address", str))
 
 
 def build_parser(prog: str = "run_live.py serve") -> argparse.ArgumentParser:
@@ -31,8 +32,6 @@ def build_parser(prog: str = "run_live.py serve") -> argparse.ArgumentParser:
     for flag, key, typ in OPTIONS:
         p.add_argument(flag, dest=key.replace(".", "__"), type=typ, metavar=key.split(".")[1].upper(),
                        help=f"sets {key}")
-    p.add_argument("--cluster", metavar="ADDRESS",
-                   help="front door for a Ray cluster's render workers (needs pcavs-live[cluster])")
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (see configs/default.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
@@ -59,9 +58,9 @@ def main(argv: list[str] | None = None, prog: str = "run_live.py serve") -> int:
         stop = threading.Event()
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        if args.cluster:
+        if config.cluster.address:  # the front door for a Ray cluster's render workers (pcavs-live[cluster])
             from pcavs_live.cluster.frontdoor import serve_cluster
-            return serve_cluster(config, args.cluster, stop=stop)
+            return serve_cluster(config, config.cluster.address, stop=stop)
         from pcavs_live.pipeline.studio import serve
         return serve(config, stop=stop)
 

@@ -137,6 +137,11 @@ class WhipConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    address: str | None = _spec()   # HOST:PORT of a Ray cluster's head; checked when serve connects
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     photo: Path = _spec(flag="--identity", metavar="PHOTO", help="photo of the face to animate")
 
@@ -156,6 +161,7 @@ class Config:
     vcam: VcamConfig
     vmic: VmicConfig
     whip: WhipConfig
+    cluster: ClusterConfig
     identity: IdentityConfig
     timing: TimingConfig
 
