@@ -141,26 +141,9 @@ unmute.addEventListener("click", () => {
   unmute.hidden = true;
 });
 
-function formatValue(v) {
-  if (v === null || v === undefined) return "–";
-  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(1);
-  if (typeof v === "object") return JSON.stringify(v);
-  return String(v);
-}
-
 function renderStats(stats) {
   // The session's own stats (the direct viewer's rows) plus what this viewer receives through the SFU.
-  const rows = Object.keys(stats).sort().map((key) => {
-    const tr = document.createElement("tr");
-    const k = document.createElement("td");
-    const v = document.createElement("td");
-    k.textContent = key.replace(/_/g, " ");
-    v.textContent = formatValue(stats[key]);
-    v.dataset.key = key;
-    tr.append(k, v);
-    return tr;
-  });
-  statsBody.replaceChildren(...rows);
+  renderStatsInto(statsBody, stats);   // stats.js
 }
 
 async function receivedStats() {
