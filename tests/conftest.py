@@ -71,3 +71,16 @@ def speech_wav_path() -> Path:
 def identity_png_path() -> Path:
     _require_shared()
     return CASES_DIR / "identity.png"
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """A CLI run inside a test (`setup_logging`) points the root logger at that test's captured stderr;
+    put the root logger back afterwards, so that threads still ending from that test (a studio session,
+    a viewer leaving) never write to a stream pytest has closed ("--- Logging error ---")."""
+    import logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
