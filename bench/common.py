@@ -48,3 +48,18 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int, device: str) -> 
         sync(device)
         samples.append((time.perf_counter() - t) * 1e3)
     return statistics.median(samples)
+
+
+def round_robin(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, list[float]]:
+    """ms of every run of each fn, timed in turns (a, b, a, b, ...) so a burst of load from other users of
+    a shared CPU hits all of them alike: compare ratios within one call."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t) * 1e3)
+    return samples

@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import round_robin as timed_in_turns  # noqa: E402
 from pcavs.checkpoints import load_networks  # noqa: E402
 from pcavs.constants import ID_DIM  # noqa: E402
 from pcavs.device import describe_dtype  # noqa: E402
@@ -59,17 +60,8 @@ BF16_FRAME_BOUND_DB = 45.0  # a stage runs in bf16 only if the frame stays this 
 
 
 def round_robin(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
-    """Median ms of each fn, timed in turns so shared-CPU load hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    """Median ms of each fn, timed in turns (bench.common.round_robin)."""
+    return {k: statistics.median(v) for k, v in timed_in_turns(fns, runs, warmup).items()}
 
 
 def psnr(a, b, peak_to_peak: float) -> float:

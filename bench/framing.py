@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -33,20 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pcavs_live.cli.config import SAMPLE_PHOTO  # noqa: E402
 from pcavs.alignment import FaceAligner, read_rgb  # noqa: E402
 from pcavs.constants import CROP_SIZE  # noqa: E402
+from bench.common import round_robin  # noqa: E402
 from stream.framing import FitFramer, PasteFramer, SharedFramer, parse_size  # noqa: E402
-
-
-def round_robin(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t) * 1e3)
-    return samples
 
 
 def main() -> None:
