@@ -30,7 +30,6 @@ import concurrent.futures
 import logging
 import time
 from typing import Sequence
-from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import numpy as np
@@ -41,25 +40,14 @@ from pcavs_live.common.workers import Worker
 from stream.webrtc.buffer import LatestBuffer
 from stream.webrtc.ice import unusable_host_address, unusable_ice_server, use_host_addresses
 from stream.webrtc.tracks import OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, ViewerRelay
+from stream.wish import (WishRefused, delete_resource, is_http_url, one_line, post_offer, refusal_message,
+                         unreachable_message, wait_connected)
 
 log = logging.getLogger(__name__)
 
 
 class WhipError(UserError):
     """The WHIP endpoint cannot be published to (wrong URL, token refused, unreachable); one line."""
-
-
-class WhipRefused(Exception):
-    """The server answered the offer with an error status (kept apart from network errors)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"HTTP {status}{': ' + reason if reason else ''}")
-        self.status = status
-
-
-def _one_line(text: str, limit: int = 120) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class WhipSink:
@@ -78,8 +66,7 @@ class WhipSink:
                  ice_host_addresses: Sequence[str] | None = None, connect_timeout_s: float = 10.0,
                  backoff_s: tuple[float, float] = (0.25, 1.0), liveness_s: float = 3.0,
                  buffer_frames: int = 25) -> None:
-        parts = urlsplit(endpoint or "")
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if not is_http_url(endpoint):
             raise WhipError(f"WHIP endpoint {endpoint!r} is not an http(s) URL",
                             hint="set whip.endpoint, e.g. http://127.0.0.1:7080/whip/endpoint/avatar")
         self.endpoint = endpoint
@@ -192,51 +179,30 @@ class WhipSink:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.connect_timeout_s))
         try:
             await self._connect()
-        except WhipRefused as exc:
-            raise WhipError(self._refusal_message(exc), hint=self._refusal_hint(exc)) from None
+        except WishRefused as exc:
+            raise WhipError(refusal_message("WHIP", self.endpoint, exc, "publish"),
+                            hint=self._refusal_hint(exc)) from None
         except asyncio.TimeoutError:
             raise WhipError(f"WHIP endpoint {self.endpoint} did not answer within {self.connect_timeout_s:g} s",
                             hint="start the WHIP server or fix whip.endpoint") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise WhipError(f"cannot reach WHIP endpoint {self.endpoint} ({_one_line(str(exc) or type(exc).__name__)})",
+            raise WhipError(unreachable_message("WHIP", self.endpoint, exc),
                             hint="start the WHIP server or fix whip.endpoint; behind NAT set server.stun_url "
                             "/ server.turn_url") from None
         self._supervisor = asyncio.ensure_future(self._supervise())
 
-    def _refusal_message(self, exc: WhipRefused) -> str:
-        if exc.status in (401, 403) and "in use" not in str(exc):
-            return f"WHIP endpoint {self.endpoint} refused the token ({exc})"
-        if exc.status == 404:
-            return f"WHIP endpoint {self.endpoint} does not exist ({exc})"
-        return f"WHIP endpoint {self.endpoint} refused to publish ({exc})"
-
-    def _refusal_hint(self, exc: WhipRefused) -> str:
+    def _refusal_hint(self, exc: WishRefused) -> str:
         if exc.status in (401, 403) and "in use" not in str(exc):
             return "set whip.token to the endpoint's bearer token"
         if exc.status == 404:
             return "check whip.endpoint (the server's endpoint URL, e.g. .../whip/endpoint/ID)"
         return "check the WHIP server's log"
 
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
-        headers = {}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        if content_type:
-            headers["Content-Type"] = content_type
-        return headers
-
     async def _connect(self) -> None:
         """One offer → answer → ICE/DTLS connection; raises on any failure (leaving nothing open)."""
         assert self._relay is not None and self._video is not None and self._audio is not None
         assert self._http is not None
         pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
-        connected = asyncio.Event()
-
-        @pc.on("connectionstatechange")
-        def _on_state() -> None:
-            if pc.connectionState in ("connected", "failed", "closed"):
-                connected.set()
-
         proxies = [self._relay.subscribe(self._video), self._relay.subscribe(self._audio)]
         try:
             pc.addTransceiver(proxies[0], direction="sendonly")
@@ -247,24 +213,9 @@ class WhipSink:
             if self.ice_host_addresses:
                 use_host_addresses(pc, self.ice_host_addresses)
             await pc.setLocalDescription(await pc.createOffer())   # gathers every candidate
-            async with self._http.post(self.endpoint, data=pc.localDescription.sdp,
-                                       headers=self._headers("application/sdp")) as response:
-                body = await response.text()
-                if response.status != 201:
-                    raise WhipRefused(response.status, _one_line(body))
-                location = response.headers.get("Location")
-                if not location:
-                    raise WhipRefused(response.status, "the answer has no Location header")
-            resource = urljoin(self.endpoint, location)
-            self._resource = resource
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
-            try:
-                await asyncio.wait_for(connected.wait(), self.connect_timeout_s)
-            except asyncio.TimeoutError:
-                raise ConnectionError(f"the server answered, but no media connection (ICE) came up within "
-                                      f"{self.connect_timeout_s:g} s") from None
-            if pc.connectionState != "connected":
-                raise ConnectionError(f"the media connection {pc.connectionState}")
+            answer, self._resource = await post_offer(self._http, self.endpoint, pc.localDescription.sdp, self.token)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            await wait_connected(pc, self.connect_timeout_s)
         except BaseException:
             await self._delete_resource()
             await self._close_pc(pc, proxies)
@@ -281,15 +232,7 @@ class WhipSink:
 
     async def _delete_resource(self) -> None:
         resource, self._resource = self._resource, None
-        if resource is None or self._http is None:
-            return
-        try:
-            async with self._http.delete(resource, headers=self._headers(),
-                                         timeout=aiohttp.ClientTimeout(total=3.0)) as response:
-                if response.status >= 300 and response.status != 404:
-                    log.info("WHIP: DELETE %s answered %d", resource, response.status)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.info("WHIP: DELETE %s failed: %s", resource, exc)
+        await delete_resource(self._http, resource, self.token, "WHIP")
 
     async def _alive(self, pc: RTCPeerConnection) -> bool:
         """False once the connection has failed or the server's receiver reports stopped coming."""
@@ -326,7 +269,7 @@ class WhipSink:
                     raise
                 except Exception as exc:  # the server is away or restarting: wait and try again
                     log.info("WHIP: reconnect to %s failed (%s); next try in %.2g s",
-                             self.endpoint, _one_line(str(exc) or type(exc).__name__), delay)
+                             self.endpoint, one_line(str(exc) or type(exc).__name__), delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, longest)
 

@@ -11,6 +11,9 @@ HTTP API (JSON; errors are `{"error": one line}` with a status, never a tracebac
   microphone (and camera) in, this session's avatar video + audio out on the same connection. The
   backend then starts the session (browser tracks as its sources, `SessionOutput` as its sink).
 * `POST /sessions/{id}/view` `{sdp, type, view}` — a view-only peer (the share link) of that session.
+* `POST /sessions/{id}/whep` — the same view-only peer by WHEP (stream/webrtc/whep.py): the SDP offer
+  as `application/sdp`, the share link's view key (or the owner's secret) as the bearer token; 201 with
+  the answer and `Location: /sessions/{id}/whep/{resource}`, which the viewer DELETEs to leave.
 * `GET /sessions/{id}/stats?secret=…|view=…` — the session's live stats; `POST /sessions/{id}/stop`.
 * `GET /stats?token=…` — the process's sessions and the shared renderer's batching numbers.
 
@@ -38,13 +41,14 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from aiohttp import web
-from aiortc import RTCIceServer, RTCPeerConnection
+from aiortc import RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from pcavs_live.common.errors import UserError
 from stream.sinks import FrameSink
 from stream.studio.output import SessionOutput
 from stream.studio.uploads import MAX_PHOTO_SIDE, MAX_UPLOAD_BYTES, UploadError, decode_photo
+from stream.webrtc import whep
 from stream.webrtc.host import (DEFAULT_WEB_ROOT, HostAttributes, WebHost, describe_failure, discard_body,
                                 error_response, json_response, keys_match, offer_sdp, request_token)
 
@@ -77,6 +81,7 @@ class _Session:
     owner: RTCPeerConnection | None = None
     started: bool = False
     viewers: set = field(default_factory=set)
+    whep: dict = field(default_factory=dict)        # WHEP viewers' peers by resource id
     ending: bool = False
     end_reason: str | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -135,6 +140,10 @@ class StudioServer(HostAttributes):
         app.router.add_post("/sessions", self._handle_create)
         app.router.add_post("/sessions/{id}/offer", self._handle_offer)
         app.router.add_post("/sessions/{id}/view", self._handle_view)
+        app.router.add_post("/sessions/{id}/whep", self._handle_whep)
+        app.router.add_delete("/sessions/{id}/whep/{resource}", self._handle_whep_delete)
+        for path in ("/sessions/{id}/whep", "/sessions/{id}/whep/{resource}"):
+            app.router.add_route("OPTIONS", path, whep.preflight)
         app.router.add_post("/sessions/{id}/stop", self._handle_stop)
         app.router.add_get("/sessions/{id}/stats", self._handle_stats)
         self._watchdog = asyncio.ensure_future(self._watch_sessions())
@@ -179,7 +188,7 @@ class StudioServer(HostAttributes):
         self._ending += 1
         try:
             peers = ([sess.owner] if sess.owner is not None else []) + list(sess.viewers)
-            sess.owner, sess.viewers = None, set()
+            sess.owner, sess.viewers, sess.whep = None, set(), {}
             if peers:
                 await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in peers), return_exceptions=True), 10)
             sess.output.stop()
@@ -351,6 +360,46 @@ class StudioServer(HostAttributes):
         sdp = offer_sdp(body)
         if isinstance(sdp, web.Response):
             return sdp
+        added = await self._add_viewer(sess, sdp)
+        if isinstance(added, web.Response):
+            return added
+        return web.json_response({"sdp": added[1].sdp, "type": added[1].type})
+
+    async def _handle_whep(self, request: web.Request) -> web.Response:
+        """A share-link viewer by WHEP: the view key (or the owner's secret) as the bearer token."""
+        sess = self._lookup(request)
+        if isinstance(sess, web.Response):
+            await discard_body(request)
+            sess.headers.update(whep.CORS)
+            return sess
+        key = whep.bearer_token(request)
+        if not (keys_match(key, sess.view) or keys_match(key, sess.secret)):
+            await discard_body(request)
+            return whep.refusal(401, "wrong share link (send its view key as Authorization: Bearer KEY)")
+        sdp = await whep.read_offer(request)
+        if isinstance(sdp, web.Response):
+            return sdp
+        added = await self._add_viewer(sess, sdp)
+        if isinstance(added, web.Response):
+            added.headers.update(whep.CORS)
+            return added
+        pc, answer = added
+        resource = whep.new_resource_id()
+        sess.whep[resource] = pc
+        return whep.answer_response(answer.sdp, f"/sessions/{sess.id}/whep/{resource}")
+
+    async def _handle_whep_delete(self, request: web.Request) -> web.Response:
+        sess = self._sessions.get(request.match_info["id"])
+        pc = None if sess is None else sess.whep.pop(request.match_info["resource"], None)
+        if sess is None or pc is None:
+            return whep.refusal(404, "no such WHEP viewer (it has left, or the session has ended)")
+        sess.viewers.discard(pc)
+        await pc.close()
+        return whep.deleted_response()
+
+    async def _add_viewer(self, sess: _Session, sdp: str
+                          ) -> tuple[RTCPeerConnection, RTCSessionDescription] | web.Response:
+        """A view-only peer of `sess` (share link or WHEP) within its viewer limit; watched until it goes."""
         if len(sess.viewers) >= self.max_viewers:
             return error_response(503, f"this session has its maximum of {self.max_viewers} viewers")
         pc = RTCPeerConnection(self.rtc_configuration())
@@ -366,7 +415,7 @@ class StudioServer(HostAttributes):
             await pc.close()
             return error_response(404, "the session has ended")
         self._watch_peer(sess, pc, owner=False)
-        return web.json_response({"sdp": answer.sdp, "type": answer.type})
+        return pc, answer
 
     def _watch_peer(self, sess: _Session, pc: RTCPeerConnection, owner: bool) -> None:
         """The owner's connection failing or closing ends the session; a viewer's only drops the viewer."""
@@ -376,6 +425,8 @@ class StudioServer(HostAttributes):
                 await self._end(sess, f"the browser's connection {state}")
             else:
                 sess.viewers.discard(pc)
+                for resource in [r for r, p in sess.whep.items() if p is pc]:
+                    del sess.whep[resource]
                 await pc.close()
 
         self.web.watch_peer(pc, self.connect_timeout_s, gone)

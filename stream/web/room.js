@@ -5,6 +5,7 @@
 // Query: ?janus=http://HOST:8088/janus (Janus's HTTP API; default: port 8088 on this page's host)
 //        &room=1234 (the VideoRoom the WHIP endpoint publishes into)
 //        &token=… (the session's viewer token, for its /stats when the page is served by pcavs-live)
+//        &whep=URL (instead of Janus: play this WHEP endpoint, whep.js; &token= is its bearer token)
 //        &stats=URL (optional: the session's /stats, e.g. http://HOST:8080/stats?token=…; when the page
 //                    is served by pcavs-live itself, its own /stats is used)
 "use strict";
@@ -93,6 +94,7 @@ async function keepPolling(sessionId) {
 }
 
 async function connect() {
+  if (whepUrl) return connectWhep();
   if (pc) { try { pc.close(); } catch (e) { /* already closed */ } }
   session = null;
   setStatus("connecting…");
@@ -179,7 +181,37 @@ async function pollStats() {
   }
 }
 
+// WHEP mode (?whep=URL): the same page and stats row, the stream from any WHEP endpoint (whep.js).
+const whepUrl = params.get("whep");
+let whepSession = null;
+
+async function connectWhep() {
+  whepStop(whepSession);
+  whepSession = null;
+  setStatus("connecting…");
+  try {
+    const s = await whepStart(new URL(whepUrl, location.href).href, token, (event) => {
+      const stream = event.streams[0] || new MediaStream([event.track]);
+      if (video.srcObject !== stream) video.srcObject = stream;
+      video.play().catch(() => {});
+      if (event.track.kind === "audio" && video.muted) unmute.hidden = false;
+    });
+    whepSession = s;
+    pc = s.pc;
+    s.pc.onconnectionstatechange = () => {
+      if (s !== whepSession) return;
+      const state = s.pc.connectionState;
+      if (state === "connected") setStatus("live (WHEP)");
+      else if (state === "failed" || state === "closed") scheduleReconnect("connection " + state);
+      else if (state === "disconnected") setStatus("connection interrupted…", true);
+    };
+  } catch (err) {
+    scheduleReconnect("could not watch (" + err.message + ")");
+  }
+}
+
 window.addEventListener("pagehide", () => {
+  whepStop(whepSession);
   // Leave the room at once instead of when Janus's session times out.
   if (session) fetch(`${janusUrl}/${session}`, {
     method: "POST", keepalive: true, body: JSON.stringify({ janus: "destroy", transaction: tx() }) });

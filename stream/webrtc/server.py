@@ -2,7 +2,8 @@
 
 `WebRTCServer` composes a `WebHost` (binding, token, ICE checks, the loop thread, JSON bodies,
 negotiation); on its loop aiohttp serves the page (`stream/web/`),
-`POST /offer` (SDP offer in, answer out), `GET /ice` (the STUN/TURN servers, for the page's own
+`POST /offer` (SDP offer in, answer out), `POST /whep` + `DELETE /whep/{id}` (the same viewer by
+WHEP: whep.py), `GET /ice` (the STUN/TURN servers, for the page's own
 peer connection), `GET /stats` and `GET /health` on it, and every viewer's RTCPeerConnection lives
 there too. Frames come in from the sink's thread through `push`, which only
 puts them into two small bounded buffers (buffer.py) and returns.
@@ -25,11 +26,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 from aiohttp import web
-from aiortc import RTCIceServer, RTCPeerConnection
+from aiortc import RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from stream.webrtc.buffer import LatestBuffer
 from stream.webrtc.host import (DEFAULT_WEB_ROOT, MAX_OFFER_BYTES, HostAttributes, ServerError, WebHost,
-                                describe_failure, error_response, json_response, offer_sdp, request_token)
+                                describe_failure, discard_body, error_response, json_response, offer_sdp,
+                                request_token)
+from stream.webrtc import whep
 from stream.webrtc.tracks import (OPUS_RATES, VIDEO_CLOCK, LiveAudioTrack, LiveVideoTrack, SharedVideoEncoder,
                                   ViewerRelay, ViewerTrack)
 
@@ -70,6 +73,7 @@ class WebRTCServer(HostAttributes):
         self._viewer_ids = 0        # numbers the viewers in /stats and the log, in order of arrival
         self._viewer_tracks: dict[RTCPeerConnection, tuple[int, ViewerTrack, ViewerTrack]] = {}
         self._peers: set[RTCPeerConnection] = set()
+        self._whep: dict[str, RTCPeerConnection] = {}   # WHEP viewers by resource id (DELETE to leave)
         self._negotiating = 0       # offers holding a viewer slot while their answer is being made
         self._relay: ViewerRelay | None = None
         self._video_buf: LatestBuffer | None = None
@@ -101,6 +105,10 @@ class WebRTCServer(HostAttributes):
         app = web.Application(client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self._handle_index)
         app.router.add_post("/offer", self._handle_offer)
+        app.router.add_post("/whep", self._handle_whep)
+        app.router.add_delete("/whep/{id}", self._handle_whep_delete)
+        for path in ("/whep", "/whep/{id}"):
+            app.router.add_route("OPTIONS", path, whep.preflight)
         app.router.add_get("/ice", self._handle_ice)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_get("/health", self._handle_health)
@@ -114,6 +122,7 @@ class WebRTCServer(HostAttributes):
                 track.stop()
         peers = list(self._peers)
         self._peers.clear()
+        self._whep.clear()
         if peers:
             await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in peers), return_exceptions=True), 10)
 
@@ -199,6 +208,38 @@ class WebRTCServer(HostAttributes):
         sdp = offer_sdp(body)
         if isinstance(sdp, web.Response):
             return sdp
+        added = await self._add_viewer(sdp, request.remote)
+        if isinstance(added, web.Response):
+            return added
+        return web.json_response({"sdp": added[1].sdp, "type": added[1].type})
+
+    async def _handle_whep(self, request: web.Request) -> web.Response:
+        """A WHEP viewer (whep.py): the same viewer as `/offer`, in WHEP's envelope."""
+        if not self.web.authorised(whep.bearer_token(request)):
+            await discard_body(request)
+            return whep.refusal(401, "missing or wrong token (send Authorization: Bearer TOKEN)")
+        sdp = await whep.read_offer(request)
+        if isinstance(sdp, web.Response):
+            return sdp
+        added = await self._add_viewer(sdp, request.remote)
+        if isinstance(added, web.Response):
+            added.headers.update(whep.CORS)
+            return added
+        pc, answer = added
+        resource = whep.new_resource_id()
+        self._whep[resource] = pc
+        return whep.answer_response(answer.sdp, f"/whep/{resource}")
+
+    async def _handle_whep_delete(self, request: web.Request) -> web.Response:
+        pc = self._whep.pop(request.match_info["id"], None)
+        if pc is None:
+            return whep.refusal(404, "no such WHEP viewer (it has left)")
+        await self._drop(pc, "left (WHEP DELETE)")
+        return whep.deleted_response()
+
+    async def _add_viewer(self, sdp: str, remote: str | None
+                          ) -> tuple[RTCPeerConnection, RTCSessionDescription] | web.Response:
+        """Answer one viewer's offer (from `/offer` or WHEP) within the viewer limit; the peer is watched."""
         # The slot is taken before the first await and given back in `finally`; `_watch` counts the
         # peer in the same step (no await in between), so answered + negotiating never exceeds the cap.
         if len(self._peers) + self._negotiating >= self.max_viewers:
@@ -225,7 +266,7 @@ class WebRTCServer(HostAttributes):
                 reason = describe_failure(exc)
                 if "send parameters" in reason and shared is not None:
                     reason = reason.replace("VP8 or H.264", "VP8")
-                log.info("rejected offer from %s: %s", request.remote, reason)
+                log.info("rejected offer from %s: %s", remote, reason)
                 return error_response(400, f"cannot use this offer: {reason}")
             except BaseException:                 # cancelled (the server is stopping): no stray peer
                 await pc.close()
@@ -233,21 +274,23 @@ class WebRTCServer(HostAttributes):
         finally:
             self._negotiating -= 1
         self._watch(pc)
-        return web.json_response({"sdp": answer.sdp, "type": answer.type})
+        return pc, answer
 
     def _watch(self, pc: RTCPeerConnection) -> None:
         """Track the peer until it closes or fails; also give up on one that never connects."""
         self._peers.add(pc)
-
-        async def drop(reason: str) -> None:
-            if pc in self._peers:
-                self._peers.discard(pc)
-                log.info("viewer left (%s); %d watching", reason, len(self._peers))
-            self._log_viewer(pc, f"left: {reason}")
-            await pc.close()
-
-        self.web.watch_peer(pc, self.connect_timeout_s, drop,
+        self.web.watch_peer(pc, self.connect_timeout_s, lambda reason: self._drop(pc, reason),
                             connected=lambda: log.info("viewer connected; %d watching", len(self._peers)))
+
+    async def _drop(self, pc: RTCPeerConnection, reason: str) -> None:
+        """A viewer gone (idempotent): uncounted at once, its WHEP resource forgotten, its peer closed."""
+        if pc in self._peers:
+            self._peers.discard(pc)
+            log.info("viewer left (%s); %d watching", reason, len(self._peers))
+        for resource in [r for r, p in self._whep.items() if p is pc]:
+            del self._whep[resource]
+        self._log_viewer(pc, f"left: {reason}")
+        await pc.close()
 
 
 def _viewer_counts(viewer: int, video: ViewerTrack, audio: ViewerTrack) -> dict[str, int]:
