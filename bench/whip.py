@@ -5,14 +5,16 @@ either by WHIP (`WhipSink` → simple-whip-server → Janus VideoRoom; tests/jan
 a network namespace of their own, joined to ours by a veth pair, and every ICE agent of ours gathers on
 our end of that pair only; needs root) or to the built-in viewer (`WebRTCServer` + `WebRTCSink`). Viewers run in child
 processes (at most `--per-process` each), so their decoding is not counted as the publisher's: they
-are aiortc subscribers through Janus's VideoRoom HTTP API, or aiortc direct viewers (`POST /offer`).
+are aiortc subscribers through Janus's VideoRoom HTTP API, or aiortc direct viewers (`POST /offer`, what
+our own page does), or `stream.whep.WhepClient` viewers of the same server (`POST /whep`).
 For every audience size it prints one row: the publisher's CPU (this process, % of one core, over the
 measured window), Janus's CPU, slots each viewer received (min / median, % of the slots between its
 first and last), and the latency from `write` to the decoded frame in the viewer (p50 / p95 over
 every received frame; both processes read the same monotonic clock). Last, it restarts Janus
 `--restarts` times and prints how long the publisher took to be back in the room each time.
 
-Usage: python bench/whip.py [--seconds 10] [--whip 1,4,8,25] [--direct 1,4,8] [--per-process 5] [--restarts 3]
+Usage: python bench/whip.py [--seconds 10] [--whip 1,4,8,25] [--direct 1,4,8] [--whep 1,4,8] [--per-process 5]
+                           [--restarts 3]
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stream.webrtc import WebRTCServer, WebRTCSink  # noqa: E402
+from stream.whep import WhepClient  # noqa: E402
 from stream.whip import WhipSink  # noqa: E402
 from tests.janus_support import (JanusStack, PatternFeeder, VideoRoomSubscriber, coverage, frame_slot,  # noqa: E402
                                  missing_reason)
@@ -88,6 +91,9 @@ def _viewer_process(kind: str, url: str, n: int, seconds: float, conn, host_addr
         if kind == "whip":
             viewers = [VideoRoomSubscriber(url, (host_address,),
                                            keep=lambda f: (frame_slot(f), time.monotonic())) for _ in range(n)]
+        elif kind == "whep":
+            viewers = [WhepClient(url + "whep", ice_host_addresses=["127.0.0.1"],
+                                  keep=lambda f: (frame_slot(f), time.monotonic())) for _ in range(n)]
         else:
             viewers = [_DirectViewer(url) for _ in range(n)]
         await asyncio.gather(*(v.start() for v in viewers))
@@ -188,7 +194,8 @@ def bench_restart(stack: JanusStack, times: int) -> list[float]:
     return backs
 
 
-def bench_direct(n: int, seconds: float, per_process: int) -> list[str]:
+def bench_direct(n: int, seconds: float, per_process: int, kind: str = "direct") -> list[str]:
+    """`n` viewers of the built-in server: our page's way (`POST /offer`) or WHEP (`kind` "whep")."""
     srv = WebRTCServer(port=0, ice_host_addresses=["127.0.0.1"], max_viewers=max(8, n))
     srv.start()
     sink = WebRTCSink(srv)
@@ -200,14 +207,14 @@ def bench_direct(n: int, seconds: float, per_process: int) -> list[str]:
         marks.update(t=time.monotonic(), cpu=time.process_time())
 
     try:
-        results = _watch("direct", srv.url, n, seconds, per_process, ready)
+        results = _watch(kind, srv.web.base_url, n, seconds, per_process, ready)
         window = time.monotonic() - marks["t"]
         cpu = time.process_time() - marks["cpu"]
     finally:
         feeder.stop()
         sink.close()
         srv.stop()
-    return _row("direct viewers", n, results, feeder.sent_at, cpu, None, window)
+    return _row("WHEP viewers" if kind == "whep" else "direct viewers", n, results, feeder.sent_at, cpu, None, window)
 
 
 def main() -> None:
@@ -215,6 +222,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window per row")
     ap.add_argument("--whip", default="1,4,8,25", help="subscriber counts through Janus ('' = none)")
     ap.add_argument("--direct", default="1,4,8", help="direct viewer counts ('' = none)")
+    ap.add_argument("--whep", default="1,4,8", help="WHEP viewer counts of the built-in server ('' = none)")
     ap.add_argument("--per-process", type=int, default=5, help="viewers per child process")
     ap.add_argument("--restarts", type=int, default=3, help="Janus restarts to time the publisher's return")
     args = ap.parse_args()
@@ -222,6 +230,9 @@ def main() -> None:
     rows = []
     for n in counts(args.direct):
         rows.append(bench_direct(n, args.seconds, args.per_process))
+        print("  ".join(rows[-1]), flush=True)
+    for n in counts(args.whep):
+        rows.append(bench_direct(n, args.seconds, args.per_process, kind="whep"))
         print("  ".join(rows[-1]), flush=True)
     backs: list[float] = []
     if counts(args.whip) or args.restarts:
