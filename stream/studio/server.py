@@ -5,7 +5,7 @@ HTTP API (JSON; errors are `{"error": one line}` with a status, never a tracebac
 * `POST /sessions[?sample=1]` — body: the photo's bytes (or nothing with `sample=1`). Admission
   (`max_sessions`, counting sessions being created and being torn down: 503 with the reason), upload
   checks (stream/studio/uploads.py: 413/400), then the backend encodes the identity (a photo without a
-  face: 400 with its one-line reason). Answers 201 `{id, secret, view, share}`: `secret` is the
+  face: 400 with its one-line reason). Answers 201 `{id, secret, view, share, whep}`: `secret` is the
   owner's key to every endpoint below, `view` the share link's separate view-only key.
 * `POST /sessions/{id}/offer` `{sdp, type, secret}` — the owner's peer connection: the browser's
   microphone (and camera) in, this session's avatar video + audio out on the same connection. The
@@ -294,7 +294,8 @@ class StudioServer(HostAttributes):
             self._creating -= 1
         log.info("session %s created; %d live", sess.id, len(self._sessions))
         return web.json_response({"id": sess.id, "secret": sess.secret, "view": sess.view,
-                                  "share": f"/?s={sess.id}&v={sess.view}"}, status=201)
+                                  "share": f"/?s={sess.id}&v={sess.view}",
+                                  "whep": f"/sessions/{sess.id}/whep"}, status=201)
 
     async def _handle_stop(self, request: web.Request) -> web.Response:
         found = await self._session_request(request)

@@ -88,6 +88,7 @@ class WebRTCServer(HostAttributes):
     def start(self, timeout: float = 15.0) -> None:
         self.web.start(self._make_app, self._shutdown, timeout)
         self.web.log_url("viewer")
+        log.info("WHEP players: %swhep%s", self.web.base_url, " (bearer: the token)" if self.token else "")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Close every peer, stop the web server and the loop, join the thread. Idempotent."""
