@@ -47,8 +47,9 @@ def _publish(stack: JanusStack) -> tuple[WhipSink, PatternFeeder]:
     return sink, PatternFeeder(sink).start()
 
 
-async def _watch(stack: JanusStack, n: int, seconds: float) -> list[VideoRoomSubscriber]:
-    subscribers = [VideoRoomSubscriber(stack.janus_url, (stack.host_address,), keep=frame_slot) for _ in range(n)]
+async def _watch(stack: JanusStack, n: int, seconds: float, keep=frame_slot) -> list[VideoRoomSubscriber]:
+    """`n` subscribers for `seconds`; each keeps `keep(frame)` per video frame (the slot drawn in its pixels)."""
+    subscribers = [VideoRoomSubscriber(stack.janus_url, (stack.host_address,), keep=keep) for _ in range(n)]
     try:
         await asyncio.gather(*(s.start() for s in subscribers))
         await asyncio.sleep(seconds)
@@ -388,3 +389,47 @@ def test_a_session_with_a_wrong_token_is_one_error_line(stack):
     lines = err.getvalue().splitlines()
     assert [line[:6] for line in lines] == ["error:", "hint: "], lines
     assert "refused the token" in lines[0] and stack.whip_url in lines[0] and "whip.token" in lines[1]
+
+
+@pytest.mark.integration
+def test_a_studio_session_shared_to_the_room_reaches_a_subscriber_and_its_stop_unpublishes(stack):
+    """The studio's "share to room" through the real stack: the session's slots reach a VideoRoom
+    subscriber in order (by media timestamp: one 3600-tick step per 40 ms slot), and stopping the
+    session DELETEs its WHIP resource, so the room loses its publisher."""
+    from tests.studio_support import Client, base, http, start_studio
+
+    srv, _, renderer = start_studio(overrides={
+        "whip.endpoint": stack.whip_url, "whip.token": stack.token,
+        "whip.viewer_url": f"http://127.0.0.1:8080/static/room.html?janus={stack.janus_url}&room=1234",
+        "server.ice_host_addresses": [stack.host_address]})
+    owner = Client(srv)
+
+    async def share_and_watch() -> list[VideoRoomSubscriber]:
+        status, created = await owner.create(share=True)
+        assert status == 201, created
+        await owner.connect()
+        await owner.wait_frames()
+        deadline = time.monotonic() + 20
+        while not stack.publishers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert stack.publishers(), "the shared session did not appear in the room"
+        subscribers = await _watch(stack, 1, 4.5, keep=lambda frame: round(frame.pts / 3600))
+        s = owner.session
+        stats = (await http("GET", base(srv) + f"sessions/{s['id']}/stats?secret={s['secret']}"))[1]
+        assert stats["share_state"] == "publishing" and stats["share_connects"] == 1
+        status, _ = await http("POST", base(srv) + f"sessions/{s['id']}/stop", json={"secret": s["secret"]})
+        assert status == 200
+        await owner.close()
+        return subscribers
+
+    try:
+        subscribers = asyncio.run(asyncio.wait_for(share_and_watch(), 90))
+    finally:
+        srv.stop()
+        renderer.stop()
+    slots = subscribers[0].frames            # the slot by media timestamp: one 3600-tick step per 40 ms slot
+    share, span = coverage(slots)
+    assert span >= 50 and share >= 0.99, (share, span, slots[:20], slots[-20:])
+    assert slots == sorted(set(slots))
+    assert subscribers[0].audio_frames >= 0.95 * len(slots)
+    _wait(lambda: not stack.publishers(), 10, "the shared session's publisher to leave the room")
