@@ -433,3 +433,58 @@ def test_a_studio_session_shared_to_the_room_reaches_a_subscriber_and_its_stop_u
     assert slots == sorted(set(slots))
     assert subscribers[0].audio_frames >= 0.95 * len(slots)
     _wait(lambda: not stack.publishers(), 10, "the shared session's publisher to leave the room")
+
+
+AUDIENCE = 25
+WATCH_S = 12.0
+
+
+async def _watch_light(stack: JanusStack, direct_url: str, n: int, seconds: float):
+    """`n` light subscribers through Janus and one light direct viewer, all for the same `seconds`."""
+    from bench.slot_truth import watch_direct
+    from tests.janus_support import LightSubscriber
+    subscribers = [LightSubscriber(stack.janus_url, (stack.host_address,)) for _ in range(n)]
+    direct_pc = None
+    try:
+        await asyncio.gather(*(s.start() for s in subscribers))
+        direct_pc, direct = await watch_direct(direct_url, ["127.0.0.1"])
+        await asyncio.sleep(seconds)
+    finally:
+        await asyncio.gather(*(s.stop() for s in subscribers), return_exceptions=True)
+        if direct_pc is not None:
+            await direct_pc.close()
+    return subscribers, direct
+
+
+@pytest.mark.integration
+def test_an_audience_of_25_receives_every_slot_with_av_in_step_as_the_direct_viewer(stack):
+    import os
+    import statistics
+
+    from stream.sinks import FanOutSink
+    from stream.webrtc import WebRTCServer, WebRTCSink
+
+    srv = WebRTCServer(port=0, ice_host_addresses=["127.0.0.1"])
+    srv.start()
+    whip = WhipSink(stack.whip_url, stack.token, ice_host_addresses=[stack.host_address])
+    out = FanOutSink([WebRTCSink(srv), whip])
+    out.open(224, 224, 25, 16000)
+    feeder = PatternFeeder(out, stamped=True).start()
+    load_before = os.getloadavg()[0]
+    try:
+        _wait(lambda: stack.publishers(), 10, "the publisher to appear in the room")
+        subscribers, direct = asyncio.run(_watch_light(stack, srv.url, AUDIENCE, WATCH_S))
+    finally:
+        feeder.stop()
+        out.close()
+        srv.stop()
+    rows = []
+    for s in [direct] + [sub.slots for sub in subscribers]:
+        share, span = coverage(s.video_slots())
+        offsets = s.av_offsets_ms()
+        rows.append((share, span, len(s.audio_slots()), statistics.median(offsets) if offsets else None,
+                     (min(offsets), max(offsets)) if offsets else None))
+    print(f"\nload {load_before:.1f} → {os.getloadavg()[0]:.1f}")
+    for r in rows:
+        print(r)
+    assert 0
