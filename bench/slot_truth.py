@@ -127,9 +127,12 @@ def record_sender_reports(pc, reports: dict[str, list[tuple[float, int]]]) -> No
 # ---------------------------------------------------------------------------- the light receiver
 class RtpSlots:
     """One peer connection's received slots from RTP alone (see the module notes). `attach(pc)` once its
-    transceivers exist (after setRemoteDescription for an answerer, after addTransceiver for an offerer)."""
+    transceivers exist (after setRemoteDescription for an answerer, after addTransceiver for an offerer).
+    `stamped=False`: the sender does not stamp its slots; nothing is decoded and slots are counted from
+    the first video frame's timestamp (slot 0), so order and coverage hold but no A/V offset."""
 
-    def __init__(self) -> None:
+    def __init__(self, stamped: bool = True) -> None:
+        self.stamped = stamped
         self.video: list[tuple[int, int, bool, float]] = []     # (seq, RTP timestamp, marker, arrived)
         self.audio: list[tuple[int, float]] = []                # (RTP timestamp, arrived)
         self.sender_reports: dict[str, list[tuple[float, int]]] = {"video": [], "audio": []}
@@ -153,7 +156,7 @@ class RtpSlots:
         if packet.payload_type >= 96 and not packet.payload:      # padding-only probes
             return
         self.video.append((packet.sequence_number, packet.timestamp, bool(packet.marker), time.monotonic()))
-        if len(self.video_stamps) >= ANCHOR_VIDEO_FRAMES:
+        if not self.stamped or len(self.video_stamps) >= ANCHOR_VIDEO_FRAMES:
             return
         self._pending.setdefault(packet.timestamp, []).append((packet.sequence_number, packet.payload))
         if packet.marker:
@@ -181,7 +184,7 @@ class RtpSlots:
 
     def _on_audio(self, packet) -> None:
         self.audio.append((packet.timestamp, time.monotonic()))
-        if len(self.audio_tones) >= ANCHOR_AUDIO_PACKETS:
+        if not self.stamped or len(self.audio_tones) >= ANCHOR_AUDIO_PACKETS:
             return
         from aiortc.codecs.opus import OpusDecoder
         from aiortc.jitterbuffer import JitterFrame
@@ -195,7 +198,10 @@ class RtpSlots:
 
     # ------------------------------------------------------------------ analysis (after the run)
     def video_anchor(self) -> tuple[int, int] | None:
-        """(RTP timestamp, slot index) that the decoded stamps agree on (by majority), or None."""
+        """(RTP timestamp, slot index) that the decoded stamps agree on (by majority), or None; unstamped:
+        (the first frame's timestamp, 0)."""
+        if not self.stamped:
+            return (self.video[0][1], 0) if self.video else None
         if not self.video_stamps:
             return None
         ts0 = self.video_stamps[0][0]

@@ -513,12 +513,14 @@ class LightSubscriber(VideoRoomSubscriber):
     """A subscriber that joins the VideoRoom exactly as `VideoRoomSubscriber` does but decodes nothing
     past its anchor: `slots` (bench.slot_truth.RtpSlots) counts the slots from RTP timestamps and marker
     bits and keeps the RTCP sender reports for the A/V offset. 25 of them fit two cores; 25 decoders do
-    not. The publisher must stamp its slots (`PatternFeeder(stamped=True)`)."""
+    not. A publisher that stamps its slots (`PatternFeeder(stamped=True)`, bench.slot_truth) gets slot
+    indices and A/V offsets; with `stamped=False` slots are counted from the first frame received."""
 
-    def __init__(self, janus_url: str, host_addresses: tuple[str, ...], room: int = ROOM) -> None:
+    def __init__(self, janus_url: str, host_addresses: tuple[str, ...], room: int = ROOM,
+                 stamped: bool = True) -> None:
         super().__init__(janus_url, host_addresses, room)
         from bench.slot_truth import RtpSlots
-        self.slots = RtpSlots()
+        self.slots = RtpSlots(stamped)
 
     def _prepare(self, pc) -> None:
         self.slots.attach(pc)
