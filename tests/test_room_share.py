@@ -132,3 +132,67 @@ async def _async(value):
 
 async def _async_stats_above(srv, owner: Client, n: int) -> bool:
     return (await _stats(srv, owner)).get("frames_out", 0) > n
+
+
+def test_out_whip_prints_the_room_viewer_url_at_start_up(capsys):
+    """`--out whip` runs name the room's viewer URL among the start-up lines (the output's prepare step)."""
+    import contextlib
+
+    from pcavs_live.cli.config import load_config
+    from pcavs_live.pipeline.metrics import LiveMetrics
+    from pcavs_live.pipeline.outputs import OUTPUTS, OutputContext, prepare_outputs
+    config = load_config(None, {"output.targets": ["whip"], "whip.endpoint": "http://127.0.0.1:7080/whip/endpoint/a",
+                                "whip.viewer_url": VIEWER_URL})
+    with contextlib.ExitStack() as stack:
+        prepare_outputs(OutputContext(config, LiveMetrics(), stack, OUTPUTS))
+    assert capsys.readouterr().err.splitlines() == [
+        f"whip: publishing to http://127.0.0.1:7080/whip/endpoint/a; room viewers open {VIEWER_URL}"]
+
+
+@pytest.mark.integration
+def test_the_studio_page_shares_to_the_room_and_shows_the_viewer_url(fake_whip):
+    """In headless Chromium (fake microphone): without an endpoint the checkbox is disabled with the
+    reason; with one, ticking it and pressing Start publishes the session, the page shows the room's
+    viewer URL and the share's state, and Stop DELETEs the WHIP resource."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser_viewer import CHROMIUM, CHROMIUM_ARGS
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt install chromium)")
+    args = CHROMIUM_ARGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    plain, _, plain_renderer = _studio(None)
+    srv, _, renderer = _studio(fake_whip)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=args, timeout=20_000)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(20_000)
+                page.goto(f"http://127.0.0.1:{plain.port}/")
+                page.wait_for_function("() => document.getElementById('room-why').textContent.length > 0")
+                assert page.is_disabled("#room") and "whip.endpoint" in page.text_content("#room-why")
+
+                page.goto(f"http://127.0.0.1:{srv.port}/")
+                page.wait_for_function("() => !document.getElementById('room').disabled")
+                page.check("#room")
+                page.click("#start")
+                page.wait_for_selector("#room-line:not([hidden])")
+                assert page.text_content("#room-link") == VIEWER_URL
+                page.wait_for_function(
+                    "() => document.querySelector('#stats td[data-key=\"share_state\"]').textContent === 'publishing'")
+                deadline = time.monotonic() + 30
+                while len(fake_whip.slots) < 25 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert len(fake_whip.slots) >= 25, "the shared session sent no frames to the WHIP server"
+                page.click("#stop")
+                deadline = time.monotonic() + 20
+                while not fake_whip.deleted and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            finally:
+                browser.close()
+    finally:
+        srv.stop()
+        renderer.stop()
+        plain.stop()
+        plain_renderer.stop()
+    assert fake_whip.deleted == ["/whip/resource/1"] and fake_whip.sessions == 0
