@@ -38,10 +38,21 @@ from tests.janus_support import (JanusStack, LightSubscriber, PatternFeeder, Vid
 CLK_TCK = 100
 
 
-def frame_slot(frame) -> int | None:
-    """A received frame's slot (the feeder stamps every slot: `PatternFeeder(stamped=True)`), or None."""
+def frame_record(frame) -> tuple[int, int | None, float]:
+    """(RTP slot number, the stamped slot or None when its check row did not read back, arrival). The
+    feeder stamps every slot (`PatternFeeder(stamped=True)`); a lossy frame's stamp may not read, so
+    slots are counted by media timestamp and the stamps only anchor them (`slots_of`)."""
     stamp = read_stamp(frame.to_ndarray(format="rgb24"))
-    return None if stamp is None else stamp[0]
+    return round(frame.pts / 3600), None if stamp is None else stamp[0], time.monotonic()
+
+
+def slots_of(records: list[tuple[int, int | None, float]]) -> list[tuple[int, float]]:
+    """(slot, arrival) per received frame: RTP slot numbers anchored by the stamps' majority."""
+    votes = [k - n for n, k, _ in records if k is not None]
+    if not votes:
+        return []
+    base = statistics.mode(votes)
+    return [(n + base, t) for n, _, t in records]
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -84,7 +95,7 @@ class _DirectViewer:
                 frame = await track.recv()
             except Exception:
                 return
-            self.frames.append((frame_slot(frame), time.monotonic()))
+            self.frames.append(frame_record(frame))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -99,7 +110,7 @@ def _viewer_process(kind: str, url: str, n: int, seconds: float, conn, host_addr
     async def main():
         if kind == "whip":
             viewers = [VideoRoomSubscriber(url, (host_address,),
-                                           keep=lambda f: (frame_slot(f), time.monotonic())) for _ in range(n)]
+                                           keep=frame_record) for _ in range(n)]
         else:
             viewers = [_DirectViewer(url) for _ in range(n)]
         await asyncio.gather(*(v.start() for v in viewers))
@@ -114,7 +125,7 @@ def _viewer_process(kind: str, url: str, n: int, seconds: float, conn, host_addr
             v.frames.clear()
         conn.send("ready")
         await asyncio.sleep(seconds)
-        result = [[(k, t) for k, t in v.frames if k is not None] for v in viewers]
+        result = [slots_of(v.frames) for v in viewers]
         await asyncio.gather(*(v.stop() for v in viewers), return_exceptions=True)
         offsets = None
         if isinstance(light, LightSubscriber):
