@@ -231,7 +231,8 @@ window.addEventListener("pagehide", () => {
 // "share to room": enabled only when the server has a [whip] endpoint; otherwise the reason is shown.
 async function loadRoom() {
   try {
-    const room = await (await fetch("room", { cache: "no-store" })).json();
+    const resp = await fetch("room", { cache: "no-store" });
+    const room = resp.ok ? await resp.json() : { enabled: false, reason: "this server cannot share to a room" };
     $("room").disabled = !room.enabled;
     $("room-why").textContent = room.enabled ? "" : "(" + room.reason + ")";
   } catch (err) { $("room-why").textContent = "(the server did not say whether it can share)"; }
