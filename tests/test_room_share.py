@@ -29,7 +29,9 @@ def _studio(fake_whip: FakeWhipServer | None, token: str = "good"):
     overrides = {"server.ice_host_addresses": ["127.0.0.1"]}
     if fake_whip is not None:
         overrides.update({"whip.endpoint": fake_whip.url, "whip.token": token, "whip.viewer_url": VIEWER_URL})
-    return start_studio(overrides=overrides)
+    # lost_timeout_s: a process's first session imports librosa (numba) on its first mel, seconds on a
+    # busy machine, during which its audio is not read; what is tested here is not that watchdog
+    return start_studio(overrides=overrides, lost_timeout_s=20.0)
 
 
 async def _until(condition, timeout: float, what: str) -> None:
@@ -196,3 +198,56 @@ def test_the_studio_page_shares_to_the_room_and_shows_the_viewer_url(fake_whip):
         plain.stop()
         plain_renderer.stop()
     assert fake_whip.deleted == ["/whip/resource/1"] and fake_whip.sessions == 0
+
+
+def test_a_room_share_that_cannot_open_is_a_status_line_and_never_raises():
+    """RoomShare alone: the build/open failure happens on its own thread and becomes `share_state`;
+    writes before and after it go nowhere (counted), and close is clean and idempotent."""
+    import numpy as np
+
+    from stream.whip import RoomShare, WhipError
+
+    def make():
+        raise WhipError("WHIP endpoint http://x/whip refused the token (HTTP 401: Unauthorized)", hint="set whip.token")
+
+    share = RoomShare(make, viewer_url=VIEWER_URL)
+    share.open(224, 224, 25, 16000)
+    frame, audio = np.zeros((224, 224, 3), np.uint8), np.zeros(640, np.float32)
+    deadline = time.monotonic() + 10
+    while share.state == "connecting" and time.monotonic() < deadline:
+        share.write(frame, audio, 0)
+        time.sleep(0.01)
+    share.write(frame, audio, 1)
+    assert share.status()["share_state"] == "error: WHIP endpoint http://x/whip refused the token (HTTP 401: Unauthorized)"
+    assert share.status()["share_viewer_url"] == VIEWER_URL and share.status()["share_unsent"] >= 1
+    share.close()
+    share.close()
+    assert share.state.startswith("error: ")
+
+
+def test_closing_a_room_share_while_it_opens_leaves_nothing_published():
+    """A session stopped while its share is still connecting: the sink that opens late is closed at once."""
+    import threading
+
+    from stream.whip import RoomShare
+
+    release, closed = threading.Event(), []
+
+    class SlowSink:
+        def open(self, *args):
+            release.wait(5)
+
+        def write(self, *args):
+            raise AssertionError("nothing is written after close")
+
+        def close(self):
+            closed.append(True)
+
+    share = RoomShare(SlowSink, open_timeout_s=10)
+    share.open(224, 224, 25, 16000)
+    closer = threading.Thread(target=share.close)
+    closer.start()
+    time.sleep(0.1)
+    release.set()
+    closer.join(10)
+    assert closed == [True] and share.state == "stopped"

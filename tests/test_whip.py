@@ -466,7 +466,7 @@ def test_a_studio_session_shared_to_the_room_reaches_a_subscriber_and_its_stop_u
     srv, _, renderer = start_studio(overrides={
         "whip.endpoint": stack.whip_url, "whip.token": stack.token,
         "whip.viewer_url": f"http://127.0.0.1:8080/static/room.html?janus={stack.janus_url}&room=1234",
-        "server.ice_host_addresses": [stack.host_address]})
+        "server.ice_host_addresses": [stack.host_address]}, lost_timeout_s=20.0)   # see test_room_share._studio
     owner = Client(srv)
 
     async def share_and_watch():
