@@ -14,7 +14,8 @@ receive the slots emitted while it was connected (from the server's own `frames_
 connecting and when it stops reading), less a connect grace at the start and an in-flight allowance
 at the end; its share is the distinct slots it received among those.
 
-Per-slot truth, per viewer connection: the slots received by media timestamp (RTP timestamps, anchored
+Per-slot truth, per viewer connection (the stamps, the RTP → sender clock mapping and the sender
+reports: bench/slot_truth.py, shared with bench/whip.py and the WHIP tests): the slots received by media timestamp (RTP timestamps, anchored
 by the stamps), the gaps among the expected slots (runs of missing slots, per track), and the A/V
 offset of the same slot as a browser would derive it: each stream's RTP timestamp of slot k mapped to
 the sender's wall clock through that stream's RTCP sender reports (aiortc pairs each report's NTP time
@@ -47,75 +48,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pcavs.constants import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
+from bench.slot_truth import (StampingSink, read_stamp, read_tones, record_sender_reports,  # noqa: E402,F401
+                               sender_wall, stamp_audio, stamp_frame)
+from pcavs.constants import FPS  # noqa: E402
 
 STALL_S = 1.0
 CONNECT_GRACE_S = 2.0       # slots emitted this soon after a viewer asked to connect are not expected
 IN_FLIGHT_S = 0.5           # nor those emitted this soon before it stopped reading
 RESOURCE_PERIOD_S = 5.0
-
-# ---------------------------------------------------------------------------- the stamp
-# Video: three rows of 16 bands (14 px each) at the top of the frame: slot index, emit instant (ms,
-# mod 2^16), and the index's complement as a check.
-BANDS, BAND_W, BAND_H = 16, 14, 16
-TONES_LOW = [500.0 + 100 * i for i in range(16)]      # k mod 16
-TONES_HIGH = [2300.0 + 100 * i for i in range(16)]    # (k // 16) mod 16
-
-
-def stamp_frame(frame: np.ndarray, k: int, emit_ms: int) -> np.ndarray:
-    out = np.array(frame, dtype=np.uint8, copy=True)
-    words = (k & 0xFFFF, emit_ms & 0xFFFF, ~k & 0xFFFF)
-    for row, word in enumerate(words):
-        y = row * BAND_H
-        for bit in range(BANDS):
-            out[y:y + BAND_H, bit * BAND_W:(bit + 1) * BAND_W] = 225 if word >> bit & 1 else 30
-    return out
-
-
-def read_stamp(rgb: np.ndarray) -> tuple[int, int] | None:
-    """(k mod 2^16, emit ms mod 2^16), or None when the check row disagrees (a damaged frame)."""
-    words = []
-    for row in range(3):
-        y = row * BAND_H
-        cells = rgb[y + 4:y + BAND_H - 4, :BANDS * BAND_W].reshape(BAND_H - 8, BANDS, BAND_W, 3)
-        levels = cells[:, :, 4:BAND_W - 4].mean(axis=(0, 2, 3))
-        words.append(sum(1 << bit for bit in range(BANDS) if levels[bit] > 128))
-    k, emit, check = words
-    return (k, emit) if (k ^ check) == 0xFFFF else None
-
-
-def stamp_audio(k: int) -> np.ndarray:
-    t = (k * SAMPLES_PER_FRAME + np.arange(SAMPLES_PER_FRAME)) / SAMPLE_RATE
-    lo, hi = TONES_LOW[k % 16], TONES_HIGH[(k // 16) % 16]
-    return (0.25 * np.sin(2 * np.pi * lo * t) + 0.25 * np.sin(2 * np.pi * hi * t)).astype(np.float32)
-
-
-def read_tones(pcm: np.ndarray, rate: int) -> int:
-    """k mod 256 from one decoded slot of audio."""
-    spec = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
-    freqs = np.fft.rfftfreq(len(pcm), 1 / rate)
-
-    def pick(tones: list[float]) -> int:
-        return int(np.argmax([spec[(freqs > f - 40) & (freqs < f + 40)].max() for f in tones]))
-    return pick(TONES_LOW) + 16 * pick(TONES_HIGH)
-
-
-class StampingSink:
-    """Wraps the session's outputs: each slot's frame and audio carry the slot's index (see above)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
-        self.inner.open(width, height, fps, sample_rate)
-
-    def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
-        emit_ms = int(time.monotonic() * 1000)
-        self.inner.write(stamp_frame(frame, frame_index, emit_ms), stamp_audio(frame_index), frame_index)
-
-    def close(self) -> None:
-        self.inner.close()
-
 
 class SleepyRenderer:
     """Stand-in generator: sleeps, then draws a frame that changes with the mel energy (a moving bar),
@@ -252,10 +192,7 @@ class Connection:
             return []
 
         def wall(kind: str, pts: int, rate: int) -> float:
-            rtp = (pts + self.rtp_origin[kind]) % (1 << 32)
-            reports = self.sender_reports[kind]
-            ntp, sr_rtp = min(reports, key=lambda r: abs(_rtp_diff(rtp, r[1])))
-            return ntp + _rtp_diff(rtp, sr_rtp) / rate
+            return sender_wall((pts + self.rtp_origin[kind]) % (1 << 32), self.sender_reports[kind], rate)
 
         video = {pts + vb: rtp for (pts, _, _, _), rtp in zip(self.video, self.rtp_video)}
         audio = {pts + ab: rtp for (pts, _, _), rtp in zip(self.audio, self.rtp_audio)}
@@ -268,28 +205,6 @@ class Connection:
         for kind, arrivals in (("video", [a for _, _, a, _ in self.video]), ("audio", [a for _, _, a in self.audio])):
             found += [(kind, a, b - a) for a, b in zip(arrivals, arrivals[1:]) if b - a > STALL_S]
         return found
-
-
-def _rtp_diff(a: int, b: int) -> int:
-    """a − b on the 32-bit RTP timestamp circle."""
-    return (a - b + (1 << 31)) % (1 << 32) - (1 << 31)
-
-
-def record_sender_reports(pc, conn: Connection) -> None:
-    """Keep every RTCP sender report each receiver of `pc` gets (aiortc keeps only a summary)."""
-    from aiortc.rtp import RtcpSrPacket
-
-    for transceiver in pc.getTransceivers():
-        receiver, kind = transceiver.receiver, transceiver.kind
-        original = receiver._handle_rtcp_packet
-
-        async def handle(packet, original=original, kind=kind) -> None:
-            if isinstance(packet, RtcpSrPacket):
-                ntp = packet.sender_info.ntp_timestamp
-                conn.sender_reports[kind].append(((ntp >> 32) + (ntp & 0xFFFFFFFF) / 2 ** 32,
-                                                  packet.sender_info.rtp_timestamp))
-            await original(packet)
-        receiver._handle_rtcp_packet = handle
 
 
 async def get_json(base: str, path: str) -> dict:
@@ -317,7 +232,7 @@ async def watch(base: str, seconds: float, stop: asyncio.Event) -> Connection:
     tracks: dict = {}
     pc.on("track", lambda track: tracks.__setitem__(track.kind, track))
     use_host_addresses(pc, ["127.0.0.1"])
-    record_sender_reports(pc, conn)
+    record_sender_reports(pc, conn.sender_reports)
     readers: list[asyncio.Task] = []
     try:
         await pc.setLocalDescription(await pc.createOffer())

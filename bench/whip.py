@@ -10,7 +10,9 @@ our own page does), or `stream.whep.WhepClient` viewers of the same server (`POS
 For every audience size it prints one row: the publisher's CPU (this process, % of one core, over the
 measured window), Janus's CPU, slots each viewer received (min / median, % of the slots between its
 first and last), and the latency from `write` to the decoded frame in the viewer (p50 / p95 over
-every received frame; both processes read the same monotonic clock). Last, it restarts Janus
+every received frame; both processes read the same monotonic clock), and the A/V offset one more,
+light viewer of the same path measures (bench/slot_truth.py: each slot's video minus audio time on the
+sender's clock, from RTCP sender reports, as a browser syncs; median and range over its slots). Last, it restarts Janus
 `--restarts` times and prints how long the publisher took to be back in the room each time.
 
 Usage: python bench/whip.py [--seconds 10] [--whip 1,4,8,25] [--direct 1,4,8] [--whep 1,4,8] [--per-process 5]
@@ -32,10 +34,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stream.webrtc import WebRTCServer, WebRTCSink  # noqa: E402
 from stream.whep import WhepClient  # noqa: E402
 from stream.whip import WhipSink  # noqa: E402
-from tests.janus_support import (JanusStack, PatternFeeder, VideoRoomSubscriber, coverage, frame_slot,  # noqa: E402
-                                 missing_reason)
+from bench.slot_truth import read_stamp, watch_direct  # noqa: E402
+from tests.janus_support import (JanusStack, LightSubscriber, PatternFeeder, VideoRoomSubscriber,  # noqa: E402
+                                 coverage, missing_reason)
 
 CLK_TCK = 100
+
+
+def frame_record(frame) -> tuple[int, int | None, float]:
+    """(RTP slot number, the stamped slot or None when its check row did not read back, arrival). The
+    feeder stamps every slot (`PatternFeeder(stamped=True)`); a lossy frame's stamp may not read, so
+    slots are counted by media timestamp and the stamps only anchor them (`slots_of`)."""
+    stamp = read_stamp(frame.to_ndarray(format="rgb24"))
+    return round(frame.pts / 3600), None if stamp is None else stamp[0], time.monotonic()
+
+
+def slots_of(records: list[tuple[int, int | None, float]]) -> list[tuple[int, float]]:
+    """(slot, arrival) per received frame: RTP slot numbers anchored by the stamps' majority."""
+    votes = [k - n for n, k, _ in records if k is not None]
+    if not votes:
+        return []
+    base = statistics.mode(votes)
+    return [(n + base, t) for n, _, t in records]
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -78,7 +98,7 @@ class _DirectViewer:
                 frame = await track.recv()
             except Exception:
                 return
-            self.frames.append((frame_slot(frame), time.monotonic()))
+            self.frames.append(frame_record(frame))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -86,37 +106,53 @@ class _DirectViewer:
         await self.pc.close()
 
 
-def _viewer_process(kind: str, url: str, n: int, seconds: float, conn, host_address: str = "") -> None:
-    async def main() -> list[list[tuple[int, float]]]:
+def _viewer_process(kind: str, url: str, n: int, seconds: float, conn, host_address: str = "",
+                    probe: bool = False) -> None:
+    """`n` decoding viewers (and with `probe` one light A/V viewer more); sends (their frames, the
+    probe's A/V offsets in ms or None)."""
+    async def main():
         if kind == "whip":
             viewers = [VideoRoomSubscriber(url, (host_address,),
-                                           keep=lambda f: (frame_slot(f), time.monotonic())) for _ in range(n)]
+                                           keep=frame_record) for _ in range(n)]
         elif kind == "whep":
             viewers = [WhepClient(url + "whep", ice_host_addresses=["127.0.0.1"],
-                                  keep=lambda f: (frame_slot(f), time.monotonic())) for _ in range(n)]
+                                  keep=frame_record) for _ in range(n)]
         else:
             viewers = [_DirectViewer(url) for _ in range(n)]
         await asyncio.gather(*(v.start() for v in viewers))
+        light = light_pc = None
+        if probe and kind == "whip":
+            light = LightSubscriber(url, (host_address,))
+            await light.start()
+        elif probe:
+            light_pc, light = await watch_direct(url, ["127.0.0.1"])
         await asyncio.sleep(1.0)                 # first key frame, jitter buffers settle
         for v in viewers:
             v.frames.clear()
         conn.send("ready")
         await asyncio.sleep(seconds)
-        result = [list(v.frames) for v in viewers]
+        result = [slots_of(v.frames) for v in viewers]
         await asyncio.gather(*(v.stop() for v in viewers), return_exceptions=True)
-        return result
+        offsets = None
+        if isinstance(light, LightSubscriber):
+            await light.stop()
+            offsets = light.slots.av_offsets_ms()
+        elif light is not None:
+            await light_pc.close()
+            offsets = light.av_offsets_ms()
+        return result, offsets
 
     conn.send(asyncio.run(main()))
 
 
 def _watch(kind: str, url: str, n: int, seconds: float, per_process: int, on_ready,
-           host_address: str = "") -> list[list[tuple[int, float]]]:
+           host_address: str = "") -> tuple[list[list[tuple[int, float]]], list[float] | None]:
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
     for start in range(0, n, per_process):
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_viewer_process, args=(kind, url, min(per_process, n - start), seconds, child,
-                                                              host_address))
+                                                              host_address, start == 0))
         p.start()
         procs.append(p)
         pipes.append(parent)
@@ -125,12 +161,14 @@ def _watch(kind: str, url: str, n: int, seconds: float, per_process: int, on_rea
             if not pipe.poll(60) or pipe.recv() != "ready":
                 raise RuntimeError("a viewer process did not start within 60 s")
         on_ready()
-        results = []
+        results, offsets = [], None
         for pipe in pipes:
             if not pipe.poll(seconds + 60):
                 raise RuntimeError("a viewer process did not report")
-            results.extend(pipe.recv())
-        return results
+            frames, probe = pipe.recv()
+            results.extend(frames)
+            offsets = probe if probe is not None else offsets
+        return results, offsets
     finally:
         for p in procs:
             p.join(10)
@@ -139,20 +177,22 @@ def _watch(kind: str, url: str, n: int, seconds: float, per_process: int, on_rea
 
 
 # ---------------------------------------------------------------------------- one row
-def _row(kind: str, n: int, results, sent_at, cpu_s: float, janus_s: float | None, window: float) -> list[str]:
+def _row(kind: str, n: int, watched, sent_at, cpu_s: float, janus_s: float | None, window: float) -> list[str]:
+    results, offsets = watched
     shares = [coverage([s for s, _ in frames])[0] for frames in results]
     latencies = sorted((t - sent_at[s]) * 1000 for frames in results for s, t in frames if s in sent_at)
     p50 = statistics.median(latencies) if latencies else float("nan")
     p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
     return [kind, str(n), f"{100 * cpu_s / window:.0f}", "–" if janus_s is None else f"{100 * janus_s / window:.0f}",
             f"{100 * min(shares):.1f} / {100 * statistics.median(shares):.1f}" if shares else "–",
-            f"{p50:.0f} / {p95:.0f}"]
+            f"{p50:.0f} / {p95:.0f}",
+            f"{statistics.median(offsets):+.1f} ({min(offsets):+.1f} … {max(offsets):+.1f})" if offsets else "–"]
 
 
 def bench_whip(stack: JanusStack, n: int, seconds: float, per_process: int) -> list[str]:
     sink = WhipSink(stack.whip_url, stack.token, ice_host_addresses=[stack.host_address])
     sink.open(224, 224, 25, 16000)
-    feeder = PatternFeeder(sink).start()
+    feeder = PatternFeeder(sink, stamped=True).start()
     marks: dict[str, float] = {}
 
     def ready() -> None:
@@ -196,11 +236,11 @@ def bench_restart(stack: JanusStack, times: int) -> list[float]:
 
 def bench_direct(n: int, seconds: float, per_process: int, kind: str = "direct") -> list[str]:
     """`n` viewers of the built-in server: our page's way (`POST /offer`) or WHEP (`kind` "whep")."""
-    srv = WebRTCServer(port=0, ice_host_addresses=["127.0.0.1"], max_viewers=max(8, n))
+    srv = WebRTCServer(port=0, ice_host_addresses=["127.0.0.1"], max_viewers=max(8, n + 1))   # + the A/V probe
     srv.start()
     sink = WebRTCSink(srv)
     sink.open(224, 224, 25, 16000)
-    feeder = PatternFeeder(sink).start()
+    feeder = PatternFeeder(sink, stamped=True).start()
     marks: dict[str, float] = {}
 
     def ready() -> None:
@@ -251,7 +291,7 @@ def main() -> None:
             finally:
                 stack.stop()
     head = ["publish to", "viewers", "publisher CPU %", "Janus CPU %", "slots received min / median %",
-            "latency p50 / p95 ms"]
+            "latency p50 / p95 ms", "A/V offset ms (probe)"]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
     print()
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))

@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import aiohttp
 import numpy as np
@@ -289,6 +290,108 @@ class WhipSink:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+
+class RoomShare:
+    """FrameSink: another output of a running session (the studio's "share to room"), built and opened on
+    a thread of its own, whose failure is a status line of the session instead of its end.
+
+    Why not a plain sink in the session's `FanOutSink`: that one opens in the scheduler's thread and an
+    open failure ends the session (right for `--out whip`, where publishing is the point). A studio
+    session's own viewers must not wait for, nor die with, the room: `open` returns at once, slots
+    written before the publisher is up are counted in `unsent`, and a build, open or write failure
+    leaves `state` = "error: ONE LINE" (logged once) while the session goes on. `make` builds the sink
+    (the outputs registry's "whip" entry, framed, through `SessionBuilder`); `close` joins the opening
+    thread (bounded) and closes the sink, which DELETEs the WHIP resource.
+    """
+
+    def __init__(self, make: Callable[[], object], viewer_url: str | None = None,
+                 open_timeout_s: float = 30.0) -> None:
+        self._make = make
+        self.viewer_url = viewer_url or None
+        self.open_timeout_s = open_timeout_s
+        self.state = "idle"
+        self.unsent = 0
+        self._sink = None
+        self._lock = threading.Lock()
+        self._closing = False
+        self._worker: Worker | None = None
+
+    def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
+        if self._worker is not None:
+            raise RuntimeError("RoomShare.open called twice")
+        self.state = "connecting"
+        self._worker = Worker(lambda: self._open(width, height, fps, sample_rate), "room-share")
+        self._worker.start()
+
+    def _open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
+        try:
+            sink = self._make()
+            sink.open(width, height, fps, sample_rate)
+        except Exception as exc:  # noqa: BLE001 - a status line; the session and its viewers go on
+            self._fail("cannot share to the room", exc)
+            return
+        with self._lock:
+            if not self._closing:
+                self._sink, sink = sink, None
+                self.state = "publishing"
+        if sink is not None:     # closed while opening: nothing may stay published
+            sink.close()
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        self.state = f"error: {one_line(str(exc) or type(exc).__name__, 200)}"
+        log.warning("%s: %s", what, self.state[len("error: "):])
+
+    @property
+    def publisher(self):
+        """The sink under any framing (`FramedSink.sink`): the `WhipSink` whose counters the status shows."""
+        sink = self._sink
+        while sink is not None and hasattr(sink, "sink"):
+            sink = sink.sink
+        return sink
+
+    def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
+        sink = self._sink
+        if sink is None or not getattr(self.publisher, "connected", True):
+            self.unsent += 1
+            if sink is None:
+                return
+        try:
+            sink.write(frame, audio, frame_index)
+        except Exception as exc:  # noqa: BLE001 - the share stops; the session goes on
+            with self._lock:
+                self._sink = None
+            self._fail("sharing to the room stopped", exc)
+            try:
+                sink.close()
+            except Exception as close_exc:  # noqa: BLE001
+                log.warning("closing the room share failed: %s", one_line(str(close_exc)))
+
+    def close(self) -> None:
+        """Stop publishing (the WHIP resource is DELETEd); idempotent."""
+        with self._lock:
+            self._closing = True
+            sink, self._sink = self._sink, None
+        if self._worker is not None:
+            self._worker.join(self.open_timeout_s)
+        if sink is not None:
+            sink.close()
+        if not self.state.startswith("error"):
+            self.state = "stopped"
+
+    def status(self) -> dict:
+        """The share's row for the session's stats: state, viewer URL, slots not sent, reconnects."""
+        sink = self.publisher
+        state = self.state
+        if state == "publishing" and sink is not None and not getattr(sink, "connected", True):
+            state = "reconnecting"
+        out = {"share_state": state, "share_unsent": self.unsent}
+        if self.viewer_url:
+            out["share_viewer_url"] = self.viewer_url
+        if sink is not None:
+            out["share_connects"] = getattr(sink, "connects", None)
+            out["share_dropped"] = getattr(sink, "dropped", None)
+        return out
 
 
 def whip_sink_from_config(whip, server) -> WhipSink:

@@ -468,11 +468,15 @@ class VideoRoomSubscriber:
             self._tasks.append(asyncio.ensure_future(self._read(track)))
 
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
+        self._prepare(pc)
         use_host_addresses(pc, self.host_addresses)
         await pc.setLocalDescription(await pc.createAnswer())
         await self._post(base, {"janus": "message", "body": {"request": "start", "room": self.room},
                                 "jsep": {"type": "answer", "sdp": pc.localDescription.sdp}})
         self._tasks.append(asyncio.ensure_future(self._keepalive()))
+
+    def _prepare(self, pc) -> None:
+        """Called once the connection's receivers exist (after Janus's offer is applied)."""
 
     async def _keepalive(self) -> None:
         while True:
@@ -503,6 +507,26 @@ class VideoRoomSubscriber:
             except Exception:
                 pass
             await self._http.close()
+
+
+class LightSubscriber(VideoRoomSubscriber):
+    """A subscriber that joins the VideoRoom exactly as `VideoRoomSubscriber` does but decodes nothing
+    past its anchor: `slots` (bench.slot_truth.RtpSlots) counts the slots from RTP timestamps and marker
+    bits and keeps the RTCP sender reports for the A/V offset. 25 of them fit two cores; 25 decoders do
+    not. A publisher that stamps its slots (`PatternFeeder(stamped=True)`, bench.slot_truth) gets slot
+    indices and A/V offsets; with `stamped=False` slots are counted from the first frame received."""
+
+    def __init__(self, janus_url: str, host_addresses: tuple[str, ...], room: int = ROOM,
+                 stamped: bool = True) -> None:
+        super().__init__(janus_url, host_addresses, room)
+        from bench.slot_truth import RtpSlots
+        self.slots = RtpSlots(stamped)
+
+    def _prepare(self, pc) -> None:
+        self.slots.attach(pc)
+
+    async def _read(self, track) -> None:
+        return           # nothing reaches the tracks: the RTP path is the recorder's
 
 
 # ---------------------------------------------------------------------------- slots drawn in pixels
@@ -546,10 +570,12 @@ def coverage(slots: list[int]) -> tuple[float, int]:
 class PatternFeeder:
     """Writes `draw_slot(k)` frames and a 440 Hz tone to a sink at 25 fps from its own thread (real
     time, like the scheduler's output clock); `stop` joins it. `sent_at[k]` is slot k's monotonic
-    write time (for latency)."""
+    write time (for latency). `stamped`: bench.slot_truth's stamps instead (index, emit time and check
+    rows in the picture, the index as two tones in the audio), for per-slot truth from RTP."""
 
-    def __init__(self, sink, fps: int = 25, sample_rate: int = 16000) -> None:
+    def __init__(self, sink, fps: int = 25, sample_rate: int = 16000, stamped: bool = False) -> None:
         self.sink, self.fps, self.sample_rate = sink, fps, sample_rate
+        self.stamped = stamped
         self.sent_at: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pattern-feeder", daemon=True)
@@ -562,12 +588,17 @@ class PatternFeeder:
     def _run(self) -> None:
         spf = self.sample_rate // self.fps
         t = np.arange(spf) / self.sample_rate
+        grey = np.full((224, 224, 3), 96, np.uint8)
         next_at = time.monotonic()
         k = 0
         while not self._stop.is_set():
-            audio = (0.2 * np.sin(2 * np.pi * 440 * (t + k * spf / self.sample_rate))).astype(np.float32)
             self.sent_at[k] = time.monotonic()
-            self.sink.write(draw_slot(k), audio, k)
+            if self.stamped:
+                from bench.slot_truth import stamp_audio, stamp_frame
+                self.sink.write(stamp_frame(grey, k, int(self.sent_at[k] * 1000)), stamp_audio(k), k)
+            else:
+                audio = (0.2 * np.sin(2 * np.pi * 440 * (t + k * spf / self.sample_rate))).astype(np.float32)
+                self.sink.write(draw_slot(k), audio, k)
             self.written = k = k + 1
             next_at += 1 / self.fps
             self._stop.wait(max(0.0, next_at - time.monotonic()))

@@ -77,12 +77,12 @@ class PaintRenderer:
 
 
 def start_studio(max_sessions: int = 4, lost_timeout_s: float = 3.0, connect_timeout_s: float = 20.0,
-                 delay_s: float = 0.005, **kwargs):
+                 delay_s: float = 0.005, overrides: dict | None = None, **kwargs):
     """A running StudioServer on a free loopback port with the paint renderer; returns (server, paint,
-    renderer). The caller stops both."""
+    renderer). The caller stops both. `overrides`: more config keys (e.g. the [whip] endpoint)."""
     paint = PaintRenderer(delay_s)
     renderer = SharedRenderer(paint).start()
-    factory = StudioSessions(encode_colour, renderer, load_config(None, {"pose.smoothing": 0.0}),
+    factory = StudioSessions(encode_colour, renderer, load_config(None, {"pose.smoothing": 0.0, **(overrides or {})}),
                              pose_detector=AnchorDetector)
     srv = StudioServer(factory, port=0, ice_host_addresses=LOOPBACK, max_sessions=max_sessions,
                        lost_timeout_s=lost_timeout_s, connect_timeout_s=connect_timeout_s, **kwargs)
@@ -140,8 +140,8 @@ class Client:
         self.frames: list[np.ndarray] = []
         self.audio_frames = 0
 
-    async def create(self, photo: bytes | None = None) -> tuple[int, dict]:
-        url = base(self.srv) + "sessions" + ("?sample=1" if photo is None else "")
+    async def create(self, photo: bytes | None = None, share: bool = False) -> tuple[int, dict]:
+        url = base(self.srv) + "sessions" + ("?sample=1" if photo is None else "?") + ("&share=1" if share else "")
         status, body = await http("POST", url, data=photo or b"")
         if status == 201:
             self.session = body

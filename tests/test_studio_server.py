@@ -267,17 +267,20 @@ def test_100_create_stop_cycles_leave_rss_flat(studio):
     assert after - before < 20 * 2**20
 
 
-def test_serve_wires_the_studio_from_the_config_with_real_networks():
+def test_serve_wires_the_studio_from_the_config_with_real_networks(capsys):
     """`run_live.py serve`'s body: stand-in weights loaded once, the sample session encoded by the real
-    identity encoder, admission from server.max_sessions, and a clean stop."""
+    identity encoder, admission from server.max_sessions, the room's viewer URL among the start-up
+    lines ([whip]), and a clean stop."""
     import threading
 
     from pcavs_live.cli.config import load_config
     from pcavs_live.pipeline.studio import ServeOptions, serve
     from tests.conftest import parity_weights_dir
 
+    room = "http://127.0.0.1:8080/static/room.html?janus=http://127.0.0.1:8088/janus&room=1234"
     config = load_config(None, {"model.checkpoint_dir": str(parity_weights_dir(0)), "model.device": "cpu",
-                                "server.port": 0, "server.max_sessions": 1})
+                                "server.port": 0, "server.max_sessions": 1,
+                                "whip.endpoint": "http://127.0.0.1:7080/whip/endpoint/avatar", "whip.viewer_url": room})
     stop, ready = threading.Event(), []
     th = threading.Thread(target=serve, args=(config, ServeOptions(ice_host_addresses=tuple(LOOPBACK)), stop),
                           kwargs={"ready": ready.append}, daemon=True)
@@ -292,7 +295,10 @@ def test_serve_wires_the_studio_from_the_config_with_real_networks():
         session = srv._sessions[body["id"]].runtime
         assert session.avatar.id_map.shape == (512, 7, 7)             # a real Avatar on the loaded networks
         assert run(http("POST", base(srv) + "sessions?sample=1"))[0] == 503
+        assert run(http("GET", base(srv) + "room"))[1]["viewer_url"] == room
     finally:
         stop.set()
         th.join(30)
     assert not th.is_alive()
+    assert ("studio: a session can share to the room at http://127.0.0.1:7080/whip/endpoint/avatar; "
+            f"room viewers open {room}") in capsys.readouterr().err.splitlines()

@@ -134,6 +134,7 @@ class VmicConfig:
 class WhipConfig:
     endpoint: str | None = _spec(pattern=r"https?://.+", expect="'' or an http(s):// WHIP endpoint URL")
     token: str | None = _spec()
+    viewer_url: str | None = _spec(pattern=r"https?://.+", expect="'' or the http(s):// URL the room's viewers open")
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ from pcavs_live.pipeline.inputs import audio_input, pose_input
 from pcavs_live.pipeline.metrics import LiveMetrics, format_status_line
 from pcavs_live.pipeline.offline import OfflineOptions, OfflineRenderer, SlotPose, sequence_pose
 from pcavs_live.pipeline.options import Config
-from pcavs_live.pipeline.outputs import OUTPUTS, OutputContext, build_sinks, is_live, prepare_outputs
+from pcavs_live.pipeline.outputs import OUTPUTS, OutputContext, build_sink, build_sinks, is_live, prepare_outputs
 from pcavs_live.pipeline.scheduler import Renderer, RunSummary, SchedulerOptions
 from pcavs_live.pipeline.timeline import AudioTimeline, model_frame_index
-from stream.sinks import FrameSink
+from stream.sinks import FanOutSink, FrameSink
 
 if TYPE_CHECKING:
     from capture.audio_sources import AudioSource
@@ -181,6 +181,9 @@ class SessionBuilder:
     * `audio` — (source, mel front end) instead of `audio.source` (the studio: the browser's microphone).
     * `sinks` — where frames go instead of `output.targets` (the studio: the browser's outgoing tracks);
       `wrap_sink` wraps whatever sinks were built (benches stamp each slot's index).
+    * `shares` — registry outputs that also get the frames beside `sinks`, each built and opened in the
+      background (`stream.whip.RoomShare`: a failure is a status line, never the session's end): the
+      studio's "share to room" is `shares=("whip",)`. The built shares are `builder.shares` by name.
     * `pose_frames` — live frames for the pose worker instead of `pose.source` (the studio: the browser's camera).
     * `ice_host_addresses` — the viewer's ICE addresses (loopback tests); `metrics` — the session's metrics.
     * `pose_batcher` — encodes several sessions' pose crops in one pass (the studio's `PoseBatcher`).
@@ -196,8 +199,11 @@ class SessionBuilder:
                  pose_frames: "FrameSource | None" = None,
                  ice_host_addresses: tuple[str, ...] | None = None,
                  metrics: LiveMetrics | None = None,
-                 pose_batcher: "PoseBatcher | None" = None) -> None:
+                 pose_batcher: "PoseBatcher | None" = None,
+                 shares: Sequence[str] = ()) -> None:
         self.config, self.run_options = config, run
+        self._share_names = tuple(shares)
+        self.shares: dict[str, object] = {}
         self._pose_batcher = pose_batcher
         self._landmark_detector, self._avatar, self._renderer = landmark_detector, avatar, renderer
         self._audio, self._sinks, self._wrap_sink, self._pose_frames = audio, sinks, wrap_sink, pose_frames
@@ -287,6 +293,17 @@ class SessionBuilder:
             frames_needed=None if slots is None else model_frame_index(slots, numbering))
         return sequence_pose(sequence, numbering, self.metrics)
 
+    def _build_shares(self, face: AlignedFace | None, photo: np.ndarray | None) -> list[FrameSink]:
+        """The `shares` outputs, each a `RoomShare` that builds its registry sink (framed) when it opens."""
+        from stream.whip import RoomShare
+        for name in self._share_names:
+            if name not in OUTPUTS:
+                raise ValueError(f"no output named {name!r} to share to")
+            viewer_url = self.config.whip.viewer_url if name == "whip" else None
+            self.shares[name] = RoomShare(lambda n=name: build_sink(self._outputs, n, face, photo),
+                                          viewer_url=viewer_url)
+        return list(self.shares.values())
+
     def _build(self) -> Session:
         self.prepare()
         face: AlignedFace | None = None
@@ -303,6 +320,8 @@ class SessionBuilder:
         # looped bundled sample has none
         self.metrics.watch("audio_nonfinite_samples", lambda: getattr(source, "nonfinite_samples", 0))
         sink = self._sinks if self._sinks is not None else build_sinks(self._outputs, face, photo)
+        if self._share_names:
+            sink = FanOutSink([sink, *self._build_shares(face, photo)])
         if self._wrap_sink is not None:
             sink = self._wrap_sink(sink)
         max_s = self.run_options.max_seconds

@@ -91,6 +91,7 @@ class StudioSession:
         self._source: BrowserAudioSource | None = None
         self._video: BrowserVideoSource | None = None
         self._session: Session | None = None
+        self._share = None               # the RoomShare while this session shares to the room
         self._worker: Worker | None = None
         self._stop = threading.Event()
         self._stopped = False
@@ -98,7 +99,9 @@ class StudioSession:
         self._lock = threading.Lock()
         self.end_reason: str | None = None
 
-    def start(self, audio, video, loop: asyncio.AbstractEventLoop, sink, on_end: Callable[[str], None]) -> None:
+    def start(self, audio, video, loop: asyncio.AbstractEventLoop, sink, on_end: Callable[[str], None],
+              share: bool = False) -> None:
+        """Build and start the session; `share`: also publish it to the room (`[whip]`, a `RoomShare`)."""
         with self._lock:
             if self._stopped or self._worker is not None:
                 raise RuntimeError("a studio session starts once")
@@ -111,11 +114,13 @@ class StudioSession:
             elif video is not None:
                 log.info("no landmark detector for camera pose; using the photo's pose")
             self.handle = self._renderer.handle(self.avatar)
-            self._session = session = SessionBuilder(
+            builder = SessionBuilder(
                 self.config, RunOptions(realtime=True, status_interval_s=0), landmark_detector=detector,
                 avatar=(self.avatar, self.placeholder), renderer=self.handle,
                 audio=(self._source, StreamingMel(StreamingGain())), sinks=sink, pose_frames=self._video,
-                metrics=self.metrics, pose_batcher=self._pose_batcher).build()
+                metrics=self.metrics, pose_batcher=self._pose_batcher, shares=("whip",) if share else ())
+            self._session = session = builder.build()
+            self._share = builder.shares.get("whip")
             self._worker = Worker(lambda: self._run(session, on_end), "studio-session", stopping=self._stop)
             self._worker.start()
 
@@ -152,6 +157,9 @@ class StudioSession:
         worker = None if self._session is None else self._session.pose_worker
         if worker is not None:
             snap["pose_frames_processed"] = worker.frames_processed
+        share = self._share
+        if share is not None:
+            snap.update(share.status())
         return snap
 
     def stop(self) -> None:
@@ -177,7 +185,7 @@ class StudioSession:
         close = getattr(self.avatar, "close", None)
         if close is not None:
             close()
-        self.avatar = self.handle = self._source = self._video = self._session = self._worker = None
+        self.avatar = self.handle = self._source = self._video = self._session = self._worker = self._share = None
         self.placeholder = None
 
 
@@ -190,6 +198,13 @@ class StudioSessions:
                  pose_batcher: PoseBatcher | None = None) -> None:
         self.encode, self.renderer, self.config = encode, renderer, config
         self.pose_detector, self.device, self.pose_batcher = pose_detector, device, pose_batcher
+
+    def room(self) -> dict:
+        """The studio's "share to room" setting: `enabled`, `reason` (why not), `viewer_url` ([whip])."""
+        whip = self.config.whip
+        reason = None if whip.endpoint else ("the server has no WHIP endpoint: set whip.endpoint in its config "
+                                             "(README: An audience through an SFU)")
+        return {"enabled": reason is None, "reason": reason, "viewer_url": whip.viewer_url or None}
 
     def create(self, photo: np.ndarray | None, name: str) -> StudioSession:
         avatar, aligned = self.encode(photo, name)
@@ -284,6 +299,10 @@ def serve(config: Config, options: ServeOptions = ServeOptions(), stop: threadin
     try:
         load()
         print(f"studio: open {server.url}  (up to {s.max_sessions} sessions)", file=sys.stderr, flush=True)
+        if config.whip.endpoint:
+            print(f"studio: a session can share to the room at {config.whip.endpoint}"
+                  + (f"; room viewers open {config.whip.viewer_url}" if config.whip.viewer_url else ""),
+                  file=sys.stderr, flush=True)
         if ready is not None:
             ready(server)
         stop.wait()

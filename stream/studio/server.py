@@ -7,6 +7,13 @@ HTTP API (JSON; errors are `{"error": one line}` with a status, never a tracebac
   checks (stream/studio/uploads.py: 413/400), then the backend encodes the identity (a photo without a
   face: 400 with its one-line reason). Answers 201 `{id, secret, view, share, whep}`: `secret` is the
   owner's key to every endpoint below, `view` the share link's separate view-only key.
+* `POST /sessions?share=1` — the same, and the session also publishes its avatar (video + its voice,
+  every slot in order) to the room: the `[whip]` endpoint, through the session's own sinks (a
+  `stream.whip.RoomShare`). The room has one presenter: while a live session shares, another's
+  `share=1` is 409 "the room already has a presenter: session ID"; without a `[whip]` endpoint it is
+  400 with the reason. A WHIP failure is the session's `share_state` ("error: ONE LINE") in its stats,
+  never its end; ending the session DELETEs the WHIP resource. `GET /room` says whether sharing is
+  enabled (else why not), the room's `viewer_url` and the presenting session's id.
 * `POST /sessions/{id}/offer` `{sdp, type, secret}` — the owner's peer connection: the browser's
   microphone (and camera) in, this session's avatar video + audio out on the same connection. The
   backend then starts the session (browser tracks as its sources, `SessionOutput` as its sink).
@@ -32,6 +39,7 @@ backend's `stop` (threads joined, references dropped, device memory returned) ru
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -59,7 +67,7 @@ class SessionRuntime(Protocol):
     """One session's pipeline (pcavs_live/pipeline/studio.py), as the server drives it."""
 
     def start(self, audio: MediaStreamTrack, video: MediaStreamTrack | None, loop: asyncio.AbstractEventLoop,
-              sink: FrameSink, on_end: Callable[[str], None]) -> None: ...
+              sink: FrameSink, on_end: Callable[[str], None]) -> None: ...   # + share=True when it shares
     def idle_s(self) -> float: ...          # seconds since the last browser audio arrived (or since start)
     def stats(self) -> dict: ...
     def stop(self) -> None: ...             # blocking, idempotent: threads joined, memory returned
@@ -68,6 +76,7 @@ class SessionRuntime(Protocol):
 class SessionFactory(Protocol):
     def create(self, photo: np.ndarray | None, name: str) -> SessionRuntime: ...   # None: the sample photo
     def stats(self) -> dict: ...
+    # optional: `room() -> {enabled, reason, viewer_url}` for "share to room" (absent: sharing disabled)
 
 
 @dataclass(eq=False)
@@ -83,6 +92,7 @@ class _Session:
     viewers: set = field(default_factory=set)
     whep: dict = field(default_factory=dict)        # WHEP viewers' peers by resource id
     ending: bool = False
+    share: bool = False                  # also published to the room ([whip])
     end_reason: str | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -107,6 +117,7 @@ class StudioServer(HostAttributes):
         self._sessions: dict[str, _Session] = {}
         self._creating = 0
         self._ending = 0
+        self._presenter: str | None = None   # the session sharing to the room (or "" while one is created)
         self._watchdog: asyncio.Task | None = None
         self.sessions_created = 0
         self.sessions_ended: dict[str, int] = {}
@@ -137,6 +148,7 @@ class StudioServer(HostAttributes):
         app.router.add_get("/ice", self._handle_ice)
         app.router.add_get("/health", self._handle_health)
         app.router.add_get("/stats", self._handle_server_stats)
+        app.router.add_get("/room", self._handle_room)
         app.router.add_post("/sessions", self._handle_create)
         app.router.add_post("/sessions/{id}/offer", self._handle_offer)
         app.router.add_post("/sessions/{id}/view", self._handle_view)
@@ -185,6 +197,8 @@ class StudioServer(HostAttributes):
             return
         sess.ending, sess.end_reason = True, reason
         self._sessions.pop(sess.id, None)
+        if self._presenter == sess.id:
+            self._presenter = None
         self._ending += 1
         try:
             peers = ([sess.owner] if sess.owner is not None else []) + list(sess.viewers)
@@ -259,6 +273,27 @@ class StudioServer(HostAttributes):
                       "sessions_created": self.sessions_created, "sessions_ended": dict(self.sessions_ended),
                       "renderer": renderer})
 
+    def room(self) -> dict:
+        """Whether sessions may share to the room (else why not), its viewer URL, the presenting session."""
+        room = getattr(self.factory, "room", None)
+        info = dict(room()) if room is not None else {
+            "enabled": False, "reason": "this server cannot share to a room", "viewer_url": None}
+        info["presenter"] = self._presenter or None
+        return info
+
+    async def _handle_room(self, request: web.Request) -> web.Response:
+        return json_response(self.room())
+
+    def _refuse_share(self) -> web.Response | None:
+        room = self.room()
+        if not room["enabled"]:
+            return error_response(400, f"cannot share to the room: {room['reason']}")
+        if self._presenter is not None:
+            who = f"session {self._presenter}" if self._presenter else "a session being created"
+            return error_response(409, f"the room already has a presenter: {who}; stop it first, or start "
+                                  "without sharing")
+        return None
+
     async def _handle_create(self, request: web.Request) -> web.Response:
         if not self.web.authorised(request_token(request)):
             return error_response(403, "missing or wrong token: open the URL with ?token=… printed by the server")
@@ -266,7 +301,15 @@ class StudioServer(HostAttributes):
             await discard_body(request)
             return error_response(503, f"the studio is full: {self.max_sessions} of {self.max_sessions} sessions are "
                                "in use; try again when one ends")
+        share = request.query.get("share", "") in ("1", "true", "yes")
+        if share:
+            refused = self._refuse_share()
+            if refused is not None:
+                await discard_body(request)
+                return refused
+            self._presenter = ""          # held from here (no await since the check)
         self._creating += 1             # the slot is held from here (no await before this line)
+        sess = None
         try:
             sample = request.query.get("sample", "") in ("1", "true", "yes")
             data = b""
@@ -287,15 +330,20 @@ class StudioServer(HostAttributes):
             except UserError as exc:
                 return error_response(400, str(exc))
             sess = _Session(secrets.token_urlsafe(9), secrets.token_urlsafe(24), secrets.token_urlsafe(24),
-                            runtime, SessionOutput(loop))
+                            runtime, SessionOutput(loop), share=share)
             self._sessions[sess.id] = sess
             self.sessions_created += 1
         finally:
             self._creating -= 1
-        log.info("session %s created; %d live", sess.id, len(self._sessions))
-        return web.json_response({"id": sess.id, "secret": sess.secret, "view": sess.view,
-                                  "share": f"/?s={sess.id}&v={sess.view}",
-                                  "whep": f"/sessions/{sess.id}/whep"}, status=201)
+            if share and self._presenter == "":
+                self._presenter = sess.id if sess is not None else None
+        log.info("session %s created%s; %d live", sess.id, " (shares to the room)" if share else "",
+                 len(self._sessions))
+        reply = {"id": sess.id, "secret": sess.secret, "view": sess.view, "share": f"/?s={sess.id}&v={sess.view}",
+                 "whep": f"/sessions/{sess.id}/whep"}
+        if share:
+            reply["room"] = {k: v for k, v in self.room().items() if k in ("viewer_url",)}
+        return web.json_response(reply, status=201)
 
     async def _handle_stop(self, request: web.Request) -> web.Response:
         found = await self._session_request(request)
@@ -340,9 +388,10 @@ class StudioServer(HostAttributes):
                 raise ValueError("the offer sends no microphone audio (allow the microphone and try again)")
             if sess.ending:
                 raise ValueError("the session ended while connecting")
-            await asyncio.get_running_loop().run_in_executor(
-                None, sess.runtime.start, audio, video, asyncio.get_running_loop(), sess.output,
-                lambda reason: self._end_soon(sess, reason))
+            extra = {"share": True} if sess.share else {}
+            await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                sess.runtime.start, audio, video, asyncio.get_running_loop(), sess.output,
+                lambda reason: self._end_soon(sess, reason), **extra))
             sess.started = True
         except Exception as exc:  # noqa: BLE001 - one line to the page; the session stays for a retry
             sess.owner = None

@@ -132,6 +132,7 @@ async function start() {
     const q = new URLSearchParams();
     if (token) q.set("token", token);
     if (!upload) q.set("sample", "1");
+    if ($("room").checked) q.set("share", "1");
     const resp = await fetch("sessions?" + q, { method: "POST", body: upload ? file : null,
                                                 headers: upload ? { "Content-Type": file.type || "application/octet-stream" } : {} });
     const session = await resp.json().catch(() => ({}));
@@ -160,6 +161,9 @@ async function start() {
     $("share-link").href = link;
     $("share-link").textContent = link;
     $("share").hidden = false;
+    const roomUrl = session.room && session.room.viewer_url;
+    if (roomUrl) { $("room-link").href = roomUrl; $("room-link").textContent = roomUrl; }
+    $("room-line").hidden = !roomUrl;
     pollStats("secret=" + encodeURIComponent(session.secret));
   } catch (err) {
     const session = state.session;
@@ -224,4 +228,15 @@ window.addEventListener("pagehide", () => {
   if (state.pc) state.pc.close();
 });
 
+// "share to room": enabled only when the server has a [whip] endpoint; otherwise the reason is shown.
+async function loadRoom() {
+  try {
+    const resp = await fetch("room", { cache: "no-store" });
+    const room = resp.ok ? await resp.json() : { enabled: false, reason: "this server cannot share to a room" };
+    $("room").disabled = !room.enabled;
+    $("room-why").textContent = room.enabled ? "" : "(" + room.reason + ")";
+  } catch (err) { $("room-why").textContent = "(the server did not say whether it can share)"; }
+}
+
 if (viewId && viewKey) view();
+else loadRoom();

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pcavs_live.pipeline.options import Config
 
 __all__ = ["DoctorCheck", "OUTPUTS", "Output", "OutputContext", "OutputError", "build_sinks", "is_live",
-           "live_words", "parse_out"]
+           "live_words", "parse_out", "build_sink"]
 
 OUTPUTS: dict[str, Output] = {o.OUTPUT.name: o.OUTPUT for o in (webrtc, vcam, vmic, file, whip)}
 
@@ -72,23 +72,28 @@ def is_live(config: "Config") -> bool:
 def build_sinks(ctx: OutputContext, face: "AlignedFace | None", photo: "np.ndarray | None"):
     """Every configured output as one `FanOutSink`, each framed to its size (`face` and `photo`, None with
     an injected renderer, for paste framing). Outputs of one size share one framer."""
-    from stream.framing import FramedSink, SharedFramer, make_framer, size_for
     from stream.sinks import FanOutSink
+    framers: dict = {}
+    return FanOutSink([build_sink(ctx, name, face, photo, framers) for name in ctx.config.output.targets])
+
+
+def build_sink(ctx: OutputContext, name: str, face: "AlignedFace | None", photo: "np.ndarray | None",
+               framers: dict | None = None):
+    """One output's sink (built once per context), framed to its size; `framers` shares a framer among
+    outputs of one size."""
+    from stream.framing import FramedSink, SharedFramer, make_framer, size_for
     output = ctx.config.output
-    framers: dict[tuple[int, int], SharedFramer] = {}
-    sinks = []
-    for name in output.targets:
-        entry, sink = OUTPUTS[name], ctx.sink(name)
-        size = size_for(output.size, entry.auto_size) if entry.video else None
-        if size is not None:
-            if size not in framers:
-                paste = output.framing == "paste" and face is not None and photo is not None
-                framers[size] = SharedFramer(make_framer("paste" if paste else "fit", size,
-                                                         photo if paste else None,
-                                                         face.matrix if paste else None))
-            sink = FramedSink(sink, framers[size])  # framed here, in the scheduler's thread
-        sinks.append(sink)
-    return FanOutSink(sinks)
+    framers = {} if framers is None else framers
+    entry, sink = OUTPUTS[name], ctx.sink(name)
+    size = size_for(output.size, entry.auto_size) if entry.video else None
+    if size is not None:
+        if size not in framers:
+            paste = output.framing == "paste" and face is not None and photo is not None
+            framers[size] = SharedFramer(make_framer("paste" if paste else "fit", size,
+                                                     photo if paste else None,
+                                                     face.matrix if paste else None))
+        sink = FramedSink(sink, framers[size])  # framed here, in the scheduler's thread
+    return sink
 
 
 def prepare_outputs(ctx: OutputContext) -> None:

@@ -2,6 +2,8 @@
 by WHIP (`stream.whip`), which fans it out to any number of viewers. Live: the endpoint expects real time."""
 from __future__ import annotations
 
+import sys
+
 from pcavs_live.pipeline.outputs.base import Output, OutputContext
 
 
@@ -10,4 +12,11 @@ def _build(ctx: OutputContext):
     return whip_sink_from_config(ctx.config.whip, ctx.config.server)
 
 
-OUTPUT = Output(name="whip", live=True, auto_size=None, build=_build)
+def _prepare(ctx: OutputContext) -> None:
+    """A start-up line with the URL the room's viewers open (`whip.viewer_url`), when it is set."""
+    url = ctx.config.whip.viewer_url
+    if url:
+        print(f"whip: publishing to {ctx.config.whip.endpoint}; room viewers open {url}", file=sys.stderr, flush=True)
+
+
+OUTPUT = Output(name="whip", live=True, auto_size=None, build=_build, prepare=_prepare)
