@@ -44,9 +44,11 @@ class _TrackReader:
         self.track, self._loop = track, loop
         self._future: concurrent.futures.Future | None = None
         self._ended = threading.Event()
+        self.reading_since: float | None = None   # monotonic time the reader started (None: not yet)
 
     def _start_reader(self) -> None:
         if self._future is None:
+            self.reading_since = time.monotonic()
             self._future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
 
     async def _run(self) -> None:

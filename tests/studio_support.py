@@ -177,7 +177,17 @@ class Client:
         except MediaStreamError:
             pass
 
-    async def wait_frames(self, timeout: float = 20.0) -> np.ndarray:
+    async def wait_frames(self, timeout: float = 20.0, warm_up_s: float = 120.0) -> np.ndarray:
+        """The newest frame, at most `timeout` s after the session's first frame went out (its own
+        frames_out in /stats). The session renders only once warm: at load 10 on 2 cores its warm-up
+        alone took longer than 20 s, so that wait is bounded apart (`warm_up_s`)."""
+        deadline = time.monotonic() + warm_up_s
+        while not self.frames and time.monotonic() < deadline:
+            status, stats = await http("GET", base(self.srv) + f"sessions/{self.session['id']}/stats"
+                                       f"?secret={self.session['secret']}")
+            if status != 200 or stats.get("frames_out"):
+                break                       # frames are going out (or the session ended: fail below)
+            await asyncio.sleep(0.2)
         deadline = time.monotonic() + timeout
         while not self.frames and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -90,11 +90,12 @@ def test_a_whole_session_from_the_page_beside_a_second_session(tmp_path):
                 assert close_to(np.array(page.evaluate(VIDEO_MEAN)), RED, 25)          # its own face
                 # Its voice comes back (the fake mic's speech): energy on the return track.
                 # (The element is muted, so Chrome's own audioLevel stays 0; WebAudio reads the track.)
-                deadline, webaudio = time.monotonic() + 10, 0.0
-                while webaudio < 0.005 and time.monotonic() < deadline:
+                # Both counted until both are reached: at load 10 the level was there after 19 packets.
+                deadline, webaudio, packets = time.monotonic() + 30, 0.0, 0
+                while (webaudio <= 0.005 or packets <= 25) and time.monotonic() < deadline:
                     page.wait_for_timeout(250)
                     webaudio = max(webaudio, float(page.evaluate("window.returnAudioLevel()")))
-                packets = int((page.evaluate(INBOUND_AUDIO) or {}).get("packetsReceived") or 0)
+                    packets = int((page.evaluate(INBOUND_AUDIO) or {}).get("packetsReceived") or 0)
                 print(f"\nreturn audio: WebAudio RMS {webaudio:.4f}, {packets} packets received")
                 assert webaudio > 0.005 and packets > 25
                 session = page.evaluate("window.studio.session")

@@ -9,22 +9,26 @@ Placement: each new session goes to the worker with the most free slots among th
 `info` within `info_timeout_s` (a dead or restarting worker does not answer and is left out); a worker
 that turns out full (a race with another create) passes the request to the next one. No worker with a
 free slot: 503 with the reason, as one studio answers. The Ray address never leaves this process.
+
+Binding, the token, ICE checks, the loop thread and JSON bodies are a `WebHost`'s
+(stream/webrtc/host.py), as for the viewer and studio servers; this class composes one.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import secrets
-import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Sequence
 
 from aiohttp import web
+from aiortc import RTCIceServer
 
 from pcavs_live.cluster.pool import WorkerPool, connect
-from pcavs_live.common.errors import UserError
-from pcavs_live.common.workers import Worker
+from stream.webrtc.host import (DEFAULT_WEB_ROOT, HostAttributes, WebHost, error_response, json_response,
+                                request_token)
 
 log = logging.getLogger(__name__)
 
@@ -33,90 +37,35 @@ MAX_BODY_BYTES = 64 * 1024
 WORKER_GONE = "the render worker hosting this session stopped (its process ended); press Start for a new session"
 
 
-class FrontDoorError(UserError):
-    """The front door cannot start (port in use, no token off loopback)."""
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers={"Cache-Control": "no-store"})
-
-
-def _key_ok(presented: object, expected: str | None) -> bool:
-    if expected is None:
-        return True
-    return isinstance(presented, str) and secrets.compare_digest(presented.encode(), expected.encode())
-
-
-class FrontDoor:
-    """The aiohttp server on a thread + event loop this object owns; `start()` / `stop()`."""
+class FrontDoor(HostAttributes):
+    """The front door's routes on the thread + event loop of its `WebHost` (binding, token, ICE checks,
+    JSON bodies: the same host as the viewer and studio servers); `start()` / `stop()`. A port in use or
+    a bad host is the host's `ServerError` line."""
 
     def __init__(self, pool: WorkerPool, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
-                 ice_servers: list | None = None, web_root: str | Path | None = None,
+                 ice_servers: Sequence[str | RTCIceServer] | None = None, web_root: str | Path | None = None,
                  info_timeout_s: float = 1.0, reconcile_s: float = 2.0, call_timeout_s: float = 45.0) -> None:
-        from stream.webrtc.server import DEFAULT_WEB_ROOT
-        self.pool, self.host, self._requested_port = pool, host, port
-        token = token or None
-        if token is None and host not in ("127.0.0.1", "localhost", "::1"):
-            token = secrets.token_urlsafe(16)
-        self.token = token
-        self.ice_servers = list(ice_servers or [])
-        self.web_root = Path(web_root or DEFAULT_WEB_ROOT)
+        self.web = WebHost(host, port, token, ice_servers, None, web_root or DEFAULT_WEB_ROOT,
+                           page="studio.html", label="front door")
+        self.pool = pool
         self.info_timeout_s, self.reconcile_s, self.call_timeout_s = info_timeout_s, reconcile_s, call_timeout_s
-        self.port: int | None = None
         self.sessions_created = 0
         self.sessions_refused = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: Worker | None = None
-        self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
-
-    @property
-    def url(self) -> str:
-        query = f"?token={self.token}" if self.token else ""
-        return f"http://{self.host}:{self.port}/{query}"
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 15.0) -> "FrontDoor":
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self._requested_port))
-        except OSError as exc:
-            sock.close()
-            raise FrontDoorError(f"cannot listen on {self.host}:{self._requested_port}: {exc.strerror}") from None
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
         self.pool.reconcile()
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self._thread = Worker(lambda: self._run(loop, sock, started), "front-door",
-                              wake=lambda: loop.call_soon_threadsafe(loop.stop))
-        self._thread.start()
-        if not started.wait(timeout):
-            raise FrontDoorError("the front door did not start")
+        self.web.start(self._make_app, self._shutdown, timeout)
         return self
 
-    def _run(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, started: threading.Event) -> None:
-        asyncio.set_event_loop(loop)
-        self._loop = loop
-        loop.run_until_complete(self._startup(sock))
-        started.set()
-        loop.run_forever()
-        loop.run_until_complete(self._shutdown())
-        loop.close()
-
     def stop(self, timeout: float = 15.0) -> None:
-        """Stops the door only: the workers (detached actors) and their sessions go on."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        thread.stop(timeout)    # a stuck loop is named in the log, never waited on forever
-        self._loop = self._thread = None
+        """Stops the door only: the workers (detached actors) and their sessions go on. Idempotent."""
+        self.web.stop(timeout)
 
-    async def _startup(self, sock: socket.socket) -> None:
+    async def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_UPLOAD_BYTES + 1)
         app.router.add_get("/", self._page)
-        app.router.add_static("/static/", self.web_root)
         app.router.add_get("/health", self._health)
         app.router.add_get("/ice", self._ice)
         app.router.add_get("/stats", self._stats)
@@ -124,17 +73,14 @@ class FrontDoor:
         for verb in ("offer", "view", "stop"):
             app.router.add_post("/sessions/{id}/" + verb, self._forward_post)
         app.router.add_get("/sessions/{id}/stats", self._forward_stats)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
         self._tasks.append(asyncio.ensure_future(self._reconcile_forever()))
+        return app
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        self._tasks.clear()
 
     async def _reconcile_forever(self) -> None:
         """New nodes get their workers without a restart of anything."""
@@ -177,7 +123,7 @@ class FrontDoor:
 
     # ------------------------------------------------------------------ handlers
     async def _page(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(self.web_root / "studio.html", headers={"Cache-Control": "no-cache"})
+        return self.web.page_response()
 
     async def _health(self, request: web.Request) -> web.Response:
         infos = await self.infos()
@@ -185,42 +131,39 @@ class FrontDoor:
                                   "sessions": sum(i["sessions"] for i in infos)})
 
     def _authorised(self, request: web.Request) -> bool:
-        return _key_ok(request.query.get("token") or request.headers.get("X-Token"), self.token)
+        return self.web.authorised(request_token(request))
 
     async def _stats(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
-            return _error(403, "missing or wrong token")
+            return error_response(403, "missing or wrong token")
         infos = sorted(await self.infos(), key=lambda i: i["name"])
-        return web.json_response({"workers": infos, "workers_known": len(self.pool.workers),
-                                  "sessions": sum(i["sessions"] for i in infos),
-                                  "max_sessions": sum(i["max_sessions"] for i in infos),
-                                  "sessions_created": self.sessions_created,
-                                  "sessions_refused": self.sessions_refused},
-                                 headers={"Cache-Control": "no-store"})
+        return json_response({"workers": infos, "workers_known": len(self.pool.workers),
+                              "sessions": sum(i["sessions"] for i in infos),
+                              "max_sessions": sum(i["max_sessions"] for i in infos),
+                              "sessions_created": self.sessions_created,
+                              "sessions_refused": self.sessions_refused})
 
     async def _ice(self, request: web.Request) -> web.Response:
         q = dict(request.query)
         if self._authorised(request):
-            from stream.webrtc.ice import ice_server_as_json
-            return web.json_response({"iceServers": [ice_server_as_json(s) for s in self.ice_servers]},
-                                     headers={"Cache-Control": "no-store"})
+            return self.web.ice_response()
         where = _split_id(q.get("s", ""))
         if where is None:
-            return _error(403, "missing or wrong token")
+            return error_response(403, "missing or wrong token")
         q["s"] = where[2]
         q.pop("token", None)
         status, body = await self._call(where[0], "GET", "/ice", q, b"")
-        return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+        return json_response(body, status)
 
     async def _create(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
-            return _error(403, "missing or wrong token: open the URL with ?token=… printed by the server")
+            return error_response(403, "missing or wrong token: open the URL with ?token=… printed by the server")
         if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES:
-            return _error(413, f"the photo is larger than {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
+            return error_response(413, f"the photo is larger than {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
         try:
             data = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"the photo is larger than {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
+            return error_response(413, f"the photo is larger than {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
         query = {k: v for k, v in request.query.items() if k == "sample"}
         infos = await self.infos()
         ranked = sorted((i for i in infos if i["free"] > 0), key=lambda i: (-i["free"], i["sessions"], i["name"]))
@@ -241,16 +184,16 @@ class FrontDoor:
         self.sessions_refused += 1
         total = sum(i["max_sessions"] for i in infos)
         if not infos:
-            return _error(503, f"no render worker is ready ({len(self.pool.workers)} starting or restarting); "
+            return error_response(503, f"no render worker is ready ({len(self.pool.workers)} starting or restarting); "
                                "try again in a few seconds")
-        return _error(503, f"the cluster is full: {total - sum(i['free'] for i in infos)} of {total} sessions "
+        return error_response(503, f"the cluster is full: {total - sum(i['free'] for i in infos)} of {total} sessions "
                            f"are in use on {len(infos)} workers; try again when one ends"
                       + (f" (last worker: {last})" if last and ranked else ""))
 
     async def _route(self, request: web.Request):
         where = _split_id(request.match_info["id"])
         if where is None:
-            return _error(404, "no such session (it has ended); press Start for a new one")
+            return error_response(404, "no such session (it has ended); press Start for a new one")
         return where
 
     async def _gone_or(self, where: tuple[str, str, str], status: int, body: dict) -> web.Response:
@@ -263,19 +206,18 @@ class FrontDoor:
                 info = None
             if info is None or info["boot"] != where[1]:
                 status, body = 410, {"error": WORKER_GONE}
-        return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+        return json_response(body, status)
 
     async def _forward_post(self, request: web.Request) -> web.Response:
         where = await self._route(request)
         if isinstance(where, web.Response):
             return where
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            return _error(413, f"request body is larger than {MAX_BODY_BYTES // 1024} KiB")
-        body = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(body) > MAX_BODY_BYTES:
-            return _error(413, f"request body is larger than {MAX_BODY_BYTES // 1024} KiB")
+        body = await self.web.read_json(request, "{secret, ...}", MAX_BODY_BYTES, empty={})
+        if isinstance(body, web.Response):       # size, charset or syntax: refused here, as a studio would
+            return body
         verb = request.path.rsplit("/", 1)[1]
-        status, answer = await self._call(where[0], "POST", f"/sessions/{where[2]}/{verb}", {}, body)
+        status, answer = await self._call(where[0], "POST", f"/sessions/{where[2]}/{verb}", {},
+                                          json.dumps(body).encode())
         return await self._gone_or(where, status, answer)
 
     async def _forward_stats(self, request: web.Request) -> web.Response:

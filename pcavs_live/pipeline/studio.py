@@ -95,7 +95,6 @@ class StudioSession:
         self._worker: Worker | None = None
         self._stop = threading.Event()
         self._stopped = False
-        self._started_at: float | None = None
         self._lock = threading.Lock()
         self.end_reason: str | None = None
 
@@ -105,7 +104,6 @@ class StudioSession:
         with self._lock:
             if self._stopped or self._worker is not None:
                 raise RuntimeError("a studio session starts once")
-            self._started_at = time.monotonic()
             self._source = BrowserAudioSource(audio, loop)
             detector = None
             if video is not None and self._pose_detector is not None:
@@ -140,12 +138,15 @@ class StudioSession:
             on_end(reason)
 
     def idle_s(self) -> float:
-        """Seconds since the browser's audio last arrived (since start when none has yet)."""
-        source, started = self._source, self._started_at
-        if source is None or started is None:
+        """Seconds since the browser's audio last arrived (since the session began reading it when none
+        has yet). 0 while the session warms up: its audio is read only once the renderer is warm, which
+        on a loaded machine took longer than the lost-connection timeout (the session was ended as lost
+        while the browser was sending)."""
+        source = self._source
+        if source is None:
             return 0.0
-        last = source.last_frame_at if source.last_frame_at is not None else started
-        return time.monotonic() - last
+        last = source.last_frame_at if source.last_frame_at is not None else source.reading_since
+        return 0.0 if last is None else time.monotonic() - last
 
     def stats(self) -> dict:
         snap = self.metrics.snapshot()

@@ -16,25 +16,8 @@ function setStatus(text, bad) {
   statusEl.classList.toggle("bad", !!bad);
 }
 
-function waitForIceGathering(conn, ms) {
-  // aiortc answers without trickle ICE, so send the offer with its candidates included.
-  if (conn.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { conn.removeEventListener("icegatheringstatechange", check); resolve(); };
-    const check = () => { if (conn.iceGatheringState === "complete") done(); };
-    conn.addEventListener("icegatheringstatechange", check);
-    setTimeout(done, ms);
-  });
-}
-
 async function iceServers() {
-  // The STUN/TURN servers configured on the server (server.stun_url, server.turn_*), so that a viewer
-  // behind NAT gathers the same kinds of candidates; none when the request fails.
-  try {
-    const resp = await fetch("ice" + (token ? "?token=" + encodeURIComponent(token) : ""), { cache: "no-store" });
-    if (resp.ok) return (await resp.json()).iceServers || [];
-  } catch (err) { /* server restarting: host candidates only */ }
-  return [];
+  return fetchIceServers("ice" + (token ? "?token=" + encodeURIComponent(token) : ""));   // rtc.js
 }
 
 function scheduleReconnect(why) {
@@ -49,27 +32,19 @@ async function connect() {
   pc = conn;
   conn.addTransceiver("video", { direction: "recvonly" });
   conn.addTransceiver("audio", { direction: "recvonly" });
-  conn.ontrack = (event) => {
-    // Both tracks arrive in one MediaStream, so the browser keeps them in lip sync.
-    const stream = event.streams[0] || new MediaStream([event.track]);
-    if (video.srcObject !== stream) video.srcObject = stream;
-    video.play().catch(() => {});
-    if (event.track.kind === "audio" && video.muted) unmute.hidden = false;
-  };
-  conn.onconnectionstatechange = () => {
-    if (conn !== pc) return;
-    const s = conn.connectionState;
-    if (s === "connected") setStatus("live");
-    else if (s === "failed" || s === "closed") scheduleReconnect("connection " + s);
-    else if (s === "disconnected") setStatus("connection interrupted…", true);
-  };
+  showTracks(conn, video, unmute);   // rtc.js
+  followConnection(conn, {
+    current: () => conn === pc,
+    connected: () => setStatus("live"),
+    lost: scheduleReconnect,
+    interrupted: () => setStatus("connection interrupted…", true),
+  });
   try {
-    await conn.setLocalDescription(await conn.createOffer());
-    await waitForIceGathering(conn, 2000);
+    const offer = await offerWithCandidates(conn);
     const resp = await fetch("offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: conn.localDescription.sdp, type: conn.localDescription.type, token }),
+      body: JSON.stringify({ sdp: offer.sdp, type: offer.type, token }),
     });
     const body = await resp.json().catch(() => ({}));
     if (!resp.ok) {
@@ -82,11 +57,7 @@ async function connect() {
   }
 }
 
-unmute.addEventListener("click", () => {
-  video.muted = false;
-  video.play().catch(() => {});
-  unmute.hidden = true;
-});
+enableUnmute(video, unmute);
 
 function renderStats(stats) {
   renderStatsInto(statsBody, stats);   // stats.js

@@ -57,16 +57,6 @@ async function nextEvent(sessionId, handleId, ms) {
   throw new Error("Janus sent no offer");
 }
 
-function waitForIceGathering(conn, ms) {
-  if (conn.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { conn.removeEventListener("icegatheringstatechange", check); resolve(); };
-    const check = () => { if (conn.iceGatheringState === "complete") done(); };
-    conn.addEventListener("icegatheringstatechange", check);
-    setTimeout(done, ms);
-  });
-}
-
 function scheduleReconnect(why) {
   setStatus(why + " — retrying in 3 s", true);
   if (retryTimer === null) retryTimer = setTimeout(() => { retryTimer = null; connect(); }, 3000);
@@ -110,25 +100,16 @@ async function connect() {
     const offer = (await nextEvent(sessionId, handleId, 10000)).jsep;
     const conn = new RTCPeerConnection();
     pc = conn;
-    conn.ontrack = (event) => {
-      // Janus puts both tracks in one MediaStream, so the browser keeps them in lip sync.
-      const stream = event.streams[0] || new MediaStream([event.track]);
-      if (video.srcObject !== stream) video.srcObject = stream;
-      video.play().catch(() => {});
-      if (event.track.kind === "audio" && video.muted) unmute.hidden = false;
-    };
-    conn.onconnectionstatechange = () => {
-      if (conn !== pc) return;
-      const s = conn.connectionState;
-      if (s === "connected") setStatus("live (room " + room + ")");
-      else if (s === "failed" || s === "closed") scheduleReconnect("connection " + s);
-      else if (s === "disconnected") setStatus("connection interrupted…", true);
-    };
-    await conn.setRemoteDescription(offer);
-    await conn.setLocalDescription(await conn.createAnswer());
-    await waitForIceGathering(conn, 2000);
+    showTracks(conn, video, unmute);   // rtc.js; Janus puts both tracks in one MediaStream
+    followConnection(conn, {
+      current: () => conn === pc,
+      connected: () => setStatus("live (room " + room + ")"),
+      lost: scheduleReconnect,
+      interrupted: () => setStatus("connection interrupted…", true),
+    });
+    const answer = await answerWithCandidates(conn, offer);
     await janus(handle, { janus: "message", body: { request: "start", room },
-                          jsep: { type: "answer", sdp: conn.localDescription.sdp } });
+                          jsep: { type: "answer", sdp: answer.sdp } });
     await janus(handle, { janus: "trickle", candidate: { completed: true } });
     session = sessionId;
     keepPolling(sessionId);
@@ -137,11 +118,7 @@ async function connect() {
   }
 }
 
-unmute.addEventListener("click", () => {
-  video.muted = false;
-  video.play().catch(() => {});
-  unmute.hidden = true;
-});
+enableUnmute(video, unmute);
 
 function renderStats(stats) {
   // The session's own stats (the direct viewer's rows) plus what this viewer receives through the SFU.

@@ -24,23 +24,8 @@ function showError(text) {
   if (text) setStatus("error", true);
 }
 
-function waitForIceGathering(conn, ms) {
-  // aiortc answers without trickle ICE, so send the offer with its candidates included.
-  if (conn.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { conn.removeEventListener("icegatheringstatechange", check); resolve(); };
-    const check = () => { if (conn.iceGatheringState === "complete") done(); };
-    conn.addEventListener("icegatheringstatechange", check);
-    setTimeout(done, ms);
-  });
-}
-
 async function iceServers(query) {
-  try {
-    const resp = await fetch("ice?" + query, { cache: "no-store" });
-    if (resp.ok) return (await resp.json()).iceServers || [];
-  } catch (err) { /* host candidates only */ }
-  return [];
+  return fetchIceServers("ice?" + query);   // rtc.js
 }
 
 async function postJson(url, body) {
@@ -52,13 +37,7 @@ async function postJson(url, body) {
 }
 
 function attach(conn) {
-  conn.ontrack = (event) => {
-    // Both tracks arrive in one MediaStream, so the browser keeps them in lip sync.
-    const stream = event.streams[0] || new MediaStream([event.track]);
-    if (video.srcObject !== stream) video.srcObject = stream;
-    video.play().catch(() => {});
-    if (viewId && event.track.kind === "audio" && video.muted) $("unmute").hidden = false;
-  };
+  showTracks(conn, video, viewId ? $("unmute") : null);   // rtc.js; the studio's own voice stays muted
 }
 
 // Energy of the returned audio, measured with WebAudio on the received track (tests read it).
@@ -143,17 +122,15 @@ async function start() {
     attach(conn);
     for (const track of state.local.getTracks()) conn.addTrack(track, state.local);
     if (!useCamera) conn.addTransceiver("video", { direction: "recvonly" });
-    conn.onconnectionstatechange = () => {
-      if (conn !== state.pc) return;
-      const s = conn.connectionState;
-      if (s === "connected") setStatus("live");
-      else if (s === "failed" || s === "closed") ended("connection " + s);
-      else if (s === "disconnected") setStatus("connection interrupted…", true);
-    };
-    await conn.setLocalDescription(await conn.createOffer());
-    await waitForIceGathering(conn, 2000);
+    followConnection(conn, {
+      current: () => conn === state.pc,
+      connected: () => setStatus("live"),
+      lost: ended,
+      interrupted: () => setStatus("connection interrupted…", true),
+    });
+    const offer = await offerWithCandidates(conn);
     const answer = await postJson(`sessions/${session.id}/offer`,
-      { sdp: conn.localDescription.sdp, type: conn.localDescription.type, secret: session.secret });
+      { sdp: offer.sdp, type: offer.type, secret: session.secret });
     await conn.setRemoteDescription(answer);
     state.running = true;
     $("stop").disabled = false;
@@ -198,15 +175,13 @@ async function view() {
     attach(conn);
     conn.addTransceiver("video", { direction: "recvonly" });
     conn.addTransceiver("audio", { direction: "recvonly" });
-    conn.onconnectionstatechange = () => {
-      const s = conn.connectionState;
-      if (s === "connected") setStatus("watching");
-      else if (s === "failed" || s === "closed") setStatus("the session has ended", true);
-    };
-    await conn.setLocalDescription(await conn.createOffer());
-    await waitForIceGathering(conn, 2000);
+    followConnection(conn, {
+      connected: () => setStatus("watching"),
+      lost: () => setStatus("the session has ended", true),
+    });
+    const offer = await offerWithCandidates(conn);
     const answer = await postJson(`sessions/${viewId}/view`,
-      { sdp: conn.localDescription.sdp, type: conn.localDescription.type, view: viewKey });
+      { sdp: offer.sdp, type: offer.type, view: viewKey });
     await conn.setRemoteDescription(answer);
     pollStats("view=" + encodeURIComponent(viewKey));
   } catch (err) {
@@ -214,11 +189,7 @@ async function view() {
   }
 }
 
-$("unmute").addEventListener("click", () => {
-  video.muted = false;
-  video.play().catch(() => {});
-  $("unmute").hidden = true;
-});
+enableUnmute(video, $("unmute"));
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", stop);
 $("file").addEventListener("change", () => { document.querySelector("input[value=upload]").checked = true; });

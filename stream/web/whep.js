@@ -1,19 +1,8 @@
 // WHEP player (draft-ietf-wish-whep) with plain fetch + RTCPeerConnection: no Janus, no external
-// scripts. POST a recvonly offer (Content-Type application/sdp, optional bearer token), take the 201's
+// scripts (rtc.js, loaded first, gathers the candidates). POST a recvonly offer (Content-Type application/sdp, optional bearer token), take the 201's
 // SDP answer and Location, DELETE the Location to leave. Plays any WHEP endpoint: ours (/whep on the
 // viewer server, /sessions/ID/whep on the studio), LiveKit's, Cloudflare's. Used by room.js (?whep=URL).
 "use strict";
-
-function whepGathered(conn, ms) {
-  // No trickle: the offer goes with every candidate (every WHEP server accepts that).
-  if (conn.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { conn.removeEventListener("icegatheringstatechange", check); resolve(); };
-    const check = () => { if (conn.iceGatheringState === "complete") done(); };
-    conn.addEventListener("icegatheringstatechange", check);
-    setTimeout(done, ms);
-  });
-}
 
 function whepReason(status, text) {
   // Our servers refuse with {"error": one line}; others with plain text.
@@ -30,7 +19,7 @@ async function whepStart(url, token, onTrack, iceServers) {
   conn.ontrack = onTrack;
   try {
     await conn.setLocalDescription(await conn.createOffer());
-    await whepGathered(conn, 2000);
+    await waitForIceGathering(conn, 2000);  // rtc.js
     const headers = { "Content-Type": "application/sdp" };
     if (token) headers.Authorization = "Bearer " + token;
     let resp;
