@@ -1,7 +1,8 @@
 // WHEP player (draft-ietf-wish-whep) with plain fetch + RTCPeerConnection: no Janus, no external
-// scripts (rtc.js, loaded first, gathers the candidates). POST a recvonly offer (Content-Type application/sdp, optional bearer token), take the 201's
-// SDP answer and Location, DELETE the Location to leave. Plays any WHEP endpoint: ours (/whep on the
-// viewer server, /sessions/ID/whep on the studio), LiveKit's, Cloudflare's. Used by room.js (?whep=URL).
+// scripts (rtc.js, loaded first, gathers the candidates). POST a recvonly offer (Content-Type
+// application/sdp, optional bearer token), take the 201's SDP answer and Location, DELETE the Location to
+// leave. Plays any WHEP endpoint: ours (/whep on the viewer server, /sessions/ID/whep on the studio),
+// Cloudflare Stream's, MediaMTX's. Used by room.js (?whep=URL).
 "use strict";
 
 function whepReason(status, text) {
