@@ -10,14 +10,21 @@ or 256:
   sessions — instead of per-session copies and concatenations;
 * one audio-encoder pass over all rows' mel windows (the mouth weight is a per-row factor);
 * one generator pass, converted to uint8 and checked for non-finite rows on the device, and one
-  download waited for with an event.
+  download, waited for with an event by `PendingRender.result()`.
 
 On CUDA the two passes are replayed from CUDA graphs, captured once per batch bucket (1, 2, 4, ...,
 256 rows; a batch is padded up to its bucket and only the requested rows come back): a batch-1 frame is
-~500 kernels, which eager Python launches far slower than the GPU runs them. The graphs read fixed
-"static" input buffers that each call fills (uploads and gathers), so nothing in them depends on the
-bank's size or on which sessions are in the batch. Capture happens in `warm_up` (or, with a warning,
-on first use of a bucket) and a failed capture falls back to the eager path for that bucket.
+~500 kernels, which eager Python launches far slower than the GPU runs them. A tick's host work is one
+pack, one upload and two replays: the rows' host data packed into one pinned byte buffer per bucket
+(double-buffered) and copied with one non-blocking copy into the device buffer whose typed views are
+the graphs' static inputs (`_Inputs`); the gathers of the bank by the `slots` view, and the random rows'
+noise draw, are captured inside the generator graph. A graph binds the bank's tensors at capture, so
+`warm_up(capacity=...)` sizes the bank first; a growth beyond that re-captures the graphs (one
+warning, `RenderStats.bank_regrowths`). Capture happens in `warm_up` (or, with a warning, on first use
+of a bucket) and a failed capture falls back to the eager path for that bucket.
+
+`submit` returns once a render is queued and `PendingRender.result()` waits for its download's event,
+so the host can prepare tick t+1 while the device renders tick t (`render` is the two back to back).
 
 Everything runs under one lock (the device runs one render at a time anyway) on the runtime's own
 high-priority stream (`pcavs.gpu`), which waits only for what a render reads: a new identity is
