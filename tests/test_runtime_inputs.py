@@ -83,6 +83,25 @@ def test_host_sides_alternate_so_a_pack_never_overwrites_the_previous_tick():
         inputs.pack(rows_of(5, 5))
 
 
+def test_a_host_side_is_packed_again_only_after_its_copy_was_read():
+    """On CUDA each upload records an event; packing that side again waits for it (two ticks later,
+    normally long done), so a queued non-blocking copy never reads half-overwritten rows."""
+    waited: list[int] = []
+
+    class CopyEvent:  # what upload() records on CUDA
+        def __init__(self, tick: int) -> None:
+            self.tick = tick
+
+        def synchronize(self) -> None:
+            waited.append(self.tick)
+
+    inputs = _Inputs(2, torch.device("cpu"))
+    for tick in range(4):
+        inputs.pack(rows_of(2, tick))
+        assert waited == list(range(max(0, tick - 1)))   # only the side packed two ticks ago
+        inputs._copied[inputs._side] = CopyEvent(tick)
+
+
 def test_a_tick_is_one_upload_and_two_replays(nets, monkeypatch):
     """The gathers are in the captured generator function: per tick the host packs, copies once and
     replays twice, whatever the number of rows or identities."""
