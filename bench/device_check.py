@@ -140,7 +140,8 @@ def _max_peak(stage: dict[str, Any]) -> float | None:
 
 def _tidy_tmp(out: Path) -> None:
     """device_check.sh points TMPDIR at OUT/tmp so nothing is written outside OUT; at the end the
-    carried wheels' install folder and torch's inductor cache go, and the folder itself when nothing else is left in it."""
+    carried wheels' install folder and torch's inductor cache go, and the folder itself when nothing
+    else is left in it."""
     tmp = Path(os.environ.get("TMPDIR", ""))
     if not tmp.is_dir() or tmp.resolve().parent != out.resolve():
         return

@@ -132,7 +132,8 @@ def main() -> None:
         rows.append(out)
     print_table("gather bookkeeping per batch (median)", rows, ["sessions", "rebuild_each_wake_ms", "list_once_ms"])
     if args.rows:
-        print_table("graphed tick input stage, host ms (CPU, 224² bank shapes, median)", tick_inputs(args.rows, args.runs),
+        print_table("graphed tick input stage, host ms (CPU, 224² bank shapes, median)",
+                    tick_inputs(args.rows, args.runs),
                     ["rows", "before_ms", "now_ms", "packed_kb"])
 
 

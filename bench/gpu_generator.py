@@ -4,8 +4,8 @@ with ticks overlapped (`submit` of tick t+1 before tick t's `result()`).
 One avatar's rows through `RenderRuntime.render` (upload, identity gathers, audio encoder, generator,
 uint8 conversion, download: what a live tick costs), for batch sizes 1, 8, 32, 128, 256. Per row: median
 and p95 wall ms per call, frames/s, the host ms a tick's `submit` takes (pack, one upload, launches or
-replays: the host's share of a tick), the generator stage's ms (GPU time from CUDA events; CPU: wall), graph capture seconds,
-peak memory. Random weights (speed does not depend on their values).
+replays: the host's share of a tick), the generator stage's ms (GPU time from CUDA events; CPU: wall),
+graph capture seconds, peak memory. Random weights (speed does not depend on their values).
 
     python bench/gpu_generator.py [--device cuda] [--dtype auto] [--batches 1,8,32,128,256]
     python bench/gpu_generator.py --smoke          # CPU, 28² generator, batches 1,2 (tests the stage)

@@ -464,7 +464,8 @@ class RenderRuntime:
         n = len(rows)
         if n == 0:
             size = self.networks.generator.size
-            return PendingRender([], None, None, Rendered(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool), {}))
+            empty = Rendered(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool), {})
+            return PendingRender([], None, None, empty)
         # The rows come from the host: the render stream waits for nothing on the caller's stream,
         # except for the caller's own noise tensors (the oracle's), which may be CUDA tensors.
         with self.lock, stream_scope(self.stream, after_caller=noise is not None):
