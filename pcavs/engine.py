@@ -29,10 +29,10 @@ from pcavs.constants import MOUTH_DIM, POSE_DIM, NoiseMode
 from pcavs.gpu import download, upload
 from pcavs.networks.generator import IdentityStyle
 from pcavs.preprocess import to_network_input
-from pcavs.runtime import RenderRuntime, RowBatch, frames_on_device
+from pcavs.runtime import PendingRender, RenderRuntime, RowBatch, frames_on_device
 
 __all__ = ["Avatar", "DEFAULT_MOUTH_WEIGHT", "EngineOptions", "NoiseBank", "NoiseMode", "SessionRequest", "StageTimes",
-           "encode_poses", "render_sessions", "to_uint8_frames", "warm_up"]
+           "encode_poses", "PendingSessions", "render_sessions", "submit_sessions", "to_uint8_frames", "warm_up"]
 
 DEFAULT_MOUTH_WEIGHT = 1.2  # hard-coded default of upstream inference(), spec §3.5
 _ENCODER_DTYPE = torch.float32
@@ -240,9 +240,39 @@ def render_sessions(requests: Sequence[SessionRequest], times: StageTimes | None
     """Cross-session batching: every session due on this tick in one audio pass and one generator pass
     (CUDA graphs on a GPU). All avatars must belong to one `RenderRuntime`. Each row keeps its own
     identity, pose, mouth weight and noise policy; Python only assembles
-    the host arrays (no per-session tensor work)."""
+    the host arrays (no per-session tensor work). `submit_sessions(...).result()`."""
+    return submit_sessions(requests).result(times)
+
+
+class PendingSessions:
+    """Sessions' rows queued by `submit_sessions`; `result()` waits for their frames (once)."""
+
+    def __init__(self, requests: Sequence[SessionRequest], pending: PendingRender | None) -> None:
+        self._requests, self._pending = list(requests), pending
+        self._out: list[np.ndarray] | None = [] if pending is None else None
+
+    def ready(self) -> bool:
+        return self._pending is None or self._pending.ready()
+
+    def result(self, times: StageTimes | None = None) -> list[np.ndarray]:
+        if self._out is None:
+            assert self._pending is not None
+            rendered = self._pending.result()
+            if times is not None:
+                times.add(rendered.stage_ms)
+            avatars = [r.avatar for r in self._requests]
+            self._out = list(_hold_nonfinite(rendered.frames, rendered.finite, avatars))
+            for r, f in zip(self._requests, self._out):
+                r.result = f
+        return self._out
+
+
+def submit_sessions(requests: Sequence[SessionRequest]) -> PendingSessions:
+    """`render_sessions` in two phases: returns once the rows are queued on the device (the host may
+    prepare the next tick meanwhile); `.result(times)` waits for the frames. Off CUDA the render runs
+    here."""
     if not requests:
-        return []
+        return PendingSessions([], None)
     runtime = requests[0].avatar.runtime
     if any(r.avatar.runtime is not runtime for r in requests):
         raise ValueError("render_sessions: all avatars must belong to one RenderRuntime")
@@ -256,13 +286,7 @@ def render_sessions(requests: Sequence[SessionRequest], times: StageTimes | None
                         else np.asarray(r.pose_code, np.float32).reshape(POSE_DIM) for r in requests]),
         mouth_weights=np.fromiter((a.options.mouth_weight for a in avatars), np.float32, n),
         random_noise=np.fromiter((a.options.noise == "random" for a in avatars), bool, n))
-    rendered = runtime.render(rows)
-    if times is not None:
-        times.add(rendered.stage_ms)
-    out = list(_hold_nonfinite(rendered.frames, rendered.finite, avatars))
-    for r, f in zip(requests, out):
-        r.result = f
-    return out
+    return PendingSessions(requests, runtime.submit(rows))
 
 
 def warm_up(runtime: RenderRuntime, batch_sizes: Sequence[int], force: bool = False) -> list[int]:

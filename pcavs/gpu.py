@@ -130,26 +130,15 @@ def upload(array: np.ndarray | torch.Tensor, device: str | torch.device,
     return t if dtype is None else t.to(dtype)
 
 
-def upload_into(dst: torch.Tensor, array: np.ndarray | torch.Tensor) -> None:
-    """Copy host data into the first rows of an existing device tensor (a CUDA graph's static input):
-    pinned and non-blocking on CUDA."""
-    t = _host_tensor(array)
-    rows = dst[: t.shape[0]]
-    if dst.device.type == "cuda" and t.device.type == "cpu":
-        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        pinned.copy_(t)
-        rows.copy_(pinned, non_blocking=True)
-    else:
-        rows.copy_(t)
-
-
-def download(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """Device tensors → numpy arrays, with one wait on an event of the current stream (never the whole
-    device). The arrays own their (pinned) memory: nothing is reused under the caller's feet."""
+def download_async(tensors: Sequence[torch.Tensor]) -> tuple[list[np.ndarray], "torch.cuda.Event | None"]:
+    """Device tensors → numpy arrays, queued: on CUDA non-blocking copies into fresh pinned buffers on
+    the current stream and the event after them (the arrays are valid once it has completed); off
+    CUDA copies made now and no event. The arrays own their memory: nothing is reused under the
+    caller's feet (the tensors may be a graph's static outputs, overwritten by its next replay)."""
     if not tensors:
-        return []
-    if tensors[0].device.type != "cuda":  # a copy: the tensor may be a buffer reused by the next call
-        return [np.array(t.detach().numpy(), copy=True, order="C") for t in tensors]
+        return [], None
+    if tensors[0].device.type != "cuda":
+        return [np.array(t.detach().numpy(), copy=True, order="C") for t in tensors], None
     hosts = []
     for t in tensors:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -157,8 +146,16 @@ def download(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
         hosts.append(host)
     done = torch.cuda.Event()
     done.record()
-    done.synchronize()
-    return [h.numpy() for h in hosts]
+    return [h.numpy() for h in hosts], done
+
+
+def download(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Device tensors → numpy arrays, with one wait on an event of the current stream (never the whole
+    device). The arrays own their (pinned) memory: nothing is reused under the caller's feet."""
+    hosts, done = download_async(tensors)
+    if done is not None:
+        done.synchronize()
+    return hosts
 
 
 class StageClock:

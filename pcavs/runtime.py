@@ -10,14 +10,21 @@ or 256:
   sessions — instead of per-session copies and concatenations;
 * one audio-encoder pass over all rows' mel windows (the mouth weight is a per-row factor);
 * one generator pass, converted to uint8 and checked for non-finite rows on the device, and one
-  download waited for with an event.
+  download, waited for with an event by `PendingRender.result()`.
 
 On CUDA the two passes are replayed from CUDA graphs, captured once per batch bucket (1, 2, 4, ...,
 256 rows; a batch is padded up to its bucket and only the requested rows come back): a batch-1 frame is
-~500 kernels, which eager Python launches far slower than the GPU runs them. The graphs read fixed
-"static" input buffers that each call fills (uploads and gathers), so nothing in them depends on the
-bank's size or on which sessions are in the batch. Capture happens in `warm_up` (or, with a warning,
-on first use of a bucket) and a failed capture falls back to the eager path for that bucket.
+~500 kernels, which eager Python launches far slower than the GPU runs them. A tick's host work is one
+pack, one upload and two replays: the rows' host data packed into one pinned byte buffer per bucket
+(double-buffered) and copied with one non-blocking copy into the device buffer whose typed views are
+the graphs' static inputs (`_Inputs`); the gathers of the bank by the `slots` view, and the random rows'
+noise draw, are captured inside the generator graph. A graph binds the bank's tensors at capture, so
+`warm_up(capacity=...)` sizes the bank first; a growth beyond that re-captures the graphs (one
+warning, `RenderStats.bank_regrowths`). Capture happens in `warm_up` (or, with a warning, on first use
+of a bucket) and a failed capture falls back to the eager path for that bucket.
+
+`submit` returns once a render is queued and `PendingRender.result()` waits for its download's event,
+so the host can prepare tick t+1 while the device renders tick t (`render` is the two back to back).
 
 Everything runs under one lock (the device runs one render at a time anyway) on the runtime's own
 high-priority stream (`pcavs.gpu`), which waits only for what a render reads: a new identity is
@@ -42,8 +49,8 @@ import torch
 
 from pcavs.checkpoints import PcavsNetworks
 from pcavs.constants import N_MELS, POSE_DIM, WINDOW_ROWS
-from pcavs.gpu import (StageClock, WorkerStream, download, is_cuda, record_event, render_stream,
-                       restore_current_stream, stream_scope, upload_into, wait_events)
+from pcavs.gpu import (StageClock, WorkerStream, download_async, is_cuda, record_event, render_stream,
+                       restore_current_stream, stream_scope, wait_events)
 from pcavs.networks.generator import IdentityStyle
 
 log = logging.getLogger(__name__)
@@ -95,6 +102,9 @@ class RenderStats:
     graph_captures: int = 0
     graph_failures: int = 0
     captured_buckets: list[int] = field(default_factory=list)
+    # The identity bank had to grow while graphs existed (more identities than warm_up's capacity): the
+    # graphs read the old tensors, so they were dropped and re-captured (one warning each time).
+    bank_regrowths: int = 0
 
 
 class IdentityBank:
@@ -103,7 +113,9 @@ class IdentityBank:
     `terms[l]` (capacity, in_l): the identity part of layer l's style (`precompute_style`); `starts`
     (capacity, 512, 7, 7): the generator's start map; `noise[l]` (capacity, 1, s, s): the slot's fixed
     noise (zeros for noise "zero" and "random": random rows get fresh noise per frame). Capacity doubles
-    when full; released slots are reused. Callers hold the runtime's lock."""
+    when full (or is set once by `reserve`); released slots are reused. A growth moves every tensor,
+    which `generation` counts: graphs that gather from the bank must be re-captured after one. Callers
+    hold the runtime's lock."""
 
     def __init__(self, generator, device: torch.device, dtype: torch.dtype) -> None:
         self._layer_dims = [layer.in_channel for layer in generator.modulated_convs()]
@@ -111,6 +123,7 @@ class IdentityBank:
         self._noise_shapes = [tuple(s[1:]) for s in generator.noise_shapes()]
         self.device, self.dtype = device, dtype
         self.capacity = 0
+        self.generation = 0
         self._free: list[int] = []
         self._used = 0
         self.terms: list[torch.Tensor] = []
@@ -131,8 +144,21 @@ class IdentityBank:
         self.starts = grown(None if first else self.starts, self._start_shape)
         self.noise = [grown(None if first else n, s) for n, s in
                       zip(self.noise or [None] * len(self._noise_shapes), self._noise_shapes)]
-        self._free.extend(range(capacity - 1, self.capacity - 1, -1))  # lowest slot first
+        self._free.extend(range(capacity - 1, self.capacity - 1, -1))
+        self._free.sort(reverse=True)  # lowest slot first
         self.capacity = capacity
+        self.generation += 1
+
+    def reserve(self, capacity: int) -> bool:
+        """At least `capacity` slots from now on; True when the tensors moved."""
+        if capacity <= self.capacity:
+            return False
+        self._grow(int(capacity))
+        return True
+
+    def tensors(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(terms, starts, noise) as they are now: what a graph binds at capture."""
+        return tuple(self.terms), self.starts, tuple(self.noise)
 
     @property
     def in_use(self) -> int:
@@ -162,41 +188,81 @@ class IdentityBank:
 
 
 class _Inputs:
-    """One batch's device inputs (b rows): what the audio and generator passes read. A CUDA graph keeps
-    one set as its static inputs; the eager path makes a set per call."""
+    """One batch's per-tick inputs (b rows) as ONE byte buffer on the device, whose typed views are what
+    the audio and generator passes read (a CUDA graph keeps one set as its static inputs; the eager path
+    makes a set per call). Layout, each field at an offset aligned to its dtype, packed as raw bytes so
+    the int64 slots travel losslessly beside the float32 rows:
 
-    def __init__(self, b: int, bank: IdentityBank) -> None:
-        dev, dt = bank.device, bank.dtype
+        slots int64 (b) | mels float32 (b,1,80,20) | poses float32 (b,12) | mouth float32 (b,1) | random bool (b)
+
+    The host side is `sides` pinned byte buffers of the same layout (two for a graph: double-buffered, so
+    packing tick t+1 never overwrites bytes tick t's copy has not read yet; each side's last copy is
+    guarded by an event). A tick is `pack` (numpy writes into a pinned buffer, nothing allocated) and
+    `upload` (one non-blocking H2D copy of the whole buffer on the current stream). The device buffer
+    itself needs no second copy: its next upload is queued on the same stream after the replays that
+    read it. Padding rows (past len(rows)) keep earlier valid data; their random flag is cleared."""
+
+    def __init__(self, b: int, device: torch.device, sides: int = 2) -> None:
         self.b = b
-        self.slots = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.random = torch.zeros(b, dtype=torch.bool, device=dev)
-        self.mels = torch.zeros((b, 1, N_MELS, WINDOW_ROWS), dtype=torch.float32, device=dev)
-        self.poses = torch.zeros((b, POSE_DIM), dtype=torch.float32, device=dev)
-        self.mouth_weights = torch.zeros((b, 1), dtype=torch.float32, device=dev)
-        self.terms = [torch.zeros((b, t.shape[1]), dtype=dt, device=dev) for t in bank.terms]
-        self.start = torch.zeros((b, *bank.starts.shape[1:]), dtype=dt, device=dev)
-        self.noise = [torch.zeros((b, *n.shape[1:]), dtype=dt, device=dev) for n in bank.noise]
+        layout, off = {}, 0
+        for name, dtype, shape in (("slots", torch.int64, (b,)), ("mels", torch.float32, (b, 1, N_MELS, WINDOW_ROWS)),
+                                   ("poses", torch.float32, (b, POSE_DIM)), ("mouth_weights", torch.float32, (b, 1)),
+                                   ("random", torch.bool, (b,))):
+            size = torch.empty((), dtype=dtype).element_size()
+            off = -(-off // size) * size
+            layout[name] = (off, dtype, shape)
+            off += size * int(np.prod(shape))
+        self.layout = layout
+        self.nbytes = -(-off // 8) * 8
+        self.device = device
+        self.buffer = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+        views = self.views(self.buffer)
+        self.slots, self.mels, self.poses = views["slots"], views["mels"], views["poses"]
+        self.mouth_weights, self.random = views["mouth_weights"], views["random"]
+        pin = is_cuda(device)
+        self._hosts = [torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(sides)]
+        self._host_views = [{k: v.numpy() for k, v in self.views(h).items()} for h in self._hosts]
+        self._copied: list["torch.cuda.Event | None"] = [None] * sides
+        self._side = 0
 
-    def fill(self, rows: RowBatch, bank: IdentityBank, rng: torch.Generator) -> None:
-        """Upload the rows' host data into the first len(rows) rows and gather every row's identity
-        tensors from the bank (rows past len(rows), the bucket's padding, keep valid old data)."""
-        upload_into(self.slots, rows.slots.astype(np.int64, copy=False))
-        upload_into(self.mels, rows.mels.astype(np.float32, copy=False))
-        upload_into(self.poses, rows.poses.astype(np.float32, copy=False))
-        upload_into(self.mouth_weights, rows.mouth_weights.astype(np.float32, copy=False).reshape(-1, 1))
-        any_random = bool(rows.random_noise.any())
-        if any_random:
-            upload_into(self.random, rows.random_noise.astype(np.bool_, copy=False))
-        for src, dst in zip(bank.terms, self.terms):
-            torch.index_select(src, 0, self.slots, out=dst)
-        torch.index_select(bank.starts, 0, self.slots, out=self.start)
-        for src, dst in zip(bank.noise, self.noise):
-            torch.index_select(src, 0, self.slots, out=dst)
-            if any_random:  # rows in "random" mode: a fresh draw (padding rows may get one too: harmless)
-                fresh = torch.randn(dst.shape, generator=rng, device=dst.device, dtype=torch.float32)
-                dst.copy_(torch.where(self.random[:, None, None, None], fresh.to(dst.dtype), dst))
-        if any_random:
-            self.random.zero_()  # the next call's rows start non-random
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The typed fields of a byte buffer of this layout (views: writing one writes the buffer)."""
+        out = {}
+        for name, (off, dtype, shape) in self.layout.items():
+            size = torch.empty((), dtype=dtype).element_size()
+            out[name] = buffer[off: off + size * int(np.prod(shape))].view(dtype).view(shape)
+        return out
+
+    def pack(self, rows: RowBatch) -> None:
+        """Write the rows into the next host side (after that side's previous copy has been read)."""
+        n = len(rows)
+        if n > self.b:
+            raise ValueError(f"{n} rows do not fit a batch buffer of {self.b}")
+        self._side = (self._side + 1) % len(self._hosts)
+        if self._copied[self._side] is not None:
+            self._copied[self._side].synchronize()  # normally long done: two ticks ago
+            self._copied[self._side] = None
+        v = self._host_views[self._side]
+        v["slots"][:n] = rows.slots
+        v["mels"][:n] = rows.mels
+        v["poses"][:n] = rows.poses
+        v["mouth_weights"][:n, 0] = rows.mouth_weights
+        v["random"][:n] = rows.random_noise
+        v["random"][n:] = False
+
+    def upload(self) -> None:
+        """One copy of the packed side into the device buffer: pinned and non-blocking on CUDA, on the
+        current stream; an event marks when the host side may be packed again."""
+        host = self._hosts[self._side]
+        if self.buffer.is_cuda:
+            self.buffer.copy_(host, non_blocking=True)
+            self._copied[self._side] = record_event()
+        else:
+            self.buffer.copy_(host)
+
+    def host_view(self, name: str) -> np.ndarray:
+        """The last packed side's field (tests read it back)."""
+        return self._host_views[self._side][name]
 
 
 class _EmulatedGraph:
@@ -288,7 +354,9 @@ class RenderRuntime:
                      noise: Sequence[torch.Tensor] | None) -> int:
         """Store an identity's tensors (computed on the caller's current stream, normally the identity
         stream) in the bank; returns its slot. The copy runs on the render stream after one event of
-        the caller's stream: no host wait, and the render stream waits for nothing else."""
+        the caller's stream: no host wait, and the render stream waits for nothing else. The graphs
+        gather from the bank, so a new slot is seen by the next replay; should the bank have to grow
+        (more identities than `reserve` planned for) the graphs are re-captured (`_bank_moved`)."""
         ready = record_event() if self.cuda else None
         with self.lock, stream_scope(self.stream, after_caller=False):
             if ready is not None:
@@ -296,11 +364,41 @@ class RenderRuntime:
                 for t in (*style.terms, start, *(noise or ())):
                     if t is not None and t.is_cuda:
                         t.record_stream(self.stream)  # read here: not reused before this copy ran
-            return self.bank.add(style, start, noise)
+            generation = self.bank.generation
+            slot = self.bank.add(style, start, noise)
+            if self.bank.generation != generation:
+                self._bank_moved()
+            return slot
 
     def release(self, slot: int) -> None:
         with self.lock:
             self.bank.release(slot)
+
+    @torch.inference_mode()
+    def reserve(self, capacity: int) -> None:
+        """Size the identity bank for `capacity` identities before graphs are captured (warm_up does),
+        so its tensors never move while graphs that gather from them exist."""
+        with self.lock, stream_scope(self.stream, after_caller=False):
+            if self.bank.reserve(max(int(capacity), _MIN_BANK_CAPACITY)):
+                self._bank_moved()
+
+    def _bank_moved(self) -> None:
+        """The bank's tensors were reallocated: every captured graph still gathers from the old ones.
+        Drop them and capture the same buckets again now (lock held), with one warning line."""
+        captured = sorted((b for b, g in self._graphs.items() if g is not None), reverse=True)
+        self._graphs = {b: g for b, g in self._graphs.items() if g is None}  # eager buckets stay eager
+        if not captured:
+            return
+        self.stats.bank_regrowths += 1
+        log.warning("identity bank grew to %d slots while render graphs existed (more identities than "
+                    "planned: raise server.max_sessions); re-capturing batches %s", self.bank.capacity,
+                    sorted(captured))
+        warming, self._warming = self._warming, True
+        try:
+            for b in captured:
+                self._graphs[b] = self._capture(b)
+        finally:
+            self._warming = warming
 
     # ------------------------------------------------------------------ the two passes
     def _rest(self, inputs: _Inputs) -> torch.Tensor:
@@ -308,6 +406,25 @@ class RenderRuntime:
         nets = self.networks
         mouth = nets.pose.mouth_code(nets.audio(inputs.mels) * inputs.mouth_weights)
         return torch.cat([mouth.float(), inputs.poses], dim=1)
+
+    def _generate(self, bank: tuple, inputs: _Inputs, rest: torch.Tensor, fresh: bool,
+                  noise: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator pass with its gathers: every row's identity tensors picked from `bank` (the
+        tensors bound at capture, `IdentityBank.tensors`) by the `slots` view, then the generator and
+        the uint8 conversion. `fresh`: rows flagged random get a new noise draw (a graph always draws,
+        its flags decide per replay; the runtime's generator is registered with the graph so each replay
+        draws anew). `noise` overrides every row's noise (the oracle's)."""
+        terms, starts, bank_noise = bank
+        slots = inputs.slots
+        gathered = [t.index_select(0, slots) for t in terms]
+        start = starts.index_select(0, slots)
+        if noise is None:
+            noise = [n.index_select(0, slots) for n in bank_noise]
+            if fresh:  # rows in "random" mode: a fresh draw (padding rows have the flag cleared)
+                flags = inputs.random[:, None, None, None]
+                noise = [torch.where(flags, torch.randn(n.shape, generator=self._rng, device=n.device,
+                                                        dtype=torch.float32).to(n.dtype), n) for n in noise]
+        return self._frames(gathered, rest, start, noise)
 
     def _frames(self, terms: Sequence[torch.Tensor], rest: torch.Tensor, start: torch.Tensor,
                 noise: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,54 +452,63 @@ class RenderRuntime:
     def render(self, rows: RowBatch, noise: Sequence[torch.Tensor] | None = None) -> Rendered:
         """(N,224,224,3) uint8 frames, (N,) bool "row was finite" and the stage times for the rows.
         `noise` (11 tensors, N or 1 rows) overrides every row's noise (the oracle's recorded noise) and
-        runs eagerly."""
+        runs eagerly. Blocks until the frames are on the host: `submit(rows).result()`."""
+        return self.submit(rows, noise).result()
+
+    @torch.inference_mode()
+    def submit(self, rows: RowBatch, noise: Sequence[torch.Tensor] | None = None) -> "PendingRender":
+        """Queue the rows' render and return once it is queued (on CUDA: packed, uploaded, replayed and
+        its download queued; the host is free to prepare the next tick while the device works). The
+        frames come from `PendingRender.result()`. Off CUDA the render runs here and result() only
+        hands it over. Same arguments as `render`."""
         n = len(rows)
         if n == 0:
             size = self.networks.generator.size
-            return Rendered(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool), {})
+            empty = Rendered(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool), {})
+            return PendingRender([], None, None, empty)
         # The rows come from the host: the render stream waits for nothing on the caller's stream,
         # except for the caller's own noise tensors (the oracle's), which may be CUDA tensors.
         with self.lock, stream_scope(self.stream, after_caller=noise is not None):
             clock = StageClock(self.device)
-            outs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            parts: list[list[np.ndarray]] = []
+            done = None
             step = max(self.buckets) if self.pad_to_buckets and noise is None else n
             for i in range(0, n, step):
-                part = rows.rows(slice(i, i + step))
-                outs.append(self._render_part(part, clock, noise, keep=n > step))
-            frames = torch.cat([f for f, _ in outs]) if len(outs) > 1 else outs[0][0]
-            finite = torch.cat([ok for _, ok in outs]) if len(outs) > 1 else outs[0][1]
-            host_frames, host_finite = download([frames, finite])
+                frames, finite = self._render_part(rows.rows(slice(i, i + step)), clock, noise)
+                # Queued behind this part's replay and before any later one: a later replay of the same
+                # graph cannot overwrite the static outputs before they are copied.
+                hosts, done = download_async([frames, finite])
+                parts.append(hosts)
             clock.split("convert")
-            return Rendered(host_frames, host_finite, clock.totals_ms())
+            return PendingRender(parts, done, clock)
 
-    def _render_part(self, rows: RowBatch, clock: StageClock, noise: Sequence[torch.Tensor] | None,
-                     keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass over at most one bucket of rows. `keep`: more parts follow, so a graph's static
-        outputs are copied out before a later replay of the same graph overwrites them."""
+    def _render_part(self, rows: RowBatch, clock: StageClock,
+                     noise: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over at most one bucket of rows: the first n rows of the outputs (on a graph, views
+        of its static outputs, valid until its next replay is queued)."""
         n = len(rows)
         b = n
         if self.pad_to_buckets and noise is None:
             b = bucket_for(n, self.buckets) or n
         graphs = self._graph_set(b) if self.use_graphs and noise is None else None
         if graphs is not None:
-            graphs.inputs.fill(rows, self.bank, self._rng)
+            graphs.inputs.pack(rows)
+            graphs.inputs.upload()           # the tick's one host→device copy; gathers are in the graph
             graphs.audio.replay()
             clock.split("audio")
             graphs.generator.replay()
             clock.split("generator")
             self.stats.graph_rows += n
             self.stats.padded_rows += b - n
-            # Slices of the static outputs: the download copies them before the next call's replay.
-            if keep:
-                return graphs.frames[:n].clone(), graphs.finite[:n].clone()
             return graphs.frames[:n], graphs.finite[:n]
-        inputs = _Inputs(b, self.bank)
-        inputs.fill(rows, self.bank, self._rng)
+        inputs = _Inputs(b, self.device, sides=1)
+        inputs.pack(rows)
+        inputs.upload()
         rest = self._rest(inputs)
         clock.split("audio")
         if noise is not None:
             noise = [torch.as_tensor(t).to(self.device, self.dtype) for t in noise]
-        frames, finite = self._frames(inputs.terms, rest, inputs.start, inputs.noise if noise is None else noise)
+        frames, finite = self._generate(self.bank.tensors(), inputs, rest, bool(rows.random_noise.any()), noise)
         clock.split("generator")
         self.stats.eager_rows += n
         self.stats.padded_rows += b - n
@@ -416,22 +542,28 @@ class RenderRuntime:
         return graphs
 
     def _emulated_graphs(self, b: int) -> _BucketGraphs:
-        inputs = _Inputs(b, self.bank)
+        """The same captured functions as `_cuda_graphs`, bank tensors bound the same way (at capture):
+        a replay after the bank moved would read the old tensors, as a CUDA graph would."""
+        inputs = _Inputs(b, self.device)
+        bank = self.bank.tensors()
         audio = _EmulatedGraph(lambda: self._rest(inputs))
         rest = audio.outputs
-        generator = _EmulatedGraph(lambda: self._frames(inputs.terms, rest, inputs.start, inputs.noise))
+        generator = _EmulatedGraph(lambda: self._generate(bank, inputs, rest, True))
         frames, finite = generator.outputs
         return _BucketGraphs(inputs, audio, generator, rest, frames, finite)
 
     def _cuda_graphs(self, b: int) -> _BucketGraphs:
-        """The capture itself (see `_capture`); raises whatever the capture raises."""
-        inputs = _Inputs(b, self.bank)
+        """The capture itself (see `_capture`); raises whatever the capture raises. The generator graph
+        gathers from the bank's current tensors and draws random rows' noise with the runtime's
+        generator, registered with the graph (graph-safe RNG: every replay advances its offset)."""
+        inputs = _Inputs(b, self.device)
+        bank = self.bank.tensors()
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._frames(inputs.terms, self._rest(inputs), inputs.start, inputs.noise)
+                self._generate(bank, inputs, self._rest(inputs), True)
         current.wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -439,19 +571,25 @@ class RenderRuntime:
         with torch.cuda.graph(audio, pool=self._pool, capture_error_mode="thread_local"):
             rest = self._rest(inputs)
         generator = torch.cuda.CUDAGraph()
+        generator.register_generator_state(self._rng)
         with torch.cuda.graph(generator, pool=self._pool, capture_error_mode="thread_local"):
-            frames, finite = self._frames(inputs.terms, rest, inputs.start, inputs.noise)
+            frames, finite = self._generate(bank, inputs, rest, True)
         return _BucketGraphs(inputs, audio, generator, rest, frames, finite)
 
     # ------------------------------------------------------------------ warm-up
     @torch.inference_mode()
-    def warm_up(self, batch_sizes: Sequence[int], slot: int = 0, force: bool = False) -> list[int]:
+    def warm_up(self, batch_sizes: Sequence[int], slot: int = 0, force: bool = False,
+                capacity: int | None = None) -> list[int]:
         """Run (and on CUDA capture) every batch shape that `batch_sizes` will use, before a live clock
         starts: cuDNN autotuning, lazy CUDA initialisation, weight-derived caches and graph capture all
-        happen here instead of in the first seconds live. Off CUDA it does nothing unless `force` (no
-        autotuning or graphs to prepare there). Returns the batch shapes prepared."""
+        happen here instead of in the first seconds live. `capacity`: the identities the caller plans
+        for (the studio's max_sessions); the bank is sized for them first, so the graphs never have to
+        be re-captured for a growth. Off CUDA it does nothing unless `force` (no autotuning or graphs to
+        prepare there). Returns the batch shapes prepared."""
         if not (self.cuda or self.emulate_graphs or force):
             return []
+        if capacity is not None:
+            self.reserve(capacity)
         shapes: list[int] = []
         for n in sorted(set(int(x) for x in batch_sizes if int(x) > 0), reverse=True):
             b = bucket_for(n, self.buckets) if self.pad_to_buckets else n
@@ -469,6 +607,32 @@ class RenderRuntime:
             finally:
                 self._warming = False
         return sorted(shapes)
+
+
+class PendingRender:
+    """A render queued by `RenderRuntime.submit`: `result()` waits for its one event (the download's)
+    and returns the `Rendered`. The host arrays are this render's own (fresh pinned memory on CUDA,
+    copies on the CPU), so a later submit never overwrites them. Idempotent."""
+
+    def __init__(self, parts: list[list[np.ndarray]], done: "torch.cuda.Event | None",
+                 clock: StageClock | None, rendered: Rendered | None = None) -> None:
+        self._parts, self._done, self._clock, self._rendered = parts, done, clock, rendered
+
+    def ready(self) -> bool:
+        """True once result() would not wait."""
+        return self._rendered is not None or self._done is None or bool(self._done.query())
+
+    def result(self) -> Rendered:
+        if self._rendered is None:
+            if self._done is not None:
+                self._done.synchronize()
+            frames = [p[0] for p in self._parts]
+            finite = [p[1] for p in self._parts]
+            self._rendered = Rendered(frames[0] if len(frames) == 1 else np.concatenate(frames),
+                                      finite[0] if len(finite) == 1 else np.concatenate(finite),
+                                      self._clock.totals_ms() if self._clock is not None else {})
+            self._parts = []
+        return self._rendered
 
 
 def frames_on_device(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

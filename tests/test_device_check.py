@@ -25,7 +25,8 @@ def test_smoke_run_writes_every_stage(tmp_path):
     assert results["env"]["missing_imports"] == {}
     assert "skipped" in results["tests"]["summary"] or "passed" in results["tests"]["summary"]
     gen = results["generator"]["rows"]["batches"]
-    assert [r["batch"] for r in gen] == [1, 2] and all(r["frames_per_s"] > 0 for r in gen)
+    assert [(r["mode"], r["batch"]) for r in gen] == [("eager", 1), ("eager", 2), ("overlap", 1), ("overlap", 2)]
+    assert all(r["frames_per_s"] > 0 and r["host_ms"] > 0 for r in gen)
     sessions = results["sessions"]["rows"]["sessions"]
     assert [r["sessions"] for r in sessions] == [1, 2] and all(r["tick_p95_ms"] >= r["tick_median_ms"] for r in sessions)
     precision = {r["variant"]: r for r in results["parity"]["rows"]["precision"]}

@@ -174,3 +174,44 @@ def test_real_generator_renders_k_sessions_in_one_pass():
     assert batches == [3]
     assert all(f.shape == (1, 224, 224, 3) and f.dtype == np.uint8 for f in frames)
     assert not np.array_equal(frames[0], frames[1])     # each row its own mel window
+
+
+def test_a_two_phase_render_keeps_each_sessions_frames_and_books_the_batch_while_it_renders():
+    """`submit_rows` queues the batch; the renderer books each request's wait before it asks for the
+    frames (the device is rendering meanwhile), and every caller still gets its own rows, once."""
+    paint = PaintRenderer(0)
+    log: list[tuple[str, int]] = []
+    r = SharedRenderer(paint, submit_rows=lambda rows: submit(rows))
+
+    class Queued:
+        def __init__(self, rows) -> None:
+            self.rows = rows
+
+        def result(self):
+            log.append(("result", r.stats()["batches"]))
+            return paint(self.rows)
+
+    def submit(rows):
+        log.append(("submit", r.stats()["batches"]))
+        return Queued(rows)
+
+    handles = [r.handle(Av(20 + i)) for i in range(3)]
+    pending = [h.submit(MEL) for h in handles]
+    r.start()
+    try:
+        frames = [h.wait(p) for h, p in zip(handles, pending)]
+        again = handles[1].render(MEL)
+    finally:
+        r.stop()
+    assert paint.calls == [3, 1]
+    assert log == [("submit", 0), ("result", 1), ("submit", 1), ("result", 2)]  # booked before waiting
+    for i, f in enumerate(frames):
+        assert int(f[0, 0, 0, 0]) == 20 + i
+    assert int(again[0, 0, 0, 0]) == 21
+    assert handles[0].stats()["frames_rendered"] == 1 and r.stats()["rows_rendered"] == 4
+
+
+def test_the_default_renderer_renders_in_two_phases():
+    from pcavs.engine import render_sessions, submit_sessions
+    assert SharedRenderer(render_sessions)._submit_rows is submit_sessions
+    assert SharedRenderer(PaintRenderer(0))._submit_rows is None

@@ -82,9 +82,11 @@ def prepare_engine(avatar: Avatar, batch_sizes: Iterable[int], metrics: LiveMetr
 def prepare_runtime(runtime: RenderRuntime, max_sessions: int) -> list[int]:
     """Before a studio accepts its first session: cuDNN as we want it, then a warm-up of every batch
     bucket up to the one `max_sessions` rows pad to (on a GPU: autotuning and the CUDA graphs captured
-    now, largest first, not while sessions wait). Returns the buckets prepared (none on a CPU)."""
+    now, largest first, not while sessions wait; the identity bank sized for `max_sessions` first, so
+    the graphs that gather from it never have to be re-captured). Returns the buckets prepared (none
+    on a CPU)."""
     configure_cudnn(str(runtime.device))
-    prepared = runtime.warm_up(range(1, max(1, int(max_sessions)) + 1))
+    prepared = runtime.warm_up(range(1, max(1, int(max_sessions)) + 1), capacity=max(1, int(max_sessions)))
     if prepared:
         log.info("render runtime warmed up for batch buckets %s", prepared)
     return prepared

@@ -17,6 +17,11 @@ Guarantees the studio relies on:
 * closing a handle drops its pending request and wakes its caller with `RendererClosed`;
 * batching has a price, the time a request waits for the batch in flight: measured per request
   (`wait_ms`) and exposed by `stats()` and `SessionHandle.stats()`.
+
+With a two-phase render (`submit_rows`, by default `pcavs.engine.submit_sessions` beside
+`render_sessions`) the thread queues the batch on the device and does the batch's bookkeeping that
+needs no frames (each request's wait, the counters) while the device renders, then waits for the
+frames; what each session receives, and when, is unchanged.
 """
 from __future__ import annotations
 
@@ -27,11 +32,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from pcavs.engine import SessionRequest, StageTimes, render_sessions
+from pcavs.engine import SessionRequest, StageTimes, render_sessions, submit_sessions
 from pcavs_live.common.workers import Worker
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,13 @@ log = logging.getLogger(__name__)
 ACTIVE_S = 0.5
 
 RenderRows = Callable[[Sequence[SessionRequest]], Sequence[np.ndarray]]
+
+
+class PendingRows(Protocol):
+    def result(self) -> Sequence[np.ndarray]: ...
+
+
+SubmitRows = Callable[[Sequence[SessionRequest]], PendingRows]
 
 
 class RendererClosed(RuntimeError):
@@ -144,11 +156,17 @@ class SessionHandle:
 
 class SharedRenderer:
     """Owns the render thread. `render_rows` renders any mix of sessions' rows in one pass; the default
-    is `pcavs.engine.render_sessions` (all avatars must share one `PcavsNetworks`)."""
+    is `pcavs.engine.render_sessions` (all avatars must share one `PcavsNetworks`). `submit_rows`: the
+    same render in two phases (queue, then `.result()`); with the default `render_rows` it is
+    `pcavs.engine.submit_sessions`."""
 
     def __init__(self, render_rows: RenderRows = render_sessions, name: str = "shared-renderer",
-                 on_batch: Callable[[int], None] | None = None, gather_max_s: float = 0.04) -> None:
+                 on_batch: Callable[[int], None] | None = None, gather_max_s: float = 0.04,
+                 submit_rows: SubmitRows | None = None) -> None:
         self._render_rows = render_rows
+        if submit_rows is None and render_rows is render_sessions:
+            submit_rows = submit_sessions
+        self._submit_rows = submit_rows
         self.gather_max_s = gather_max_s
         self._last_batch_s = 0.0
         self._name = name
@@ -285,26 +303,38 @@ class SharedRenderer:
     def _render(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
         rows = [r for p in batch for r in p.rows]
+        queued = None
         try:
-            frames = np.asarray(self._render_rows(rows))
+            if self._submit_rows is not None:
+                queued = self._submit_rows(rows)      # on the device; the host goes on below
+            else:
+                frames = np.asarray(self._render_rows(rows))
             error = None
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of this batch
             log.error("shared renderer batch of %d rows failed: %s", len(rows), exc, exc_info=True)
             frames, error = None, exc
+        with self._cond:  # the bookkeeping that needs no frames (while a queued batch renders)
+            self.batches += 1
+            self.rows += len(rows)
+            self._batch_sizes.add(len(rows))
+            for p in batch:
+                p.wait_ms = (started - p.enqueued_at) * 1e3
+                self._wait.add(p.wait_ms)
+                p.handle._record(p.wait_ms, len(p.rows))
+        if queued is not None:
+            try:
+                frames = np.asarray(queued.result())
+            except BaseException as exc:  # noqa: BLE001
+                log.error("shared renderer batch of %d rows failed: %s", len(rows), exc, exc_info=True)
+                frames, error = None, exc
         ended = time.monotonic()
         batch_ms = (ended - started) * 1e3
         with self._cond:
             self._last_batch_s = batch_ms / 1e3
-            self.batches += 1
-            self.rows += len(rows)
-            self._batch_sizes.add(len(rows))
             self._batch_ms.add(batch_ms)
             i = 0
             for p in batch:
                 n = len(p.rows)
-                p.wait_ms = (started - p.enqueued_at) * 1e3
-                self._wait.add(p.wait_ms)
-                p.handle._record(p.wait_ms, n)
                 p.batch_ms, p.batch_rows = batch_ms, len(rows)
                 if error is not None:
                     p.error = error
