@@ -59,7 +59,9 @@ def _kernels() -> SimpleNamespace | None:
     except Exception:  # noqa: BLE001 - any import failure (missing, broken install) means "not available"
         return None
 
-    @triton.jit
+    # R and P (rows = batch × C or batch × H·W) change with every batch bucket: not specialised on, so
+    # a new bucket does not compile new variants (C and H·W, the per-layer sizes, are).
+    @triton.jit(do_not_specialize=["R", "noise_bstride"])
     def tail_nchw(x_ptr, d_ptr, n_ptr, nw_ptr, bias_ptr, C, HW, R, noise_bstride,
                   HAS_DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -81,7 +83,7 @@ def _kernels() -> SimpleNamespace | None:
         v = tl.where(v > 0.0, v, v * 0.2) * 1.4142135623730951
         tl.store(ptrs, v.to(x_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P", "noise_bstride"])
     def tail_nhwc(x_ptr, d_ptr, n_ptr, nw_ptr, bias_ptr, C, HW, P, noise_bstride,
                   HAS_DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):

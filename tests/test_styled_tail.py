@@ -1,0 +1,151 @@
+"""The generator's fused pointwise tail (`pcavs.kernels.styled_tail`, `ModulatedGenerator.fused_tail`).
+
+The Triton kernel itself runs here on the CPU through Triton's interpreter, in a subprocess
+(tests/styled_tail_support.py says why); the test process checks the fallbacks: with triton missing, on
+CPU tensors, or with the switch off, the generator runs its eager tail with no error. The interpreter is
+slow: the cases are small (two subprocesses).
+
+Bounds:
+* kernel vs float32 maths on the same inputs: the kernel computes the whole tail in float32 and rounds
+  once, so it is within one unit of the dtype's rounding (eps·|y|) of it (float32: 0 in the interpreter,
+  which has no FMA). One, not half: the interpreter converts float32 → bfloat16 by truncation where
+  GPUs round to nearest (triton's `_convert_float` without a rounding mode).
+* kernel vs the eager ops in the dtype: the eager ops round after each of their ~5 steps, each within
+  eps/2 of the terms' size, so the two differ by at most 2·eps·(Σ|terms| + |y|) (measured ≤ 1.0).
+* generator: the parity bound of tests/test_generator.py (1e-4 against the oracle, unchanged) and the
+  formulations' bound (1e-5) between fused and eager.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pcavs.kernels import styled_tail
+from pcavs.networks.generator import ModulatedGenerator
+from tests.conftest import CASES_DIR, REPO_ROOT, parity_weights_dir
+from tests.styled_tail_support import DTYPES, KERNEL_CASES, case_id
+from tests.test_generator import FORMULATION_ATOL, PARITY_ATOL
+
+pytest.importorskip("triton", reason="triton is not installed (pip install -r requirements-dev.txt)")
+
+
+def _interpreted(check: str, *args: str) -> dict:
+    """Run one check of tests/styled_tail_support.py under TRITON_INTERPRET=1; its JSON result."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "-m", "tests.styled_tail_support", check, *args], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def quick_results() -> dict:
+    """The kernel cases and the 28² generator checks (one subprocess for both)."""
+    return _interpreted("quick")
+
+
+@pytest.fixture(scope="module")
+def kernel_results(quick_results) -> dict:
+    return quick_results["kernel"]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_id)
+def test_kernel_equals_eager_ops(kernel_results, case, dtype: str) -> None:
+    r = kernel_results[f"{case_id(case)}/{dtype}"]
+    assert r["shape_ok"]
+    assert r["in_place"] == (case[1] != "strided")  # dense layouts are written in place
+    assert r["ulps_vs_exact"] <= 1.0, r
+    assert r["eps_vs_eager"] <= 2.0, r
+    if dtype == "float32":
+        assert r["max_abs_vs_exact"] <= 1e-6, r
+
+
+@pytest.mark.slow
+def test_fused_generator_matches_oracle() -> None:
+    """Full 224² G on the parity weights (seed 0, frame 0: batch 1, the shared-weight default with the
+    demodulation on the weights), the fused tail forced on: every styled conv (11) ran the kernel, and the
+    images equal the oracle's and the eager tail's at the parity bound."""
+    weights = parity_weights_dir(0) / "latest_net_G.pth"
+    r = _interpreted("generator_oracle", str(weights), str(CASES_DIR / "case_seed0.npz"))
+    print(f"\nfused tail, seed0 frame 0: max|Δ| vs oracle {r['oracle_max_abs']:.3e} "
+          f"(eager {r['eager_oracle_max_abs']:.3e}), vs eager {r['fused_vs_eager_max_abs']:.3e}")
+    assert r["launches"] == 11
+    assert r["oracle_max_abs"] < PARITY_ATOL
+    assert r["fused_vs_eager_max_abs"] < PARITY_ATOL
+
+
+def test_fused_generator_formulations_and_autograd(quick_results) -> None:
+    """28² G, batch 3: the batched shared-weight pass (×demod in the kernel), the grouped and the NCHW
+    formulations, fused equal to eager; with gradients wanted the eager tail runs and backpropagates."""
+    r = quick_results["formulations"]
+    for name in ("batched", "grouped", "nchw"):
+        assert r[f"{name}/launches"] == 5, r  # conv1 + two styled convs at 14² and at 28²
+        assert r[f"{name}/std"] > 0.1
+        assert r[f"{name}/max_abs"] < FORMULATION_ATOL, (name, r)
+    assert r["autograd/available_without_grad"] is True
+    assert r["autograd/launches"] == 0
+    assert r["autograd/grad_finite"]
+
+
+# ------------------------------------------------------------------ fallbacks, in this process
+def _small_generator() -> ModulatedGenerator:
+    torch.manual_seed(0)
+    return ModulatedGenerator(size=14).eval()
+
+
+def _run(net: ModulatedGenerator) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        return net(torch.randn(2, 2560, generator=g), torch.randn(2, 512, 7, 7, generator=g))
+
+
+def test_cpu_tensors_fall_back_to_eager(monkeypatch) -> None:
+    """On CPU tensors (no interpreter) the switch, even forced on, runs the eager tail without error."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    net = _small_generator()
+    x = torch.zeros(1, 512, 7, 7)
+    assert not styled_tail.available(x)
+    for switch in ("auto", True):
+        net.fused_tail = switch
+        assert not net.uses_fused_tail(x)
+    net.fused_tail = True
+    fused_requested = _run(net)
+    net.fused_tail = False
+    assert torch.equal(fused_requested, _run(net))
+
+
+def test_missing_triton_falls_back_to_eager(monkeypatch) -> None:
+    """With `import triton` failing (not installed, or a broken install) nothing is available, even where
+    the interpreter is asked for, and the generator runs eagerly."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    styled_tail._kernels.cache_clear()
+    try:
+        x = torch.zeros(1, 512, 7, 7)
+        assert styled_tail._kernels() is None
+        assert not styled_tail.available(x)
+        net = _small_generator()
+        net.fused_tail = True
+        assert not net.uses_fused_tail(x)
+        out = _run(net)
+        net.fused_tail = False
+        assert torch.equal(out, _run(net))
+        with pytest.raises(RuntimeError, match="needs triton"):
+            styled_tail.styled_tail_(x, None, None, torch.zeros(1), torch.zeros(512))
+    finally:
+        styled_tail._kernels.cache_clear()  # the next user builds the kernels with triton back
+
+
+def test_switch_defaults_and_unsupported_tensors() -> None:
+    """"auto" by default (on only for CUDA tensors); never for other dtypes or shapes."""
+    assert ModulatedGenerator(size=14).fused_tail == "auto"
+    assert not styled_tail.available(torch.zeros(1, 4, 7, 7, dtype=torch.float64))
+    assert not styled_tail.available(torch.zeros(4, 7, 7))
