@@ -26,6 +26,8 @@ def test_smoke_run_writes_every_stage(tmp_path):
     assert "skipped" in results["tests"]["summary"] or "passed" in results["tests"]["summary"]
     gen = results["generator"]["rows"]["batches"]
     assert [r["batch"] for r in gen] == [1, 2] and all(r["frames_per_s"] > 0 for r in gen)
+    fused = results["generator"]["rows"]["fused"]  # the CPU has no fused-tail timings to give
+    assert {(r["dtype"], r["note"]) for r in fused} == {("bfloat16", "needs CUDA"), ("float16", "needs CUDA")}
     sessions = results["sessions"]["rows"]["sessions"]
     assert [r["sessions"] for r in sessions] == [1, 2] and all(r["tick_p95_ms"] >= r["tick_median_ms"] for r in sessions)
     precision = {r["variant"]: r for r in results["parity"]["rows"]["precision"]}
@@ -33,7 +35,7 @@ def test_smoke_run_writes_every_stage(tmp_path):
                                                             for r in precision.values())
     assert {r["step"] for r in results["pose"]["rows"]["pose"]} >= {"pose encoder b1"}
     table = (out / "device_check.txt").read_text()
-    for title in ("device check — stages", "generator:", "sessions:", "precision:", "pose:"):
+    for title in ("device check — stages", "generator:", "fused tail:", "sessions:", "precision:", "pose:"):
         assert title in table
 
 
