@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -149,3 +150,34 @@ def test_switch_defaults_and_unsupported_tensors() -> None:
     assert ModulatedGenerator(size=14).fused_tail == "auto"
     assert not styled_tail.available(torch.zeros(1, 4, 7, 7, dtype=torch.float64))
     assert not styled_tail.available(torch.zeros(4, 7, 7))
+
+
+class _FailingKernel:
+    """A jitted kernel whose launch fails as a compile error would (before writing anything)."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("PTXAS error: no ptxas for this GPU")
+        return launch
+
+
+def test_failed_launch_runs_the_eager_tail_and_disables_the_kernel(monkeypatch, caplog) -> None:
+    """A kernel that cannot compile on the machine (a GPU host's own triton without a compiler for it,
+    say) costs one warning: that call's result is the eager tail's and the kernel is off from then on."""
+    fake = SimpleNamespace(triton=SimpleNamespace(next_power_of_2=lambda n: 1 << (n - 1).bit_length(),
+                                                  cdiv=lambda a, b: -(-a // b)),
+                           nchw=_FailingKernel(), nhwc=_FailingKernel(), interpreted=True, failure=None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(styled_tail, "_kernels", lambda: fake)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    d, noise = torch.rand(2, 8, generator=g) + 0.5, torch.randn(2, 1, 5, 5, generator=g)
+    nw, bias = torch.tensor([0.4]), torch.randn(8, generator=g)
+    assert styled_tail.available(x)
+    want = styled_tail.reference(x, d, noise, nw, bias)
+    with caplog.at_level("WARNING", logger="pcavs.kernels.styled_tail"):
+        got = styled_tail.styled_tail_(x, d, noise, nw, bias)
+    assert got.data_ptr() == x.data_ptr() and torch.equal(got, want)
+    assert [r.getMessage() for r in caplog.records if "eager ops run instead" in r.getMessage()] != []
+    assert "no ptxas" in fake.failure
+    assert not styled_tail.available(x)

@@ -25,16 +25,21 @@ Triton's interpreter (TRITON_INTERPRET=1 set before the first call: the tests us
 anything else). The kernels are built lazily on the first call, so importing this module never imports
 triton and the program runs without it. A launch is capturable by a CUDA graph; the first launch of each
 dtype/layout compiles, which the render runtime's warm-up (eager passes before capture) absorbs.
-No autograd: the generator uses the eager tail whenever gradients are wanted.
+No autograd: the generator uses the eager tail whenever gradients are wanted. If a launch fails (no
+compiler for the GPU, say), that call runs the eager ops, a warning says why once, and `available` is
+False from then on: a broken triton slows the generator down, it never stops it.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from types import SimpleNamespace
 
 import torch
+
+log = logging.getLogger(__name__)
 
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
@@ -105,7 +110,8 @@ def _kernels() -> SimpleNamespace | None:
         v = tl.where(v > 0.0, v, v * 0.2) * 1.4142135623730951
         tl.store(ptrs, v.to(x_ptr.dtype.element_ty), mask=mask)
 
-    return SimpleNamespace(triton=triton, nchw=tail_nchw, nhwc=tail_nhwc, interpreted=interpreting())
+    return SimpleNamespace(triton=triton, nchw=tail_nchw, nhwc=tail_nhwc, interpreted=interpreting(),
+                           failure=None)
 
 
 def _layout(x: torch.Tensor) -> str | None:
@@ -128,7 +134,7 @@ def available(x: torch.Tensor) -> bool:
     elif x.device.type != "cuda":
         return False
     k = _kernels()
-    return k is not None and (k.interpreted or x.device.type == "cuda")
+    return k is not None and k.failure is None and (k.interpreted or x.device.type == "cuda")
 
 
 def styled_tail_(x: torch.Tensor, demod: torch.Tensor | None, noise: torch.Tensor | None,
@@ -163,21 +169,35 @@ def styled_tail_(x: torch.Tensor, demod: torch.Tensor | None, noise: torch.Tenso
     nw = noise_weight.reshape(-1)[:1]
     if x.numel() == 0:
         return x
+    try:
+        _launch(k, x, layout, d, n, n_stride, nw, bias, demod is not None, noise is not None)
+    except Exception as exc:  # noqa: BLE001 - e.g. no compiler for this GPU: the eager ops still work
+        # A compile or launch failure happens before the kernel writes anything: x is still the conv
+        # output. Say so once, run the eager tail, and report the kernel unavailable from now on.
+        k.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.warning("the fused generator tail (Triton) failed (%s); the eager ops run instead", k.failure)
+        x.copy_(reference(x, demod, noise, noise_weight, bias))
+    return x
+
+
+def _launch(k: SimpleNamespace, x: torch.Tensor, layout: str, d: torch.Tensor, n: torch.Tensor, n_stride: int,
+            nw: torch.Tensor, bias: torch.Tensor, has_demod: bool, has_noise: bool) -> None:
+    b, c, h, w = x.shape
+    hw = h * w
     tile = _INTERPRETER_TILE if k.interpreted else _TILE
     if layout == "nchw":
         block_hw = min(1024, max(16, k.triton.next_power_of_2(hw)))
         block_r = max(1, tile // block_hw)
         grid = (k.triton.cdiv(b * c, block_r), k.triton.cdiv(hw, block_hw))
-        k.nchw[grid](x, d, n, nw, bias, c, hw, b * c, n_stride, HAS_DEMOD=demod is not None,
-                     HAS_NOISE=noise is not None, BLOCK_R=block_r, BLOCK_HW=block_hw, num_warps=8)
+        k.nchw[grid](x, d, n, nw, bias, c, hw, b * c, n_stride, HAS_DEMOD=has_demod, HAS_NOISE=has_noise,
+                     BLOCK_R=block_r, BLOCK_HW=block_hw, num_warps=8)
     else:
         block_c = min(128, max(16, k.triton.next_power_of_2(c)))
         block_p = max(1, tile // block_c)
         p = b * hw
         grid = (k.triton.cdiv(p, block_p), k.triton.cdiv(c, block_c))
-        k.nhwc[grid](x, d, n, nw, bias, c, hw, p, n_stride, HAS_DEMOD=demod is not None,
-                     HAS_NOISE=noise is not None, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
-    return x
+        k.nhwc[grid](x, d, n, nw, bias, c, hw, p, n_stride, HAS_DEMOD=has_demod, HAS_NOISE=has_noise,
+                     BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
 
 
 def reference(x: torch.Tensor, demod: torch.Tensor | None, noise: torch.Tensor | None,
