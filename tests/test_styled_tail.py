@@ -29,7 +29,7 @@ import torch
 from pcavs.kernels import styled_tail
 from pcavs.networks.generator import ModulatedGenerator
 from tests.conftest import CASES_DIR, REPO_ROOT, parity_weights_dir
-from tests.styled_tail_support import DTYPES, KERNEL_CASES, case_id
+from tests.styled_tail_support import DTYPES, KERNEL_CASES, case_id, check_kernel
 from tests.test_generator import FORMULATION_ATOL, PARITY_ATOL
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -r requirements-dev.txt)")
@@ -181,3 +181,65 @@ def test_failed_launch_runs_the_eager_tail_and_disables_the_kernel(monkeypatch, 
     assert [r.getMessage() for r in caplog.records if "eager ops run instead" in r.getMessage()] != []
     assert "no ptxas" in fake.failure
     assert not styled_tail.available(x)
+
+
+# ------------------------------------------------------------------ on a GPU (bench/device_check.sh)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_kernel_on_cuda_equals_eager_ops() -> None:
+    """The compiled kernel, every case and dtype, at the interpreter's bounds (float32 within one
+    rounding too: a GPU contracts to FMA)."""
+    results = check_kernel("cuda")
+    for key, r in results.items():
+        assert r["shape_ok"] and r["ulps_vs_exact"] <= 1.0 and r["eps_vs_eager"] <= 2.0, (key, r)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fused_generator_captures_in_a_cuda_graph() -> None:
+    """The runtime's flow: eager passes on a side stream (Triton compiles there), then a CUDA graph
+    captured with the fused kernels, replayed on new inputs: equal to the eager tail (float32, TF32 off)."""
+    torch.manual_seed(0)
+    net = ModulatedGenerator(size=28).cuda().eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("noise.weight", "activate.bias")):
+                p.normal_(0.0, 0.3)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b = 4
+
+    def draw():
+        return (torch.randn(b, 2560, device="cuda", generator=g), torch.randn(b, 512, 7, 7, device="cuda", generator=g),
+                [torch.randn(b, *s[1:], device="cuda", generator=g) for s in net.noise_shapes()])
+
+    style, start, noise = draw()
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            net.fused_tail = True
+            assert net.uses_fused_tail(start)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    net(style, start, noise)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = net(style, start, noise)
+            new_style, new_start, new_noise = draw()
+            for dst, src in zip([style, start, *noise], [new_style, new_start, *new_noise]):
+                dst.copy_(src)
+            graph.replay()
+            net.fused_tail = False
+            want = net(new_style, new_start, new_noise)
+            torch.cuda.synchronize()
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+        net.fused_tail = "auto"
+    assert float(want.std()) > 0.1
+    assert float((out - want).abs().max()) < FORMULATION_ATOL
