@@ -5,8 +5,8 @@ the check ends within 8 minutes on an H100/H200 with its start-up), so a crash, 
 one loses nothing else:
 
   env        Python, torch/CUDA build, GPU, driver; the project imports missing on the machine
-  tests      pytest -m cuda (tests/test_gpu_path.py, tests/test_generator.py): batch 1, batched, graphs,
-             encoders and Avatar on CUDA against the CPU
+  tests      pytest -m cuda (tests/test_gpu_path.py, tests/test_generator.py, tests/test_styled_tail.py):
+             batch 1, batched, graphs, encoders and Avatar on CUDA against the CPU; the fused tail compiled
   generator  render-path frames/s against batch size (1, 8, 32, 128, 256), eager and CUDA-graphed; the
              generator alone with its pointwise tail eager vs fused (Triton), bf16 and fp16, batch 1 and 128
   sessions   N sessions per tick through render_sessions up to 256: aggregate fps, p95 tick latency
@@ -41,7 +41,7 @@ from bench.stage import print_table  # noqa: E402
 STAGES: list[tuple[str, list[str], float]] = [
     ("env", ["bench/gpu_env.py"], 30),
     ("tests", ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_gpu_path.py",
-               "tests/test_generator.py"], 110),
+               "tests/test_generator.py", "tests/test_styled_tail.py"], 110),
     ("generator", ["bench/gpu_generator.py"], 90),
     ("sessions", ["bench/gpu_sessions.py"], 90),
     ("parity", ["bench/gpu_parity.py"], 90),
