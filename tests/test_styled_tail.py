@@ -2,8 +2,10 @@
 
 The Triton kernel itself runs here on the CPU through Triton's interpreter, in a subprocess
 (tests/styled_tail_support.py says why); the test process checks the fallbacks: with triton missing, on
-CPU tensors, or with the switch off, the generator runs its eager tail with no error. The interpreter is
-slow: the cases are small (two subprocesses).
+CPU tensors, with the switch off, or when a launch fails, the generator runs its eager tail with no error;
+and both kernels compile ahead of time for sm_90/sm_80 (no GPU needed). The interpreter is slow: the cases
+are small (two subprocesses; ~45 s for the file here). Tests marked `cuda` run the compiled kernel and a
+CUDA-graph capture on a GPU (bench/device_check.sh's tests stage).
 
 Bounds:
 * kernel vs float32 maths on the same inputs: the kernel computes the whole tail in float32 and rounds
