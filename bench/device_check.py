@@ -5,10 +5,11 @@ the check ends within 8 minutes on an H100/H200 with its start-up), so a crash, 
 one loses nothing else:
 
   env        Python, torch/CUDA build, GPU, driver; the project imports missing on the machine
-  tests      pytest -m cuda (tests/test_gpu_path.py, tests/test_generator.py): batch 1, batched, graphs,
-             encoders and Avatar on CUDA against the CPU
+  tests      pytest -m cuda (tests/test_gpu_path.py, tests/test_generator.py, tests/test_styled_tail.py):
+             batch 1, batched, graphs, encoders and Avatar on CUDA against the CPU; the fused tail compiled
   generator  render-path frames/s against batch size (1, 8, 32, 128, 256), eager, CUDA-graphed and graphed
-             with ticks overlapped (submit t+1 before reading t); host ms per tick
+             with ticks overlapped (submit t+1 before reading t); host ms per tick; the generator alone
+             with its pointwise tail eager vs fused (Triton), bf16 and fp16, batch 1 and 128
   sessions   N sessions per tick through render_sessions up to 256: aggregate fps, p95 tick latency
   parity     the oracle case in float32 with TF32 off; PSNR of TF32/fp16/bf16 against float32
   pose       pose encoder, FAN, SFD ms per frame on the worker stream; tracked-frame cost
@@ -41,7 +42,7 @@ from bench.stage import print_table  # noqa: E402
 STAGES: list[tuple[str, list[str], float]] = [
     ("env", ["bench/gpu_env.py"], 30),
     ("tests", ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_gpu_path.py",
-               "tests/test_generator.py"], 110),
+               "tests/test_generator.py", "tests/test_styled_tail.py"], 110),
     ("generator", ["bench/gpu_generator.py"], 90),
     ("sessions", ["bench/gpu_sessions.py"], 90),
     ("parity", ["bench/gpu_parity.py"], 90),
@@ -114,6 +115,9 @@ def tables(results: dict[str, Any]) -> str:
     specs = [("generator", "batches", "generator: one avatar's rows through the render path",
               ["mode", "batch", "median_ms", "p95_ms", "ms_per_frame", "frames_per_s", "host_ms", "generator_ms",
                "warm_up_s", "peak_mb"]),
+             ("generator", "fused", "fused tail: the generator alone, CUDA-graphed, eager tail vs fused (GPU ms per pass)",
+              ["dtype", "batch", "unfused_ms", "fused_ms", "unfused_fps", "fused_fps", "speedup", "max_abs_diff",
+               "warm_up_s", "note"]),
              ("sessions", "sessions", "sessions: one render_sessions call per tick",
               ["sessions", "tick_median_ms", "tick_p95_ms", "aggregate_fps", "fits_25fps", "generator_ms", "peak_mb"]),
              ("parity", "parity", "parity: float32, TF32 off, oracle seed 0", ["check", "value", "bound", "ok"]),
@@ -126,8 +130,8 @@ def tables(results: dict[str, Any]) -> str:
             head = results[stage]
             parts.append(print_table(f"{title} ({head.get('device', '?')} {head.get('dtype', '')})".replace(" )", ")"),
                                      rows, cols, echo=False))
-    for stage in ("pose", "parity"):
-        for key in ("derived", "parity_skipped", "face_alignment"):
+    for stage in ("generator", "pose", "parity"):
+        for key in ("fused_tail", "derived", "parity_skipped", "face_alignment"):
             if key in results.get(stage, {}):
                 parts.append(f"{stage} {key}: {results[stage][key]}")
     return "\n\n".join(parts) + "\n"
@@ -140,14 +144,13 @@ def _max_peak(stage: dict[str, Any]) -> float | None:
 
 def _tidy_tmp(out: Path) -> None:
     """device_check.sh points TMPDIR at OUT/tmp so nothing is written outside OUT; at the end the
-    carried wheels' install folder and torch's inductor cache go, and the folder itself when nothing
-    else is left in it."""
+    carried wheels' install folder and the compile caches (Triton's, torch inductor's) go, and the folder
+    itself when nothing else is left in it."""
     tmp = Path(os.environ.get("TMPDIR", ""))
     if not tmp.is_dir() or tmp.resolve().parent != out.resolve():
         return
-    shutil.rmtree(tmp / "pcavs_site", ignore_errors=True)
-    for cache in tmp.glob("torchinductor_*"):  # made by importing torchvision (torch 2.14), empty of results
-        shutil.rmtree(cache, ignore_errors=True)
+    for name in ("pcavs_site", "triton_cache", "torchinductor_cache", *(p.name for p in tmp.glob("torchinductor_*"))):
+        shutil.rmtree(tmp / name, ignore_errors=True)
     with contextlib.suppress(OSError):
         tmp.rmdir()
 

@@ -10,7 +10,7 @@
 # needs the oracle: $PCAVS_SHARED_DIR (a folder holding parity/make_weights.py, manifest.json, cases/), else
 # ./shared or ../shared; without it that stage reports only the precision rows on random weights.
 # Everything the check writes stays under OUTDIR, a failed stage included: temporary files (the carried
-# wheels' install folder, generated parity weights, stage results) go to OUTDIR/tmp, which
+# wheels' install folder, compile caches, generated parity weights, stage results) go to OUTDIR/tmp, which
 # bench/device_check.py removes at the end unless a stage left something there to look at.
 set -u
 out="${1:?usage: bench/device_check.sh OUTDIR [--smoke] [--budget-s S] [--stages a,b,...]}"
@@ -20,6 +20,9 @@ mkdir -p "$out" || exit 2
 out="$(cd "$out" && pwd)"
 export TMPDIR="$out/tmp"
 mkdir -p "$TMPDIR" || exit 2
+# Compile caches (the fused tail's Triton kernels; torch's inductor folder, made when torch imports
+# triton) go there too instead of ~/.triton and /tmp: removed at the end with the carried wheels.
+export TRITON_CACHE_DIR="$TMPDIR/triton_cache" TORCHINDUCTOR_CACHE_DIR="$TMPDIR/torchinductor_cache"
 py="${PYTHON:-python3}"
 "$py" - <<'PYCHECK' || { echo "device_check: $py cannot import torch" >&2; exit 2; }
 import sys, torch

@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             info["nvidia_smi"] = smi.stdout.strip()
         except (OSError, subprocess.SubprocessError) as exc:
             info["nvidia_smi"] = f"unavailable ({exc})"
+    try:  # optional: the generator's fused tail (pcavs/kernels/styled_tail.py) runs eagerly without it
+        import triton
+        info["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no fused tail"
+        info["triton"] = f"missing ({type(exc).__name__})"
     report.set("info", info)
     missing = {}
     for name in THIRD_PARTY + PROJECT:

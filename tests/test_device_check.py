@@ -27,6 +27,8 @@ def test_smoke_run_writes_every_stage(tmp_path):
     gen = results["generator"]["rows"]["batches"]
     assert [(r["mode"], r["batch"]) for r in gen] == [("eager", 1), ("eager", 2), ("overlap", 1), ("overlap", 2)]
     assert all(r["frames_per_s"] > 0 and r["host_ms"] > 0 for r in gen)
+    fused = results["generator"]["rows"]["fused"]  # the CPU has no fused-tail timings to give
+    assert {(r["dtype"], r["note"]) for r in fused} == {("bfloat16", "needs CUDA"), ("float16", "needs CUDA")}
     sessions = results["sessions"]["rows"]["sessions"]
     assert [r["sessions"] for r in sessions] == [1, 2] and all(r["tick_p95_ms"] >= r["tick_median_ms"] for r in sessions)
     precision = {r["variant"]: r for r in results["parity"]["rows"]["precision"]}
@@ -34,7 +36,7 @@ def test_smoke_run_writes_every_stage(tmp_path):
                                                             for r in precision.values())
     assert {r["step"] for r in results["pose"]["rows"]["pose"]} >= {"pose encoder b1"}
     table = (out / "device_check.txt").read_text()
-    for title in ("device check — stages", "generator:", "sessions:", "precision:", "pose:"):
+    for title in ("device check — stages", "generator:", "fused tail:", "sessions:", "precision:", "pose:"):
         assert title in table
 
 

@@ -96,7 +96,8 @@ def test_runtime_dependencies_are_exactly_what_the_code_imports():
     third_party = imported - ours - set(sys.stdlib_module_names) - {"__future__"}
     providers = importlib.metadata.packages_distributions()
     declared = set(_requirements(PYPROJECT["project"]["dependencies"]))
-    optional = set(_requirements(PYPROJECT["project"]["optional-dependencies"]["cluster"]))  # imported lazily
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    optional = set(_requirements(extras["cluster"] + extras["gpu"]))  # imported lazily
     used = set()
     for module in sorted(third_party):
         dists = {canonicalize_name(d) for d in providers.get(module, [])}

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcavs.constants import CROP_SIZE, ID_DIM, STYLE_DIM
+from pcavs.kernels import styled_tail
 
 SIZE = CROP_SIZE
 BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
@@ -275,25 +276,37 @@ class ModulatedConv2d(nn.Module):
         Where a sample's weight is smaller than its activations (batch 1 at 56² and above) the scales
         go on the weight instead: same maths, two fewer passes over the activations.
         """
+        out, d32 = self.forward_undemodulated(x, s)
+        return out if d32 is None else out.mul_(d32.to(out.dtype)[:, :, None, None])
+
+    def forward_undemodulated(self, x: torch.Tensor, s: torch.Tensor,
+                              shared_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(conv output, demodulation coefficients (B, out) float32 still to multiply, or None when
+        none are left): `forward` with the ×d left to the caller, for the fused tail
+        (`pcavs.kernels.styled_tail`), which applies it in the same pass as noise, bias and activation.
+        d is None where it is already in the weights (grouped; shared-weight batch 1) or the layer is
+        not demodulated."""
+        if not shared_weight:
+            return self.forward_grouped(x, s), None
         b = x.shape[0]
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         s32, d32 = self._input_scales(s)
-        s, d = s32.to(x.dtype), None if d32 is None else d32.to(x.dtype)
+        s = s32.to(x.dtype)
         out_numel = x.numel() * self.out_channel // self.in_channel * (4 if self.upsample else 1)
         if b == 1 and self.weight.numel() < x.numel() + out_numel:
             if self.upsample:  # (in, out, k, k): in-scale on dim 0, out-scale on dim 1
                 scale = s32[0][:, None] if d32 is None else s32[0][:, None] * d32[0][None, :]
                 w = self._transposed_weight(cl) * scale.to(x.dtype)[:, :, None, None]
-                return self.blur(F.conv_transpose2d(x, w, stride=2, padding=0))
+                return self.blur(F.conv_transpose2d(x, w, stride=2, padding=0)), None
             scale = s32[0][None, :] if d32 is None else d32[0][:, None] * s32[0][None, :]
             w = self._dense_weight(cl) * scale.to(x.dtype)[:, :, None, None]
-            return F.conv2d(x, w, padding=self.padding)
+            return F.conv2d(x, w, padding=self.padding), None
         x = x * s[:, :, None, None]
         if self.upsample:
             out = self.blur(F.conv_transpose2d(x, self._transposed_weight(cl), stride=2, padding=0))
         else:
             out = F.conv2d(x, self._dense_weight(cl), padding=self.padding)
-        return out if d is None else out.mul_(d[:, :, None, None])
+        return out, d32
 
 
 class NoiseInjection(nn.Module):
@@ -333,8 +346,13 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_channel)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, noise: torch.Tensor | None,
-                shared_weight: bool = True) -> torch.Tensor:
-        return self.activate(self.noise(self.conv(x, s, shared_weight), noise))
+                shared_weight: bool = True, fused_tail: bool = False) -> torch.Tensor:
+        """`fused_tail`: ×demod, noise, bias and activation in one Triton pass over the conv output
+        (`pcavs.kernels.styled_tail`); the caller checks it can run (`ModulatedGenerator`)."""
+        if not fused_tail:
+            return self.activate(self.noise(self.conv(x, s, shared_weight), noise))
+        out, demod = self.conv.forward_undemodulated(x, s, shared_weight)
+        return styled_tail.styled_tail_(out, demod, noise, self.noise.weight, self.activate.bias)
 
 
 class ToRGB(nn.Module):
@@ -375,16 +393,22 @@ class ModulatedGenerator(nn.Module):
     State-dict keys and shapes equal the upstream `ModulateGenerator` file exactly.
     Attributes `shared_weight`, `channels_last` and `max_batch` select the formulation, memory format
     and largest batch per pass at run time (none changes the result beyond float rounding, ~1e-6).
+    `fused_tail` picks how each styled conv's pointwise tail runs: "auto" (default) fuses it into one
+    Triton kernel (`pcavs.kernels.styled_tail`) on CUDA tensors when triton imports, True also under
+    Triton's CPU interpreter (tests), False always runs the eager ops. Wherever the kernel cannot run
+    (CPU, no triton, gradients wanted) the eager ops run, with no error.
     """
 
     checkpoint_role = "generator"
 
     def __init__(self, size: int = SIZE, style_dim: int = STYLE_DIM, channel_multiplier: int = 2,
                  shared_weight: bool = True, channels_last: bool = True,
-                 max_batch: int | Literal["auto"] | None = "auto") -> None:
+                 max_batch: int | Literal["auto"] | None = "auto",
+                 fused_tail: bool | Literal["auto"] = "auto") -> None:
         super().__init__()
         self.size, self.style_dim = size, style_dim
         self.shared_weight = shared_weight
+        self.fused_tail = fused_tail
         self.channels_last = channels_last
         self.max_batch = max_batch
         init = 7
@@ -432,6 +456,15 @@ class ModulatedGenerator(nn.Module):
         if self.max_batch == "auto":
             return 1 if device.type == "cpu" else None
         return self.max_batch
+
+    def uses_fused_tail(self, x: torch.Tensor) -> bool:
+        """Whether a pass over activations like x runs the fused tail (see `fused_tail`). Off where
+        autograd would need the eager ops' backward."""
+        if self.fused_tail is False or (self.fused_tail == "auto" and x.device.type != "cuda"):
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.conv1.parameters()):
+            return False
+        return styled_tail.available(x)
 
     def _param_dtype(self) -> torch.dtype:
         return self.conv1.conv.weight.dtype
@@ -529,11 +562,12 @@ class ModulatedGenerator(nn.Module):
         shared = self.shared_weight
         if shared and self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        fused = self.uses_fused_tail(x)
         it = iter(mods)
-        x = self.conv1(x, next(it), noise_list[0], shared)
+        x = self.conv1(x, next(it), noise_list[0], shared, fused)
         skip = self.to_rgb1(x, next(it), None, shared)
         for i, to_rgb in enumerate(self.to_rgbs):
-            x = self.convs[2 * i](x, next(it), noise_list[2 * i + 1], shared)
-            x = self.convs[2 * i + 1](x, next(it), noise_list[2 * i + 2], shared)
+            x = self.convs[2 * i](x, next(it), noise_list[2 * i + 1], shared, fused)
+            x = self.convs[2 * i + 1](x, next(it), noise_list[2 * i + 2], shared, fused)
             skip = to_rgb(x, next(it), skip, shared)
         return torch.tanh(skip).contiguous()
