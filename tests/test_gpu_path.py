@@ -618,7 +618,8 @@ def test_studio_accepts_offers_only_after_the_warm_up(monkeypatch, tmp_path):
         model=SimpleNamespace(device="cpu", dtype="float32", noise="fixed", noise_seed=0, mouth_weight=1.2,
                               checkpoint_dir=tmp_path),
         identity=SimpleNamespace(photo=tmp_path / "photo.png"),
-        pose=SimpleNamespace(smoothing=0.5, rate_hz=12.5))
+        pose=SimpleNamespace(smoothing=0.5, rate_hz=12.5),
+        whip=SimpleNamespace(endpoint=None, token=None, viewer_url=None))
     real_init = FakeServer.__init__
 
     def init(self, factory, **kwargs):
