@@ -34,6 +34,7 @@ from pcavs_live.common.errors import UserError
 from pcavs_live.common.workers import Worker
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
+from pcavs.alignment.fan_batch import BatchedLandmarkModel, FanBatcher, StagedLandmarkModel
 from pcavs.mel import StreamingGain, StreamingMel
 from pcavs_live.pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity
 from pcavs_live.pipeline.engine_setup import PoseBatcher
@@ -152,6 +153,7 @@ class StudioSession:
         worker = None if self._session is None else self._session.pose_worker
         if worker is not None:
             snap["pose_frames_processed"] = worker.frames_processed
+            snap["pose_frames_busy"] = worker.frames_busy
         return snap
 
     def stop(self) -> None:
@@ -187,9 +189,10 @@ class StudioSessions:
 
     def __init__(self, encode: EncodeIdentity, renderer: SharedRenderer, config: Config,
                  pose_detector: Callable[[], LandmarkDetector] | None = None, device: str | None = None,
-                 pose_batcher: PoseBatcher | None = None) -> None:
+                 pose_batcher: PoseBatcher | None = None, landmarks: SharedLandmarkModel | None = None) -> None:
         self.encode, self.renderer, self.config = encode, renderer, config
         self.pose_detector, self.device, self.pose_batcher = pose_detector, device, pose_batcher
+        self.landmarks = landmarks
 
     def create(self, photo: np.ndarray | None, name: str) -> StudioSession:
         avatar, aligned = self.encode(photo, name)
@@ -197,7 +200,14 @@ class StudioSessions:
                              pose_batcher=self.pose_batcher)
 
     def stats(self) -> dict:
-        return self.renderer.stats()
+        """The renderer's, and the shared pose path's: FAN batches (`pose_fan_*`, with the crops
+        dropped on a full queue and the waits timed out) and pose-encoder batches."""
+        out = dict(self.renderer.stats())
+        if self.landmarks is not None:
+            out.update(self.landmarks.stats())
+        if self.pose_batcher is not None:
+            out.update(self.pose_batcher.stats())
+        return out
 
 
 class SharedLandmarkModel:
@@ -205,20 +215,43 @@ class SharedLandmarkModel:
     the identity encoder (boxes at full size) and every session's pose worker (`max_side`:
     `POSE_DETECT_MAX_SIDE`). What it hands out keeps the model's two stages (`face_boxes`,
     `landmarks_in_boxes`), so each session's pose worker tracks its face (`tracking_detector`) and runs
-    the box detector only when the face is lost. No studio-wide lock around a session's frame: the
-    model guards each of its own calls."""
+    the box detector only when the face is lost. No studio-wide lock around a session's frame.
 
-    def __init__(self, load: Callable[[], object]) -> None:
+    `for_pose` is what a session's pose worker gets: when the model's FAN stage splits
+    (`pcavs.alignment.fan_batch.StagedLandmarkModel`), its FAN goes through the one `FanBatcher` of
+    the model, so sessions' tracked crops share FAN forwards; `stats()` has the batcher's counters."""
+
+    def __init__(self, load: Callable[[], object], fan_batch: int = 64, fan_pending: int = 256,
+                 fan_timeout_s: float = 2.0) -> None:
         self._load = load
         self._lock = threading.Lock()
         self._model: object | None = None
+        self._fan_options = dict(max_batch=fan_batch, max_pending=fan_pending, timeout_s=fan_timeout_s)
+        self.fan_batcher: FanBatcher | None = None
 
-    def __call__(self, max_side: int | None = None):
+    def _loaded(self) -> object:
         with self._lock:      # loaded once, by the first caller
             if self._model is None:
-                self._model = self._load()
-        resize = getattr(self._model, "with_detect_max_side", None)
-        return self._model if resize is None else resize(max_side)
+                model = self._load()
+                if isinstance(model, StagedLandmarkModel):
+                    self.fan_batcher = FanBatcher(model.fan_heatmaps, **self._fan_options)
+                self._model = model
+            return self._model
+
+    def __call__(self, max_side: int | None = None):
+        model = self._loaded()
+        resize = getattr(model, "with_detect_max_side", None)
+        return model if resize is None else resize(max_side)
+
+    def for_pose(self, max_side: int | None = None):
+        """A session pose worker's model: FAN through the shared batcher when the model allows it."""
+        model = self(max_side)
+        if self.fan_batcher is None or not isinstance(model, StagedLandmarkModel):
+            return model
+        return BatchedLandmarkModel(model, self.fan_batcher)
+
+    def stats(self) -> dict[str, object]:
+        return {} if self.fan_batcher is None else self.fan_batcher.stats()
 
 
 @dataclass(frozen=True)
@@ -253,8 +286,8 @@ def studio_parts(config: Config, landmark_detector: object | None = None,
     detector = SharedLandmarkModel(load_detector)
     renderer = SharedRenderer(render_sessions)
     factory = StudioSessions(AvatarFactory(None, opts, Path(config.identity.photo), detector), renderer, config,
-                             pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), device=opts.device,
-                             pose_batcher=PoseBatcher())
+                             pose_detector=lambda: detector.for_pose(POSE_DETECT_MAX_SIDE), device=opts.device,
+                             pose_batcher=PoseBatcher(), landmarks=detector)
 
     def load() -> None:
         runtime = make_runtime(config.model, opts)

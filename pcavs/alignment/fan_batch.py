@@ -1,0 +1,178 @@
+"""Several live sessions' landmark crops through one FAN forward (issue 20: pose at scale).
+
+A tracked pose frame is FAN (~50 GFLOP at batch 1) plus the pose encoder; run one session at a time
+under the model's lock, a studio's sessions queue behind each other and the GPU runs batch-1 kernels.
+`FanBatcher` gathers the 256×256 FAN inputs that sessions submit while a forward is running and runs
+them as one batch; `BatchedLandmarkModel` is the `BoxLandmarkModel` (`pcavs.alignment.tracking`) a
+session's tracker uses, with its FAN stage going through the shared batcher. The box detector (SFD)
+runs only for a session that lost its track, on its own (not batched).
+
+Who runs the forward: the first waiting submitter (a "leader"), not a thread of the batcher's own.
+
+* Nothing to start or stop: the batcher has no thread, so no owner has to join one, and a studio
+  without sessions costs nothing.
+* A lone session pays no hand-off: with nobody else waiting it runs its own forward at once, exactly
+  as before; batches form only when the device is busy, which is when they pay.
+* The forward runs on the leader's thread, i.e. inside one pose worker's own (lowest-priority) CUDA
+  stream (`pcavs.gpu.WorkerStream`, entered by the tracker around every model call) and with the pose
+  worker's CPU thread count, as a session's own FAN did.
+
+Bounds: at most `max_pending` crops wait (a submit beyond that is dropped, counted, and raises
+`LandmarksBusy`); a submitter whose landmarks have not come back within `timeout_s` stops waiting
+(counted, `LandmarksBusy`; a late result is discarded). `LandmarksBusy` tells the pose worker to skip
+the frame and hold its last pose; the track is kept. A forward that fails raises in every submitter of
+that batch. A session that stops while its crops are in a batch leaves the others unaffected: the
+batch finishes and only its own results go unread.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from pcavs.alignment.errors import LandmarksBusy
+
+
+@dataclass(eq=False)  # identity, not numpy field comparison, in `in` / remove
+class _Request:
+    inputs: np.ndarray                        # (k, 3, 256, 256) float32, one session's crops
+    heatmaps: np.ndarray | None = None
+    error: BaseException | None = None
+    done: bool = False
+    abandoned: bool = False
+
+
+@dataclass
+class FanBatchStats:
+    passes: int = 0            # FAN forwards run
+    crops: int = 0             # crops through them
+    largest_batch: int = 0
+    dropped: int = 0           # submits refused: `max_pending` crops already waiting
+    timeouts: int = 0          # submitters that stopped waiting after `timeout_s`
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+class FanBatcher:
+    """One FAN forward for the crops that several sessions submit while a forward runs (module doc).
+    `forward`: (n, 3, 256, 256) float32 in [0, 1] → (n, 68, 64, 64) heatmaps (a numpy array)."""
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch: int = 64,
+                 max_pending: int = 256, timeout_s: float = 2.0) -> None:
+        self._forward = forward
+        self.max_batch = max(1, int(max_batch))
+        self.max_pending = max(self.max_batch, int(max_pending))
+        self.timeout_s = float(timeout_s)
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._running = False
+        self._stats = FanBatchStats()
+
+    def heatmaps(self, inputs: np.ndarray) -> np.ndarray:
+        """This caller's crops' heatmaps, in the order given (see the module doc for the bounds)."""
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        if len(inputs) == 0:
+            return np.zeros((0, 68, 64, 64), np.float32)
+        req = _Request(inputs)
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            if sum(len(r.inputs) for r in self._pending) + len(inputs) > self.max_pending:
+                self._stats.dropped += 1
+                raise LandmarksBusy(f"landmark queue full ({self.max_pending} crops waiting)")
+            self._pending.append(req)
+            while not req.done and self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    req.abandoned = True
+                    if req in self._pending:
+                        self._pending.remove(req)
+                    self._stats.timeouts += 1
+                    raise LandmarksBusy(f"no landmarks within {self.timeout_s:g} s (FAN busy)")
+                self._cond.wait(left)
+            if not req.done:                     # nobody is running a forward: lead the next one
+                self._running = True
+                batch = self._take_batch(req)
+        if not req.done:
+            self._run(batch)
+        if req.error is not None:
+            raise req.error
+        assert req.heatmaps is not None
+        return req.heatmaps
+
+    def _take_batch(self, leader: _Request) -> list[_Request]:
+        """The leader's crops first, then waiting requests in arrival order, up to `max_batch` crops
+        (a request is never split; the leader's always goes)."""
+        batch, total = [leader], len(leader.inputs)
+        for r in self._pending:
+            if r is not leader and total + len(r.inputs) <= self.max_batch:
+                batch.append(r)
+                total += len(r.inputs)
+        taken = {id(r) for r in batch}
+        self._pending = [r for r in self._pending if id(r) not in taken]
+        return batch
+
+    def _run(self, batch: list[_Request]) -> None:
+        try:
+            out = np.asarray(self._forward(np.concatenate([r.inputs for r in batch])))
+            error = None
+        except BaseException as exc:  # noqa: BLE001 - handed to every submitter of this batch
+            out, error = None, exc
+        with self._cond:
+            start = 0
+            for r in batch:
+                n = len(r.inputs)
+                if out is not None:
+                    r.heatmaps = out[start:start + n]
+                r.error, r.done = error, True
+                start += n
+            s = self._stats
+            s.passes += 1
+            s.crops += start
+            s.largest_batch = max(s.largest_batch, start)
+            s.batch_sizes[start] = s.batch_sizes.get(start, 0) + 1
+            self._running = False
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, object]:
+        """Counters for the studio's stats (`pose_fan_*`)."""
+        with self._cond:
+            s = self._stats
+            return {"pose_fan_passes": s.passes, "pose_fan_crops": s.crops,
+                    "pose_fan_largest_batch": s.largest_batch,
+                    "pose_fan_mean_batch": round(s.crops / s.passes, 2) if s.passes else None,
+                    "pose_fan_dropped": s.dropped, "pose_fan_timeouts": s.timeouts,
+                    "pose_fan_waiting": sum(len(r.inputs) for r in self._pending)}
+
+
+@runtime_checkable
+class StagedLandmarkModel(Protocol):
+    """A landmark model whose FAN stage splits into CPU-side preparation, the network, and CPU-side
+    decoding (`FaceAlignmentDetector` has them), so the network can run for several callers at once."""
+
+    def face_boxes(self, rgb: np.ndarray) -> list[np.ndarray]: ...
+
+    def fan_inputs(self, rgb: np.ndarray, boxes: list[np.ndarray]) -> tuple[np.ndarray, list]: ...
+
+    def fan_heatmaps(self, inputs: np.ndarray) -> np.ndarray: ...
+
+    def landmarks_from_heatmaps(self, heatmaps: np.ndarray, frames: list) -> list[tuple[np.ndarray, float]]: ...
+
+
+class BatchedLandmarkModel:
+    """A session's view of a shared `StagedLandmarkModel`: `face_boxes` as the model's, and
+    `landmarks_in_boxes` with the crop and the decoding in the caller's thread and FAN through the
+    shared `FanBatcher`. A `BoxLandmarkModel`, so `tracking_detector` tracks with it."""
+
+    def __init__(self, model: StagedLandmarkModel, batcher: FanBatcher) -> None:
+        self.model, self.batcher = model, batcher
+
+    def face_boxes(self, rgb: np.ndarray) -> list[np.ndarray]:
+        return self.model.face_boxes(rgb)
+
+    def landmarks_in_boxes(self, rgb: np.ndarray, boxes: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        if not boxes:
+            return []
+        inputs, frames = self.model.fan_inputs(rgb, boxes)
+        return self.model.landmarks_from_heatmaps(self.batcher.heatmaps(inputs), frames)
