@@ -112,6 +112,21 @@ def test_a_lone_session_runs_its_forward_at_once():
     assert fan.forwards == [1, 1, 1] and model.landmarks_in_boxes(frame(0), []) == []
 
 
+def test_a_window_holds_the_forward_open_for_other_sessions_crops():
+    """With a window the leader waits for more crops before its forward; a full batch ends the window
+    at once (a 30 s window here, so the test never waits on the clock)."""
+    fan = FakeFan()
+    batcher = FanBatcher(fan.fan_heatmaps, max_batch=3, window_s=30.0)
+    got: dict[int, float] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+        i, batcher.heatmaps(np.full((1, 3, 8, 8), i, np.float32))[0, 0, 0, 0])) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert fan.forwards == [3] and got == {0: 0.0, 1: 1.0, 2: 2.0}
+
+
 def test_max_batch_splits_the_waiting_crops_into_several_forwards():
     hold = threading.Event()
     fan = FakeFan(hold)
@@ -289,39 +304,41 @@ def test_studio_pose_models_share_one_fan_batcher_and_report_its_counters():
     assert stats["pose_fan_timeouts"] == 0 and stats["pose_encoder_passes"] == 0
 
 
-def test_staged_fan_equals_face_alignments_own_landmarks(tmp_path):
+def test_staged_fan_equals_face_alignments_own_landmarks():
     """The three FAN steps (crop, network, decode) give what face_alignment's get_landmarks_from_image
     gives for the same boxes, and two sessions' crops batched into one forward give each session the
-    same landmarks as alone (random stand-in FAN, one hourglass to keep it quick)."""
-    import torch
-    from face_alignment.detection.sfd.net_s3fd import s3fd
-    from face_alignment.models import FAN
-    import skimage.data
+    same landmarks as alone (random stand-in FAN of one hourglass, on the loaded model's attributes
+    without the weight files, to keep it quick)."""
+    from types import SimpleNamespace
 
-    from pcavs import alignment as al
+    import face_alignment
+    import skimage.data
+    import torch
+    from face_alignment.models import FAN
+
     from pcavs.alignment import FaceAlignmentDetector
 
     torch.manual_seed(0)
-    torch.save(s3fd().state_dict(), tmp_path / al.SFD_FILE)
-    torch.save(FAN(4).state_dict(), tmp_path / al.FAN_FILE)
-    det = FaceAlignmentDetector(model_dir=tmp_path, allow_download=False)
-    det._fa.face_alignment_net = FAN(1).eval()
+    fa = SimpleNamespace(face_alignment_net=FAN(1).eval(), device="cpu", dtype=torch.float32, flip_input=False,
+                         max_batch_size=8, landmarks_type=face_alignment.LandmarksType.TWO_D,
+                         face_detector=SimpleNamespace(reference_scale=195.0))
+    det = object.__new__(FaceAlignmentDetector)
+    det._fa = fa
     assert isinstance(det, StagedLandmarkModel)
     rgb = skimage.data.astronaut()
     boxes = [np.array([150.0, 60.0, 300.0, 220.0, 0.99]), np.array([100.0, 40.0, 260.0, 230.0, 0.9])]
     with torch.inference_mode():
-        ref, ref_scores, _ = det._fa.get_landmarks_from_image(rgb, detected_faces=boxes, return_landmark_score=True)
+        ref, ref_scores, _ = face_alignment.FaceAlignment.get_landmarks_from_image(
+            fa, rgb, detected_faces=boxes, return_landmark_score=True)
     staged = det.landmarks_in_boxes(rgb, boxes)
     for (lm, score), r, rs in zip(staged, ref, ref_scores):
         np.testing.assert_allclose(lm, np.asarray(r)[:, :2], atol=1e-3)
         assert score == pytest.approx(float(np.mean(rs)), abs=1e-5)
-    batcher = FanBatcher(det.fan_heatmaps)
     other = np.ascontiguousarray(rgb[::-1])
-    one, two = BatchedLandmarkModel(det, batcher), BatchedLandmarkModel(det, batcher.__class__(det.fan_heatmaps))
     inputs_a, frames_a = det.fan_inputs(rgb, boxes[:1])
     inputs_b, frames_b = det.fan_inputs(other, boxes[1:])
     both = det.fan_heatmaps(np.concatenate([inputs_a, inputs_b]))
     batched_a = det.landmarks_from_heatmaps(both[:1], frames_a)[0][0]
     batched_b = det.landmarks_from_heatmaps(both[1:], frames_b)[0][0]
-    np.testing.assert_allclose(batched_a, one.landmarks_in_boxes(rgb, boxes[:1])[0][0], atol=1e-3)
-    np.testing.assert_allclose(batched_b, two.landmarks_in_boxes(other, boxes[1:])[0][0], atol=1e-3)
+    np.testing.assert_allclose(batched_a, staged[0][0], atol=1e-3)
+    np.testing.assert_allclose(batched_b, det.landmarks_in_boxes(other, boxes[1:])[0][0], atol=1e-3)
