@@ -127,6 +127,20 @@ def test_a_window_holds_the_forward_open_for_other_sessions_crops():
     assert fan.forwards == [3] and got == {0: 0.0, 1: 1.0, 2: 2.0}
 
 
+def test_buckets_pad_a_forward_and_warm_up_runs_each_bucket_once():
+    """With buckets a forward of n crops runs at the smallest bucket holding n (zero crops added,
+    counted, and never handed to anyone); the warm-up runs exactly the sizes 1..N sessions can form."""
+    fan = FakeFan()
+    batcher = FanBatcher(fan.fan_heatmaps, max_batch=8, buckets=(1, 2, 4, 8))
+    out = batcher.heatmaps(np.stack([np.full((3, 8, 8), v, np.float32) for v in (5.0, 6.0, 7.0)]))
+    assert fan.forwards == [4] and out.shape[0] == 3 and list(out[:, 0, 0, 0]) == [5.0, 6.0, 7.0]
+    assert batcher.stats()["pose_fan_padded"] == 1 and batcher.stats()["pose_fan_crops"] == 3
+    assert batcher.padded_size(5) == 8 and batcher.padded_size(9) == 9
+    fan.forwards.clear()
+    assert batcher.warm_up(6, np.zeros((3, 8, 8), np.float32)) == [1, 2, 4, 8] and fan.forwards == [1, 2, 4, 8]
+    assert batcher.warm_up(100, np.zeros((3, 8, 8), np.float32)) == [1, 2, 4, 8]   # up to max_batch
+
+
 def test_max_batch_splits_the_waiting_crops_into_several_forwards():
     hold = threading.Event()
     fan = FakeFan(hold)
@@ -302,6 +316,9 @@ def test_studio_pose_models_share_one_fan_batcher_and_report_its_counters():
     stats = sessions.stats()
     assert stats["batches"] == 0 and stats["pose_fan_passes"] == 3 and stats["pose_fan_dropped"] == 0
     assert stats["pose_fan_timeouts"] == 0 and stats["pose_encoder_passes"] == 0
+    fan.forwards.clear()
+    assert SharedLandmarkModel(lambda: fan, fan_batch=8, fan_buckets=(1, 4, 8)).warm_up(5) == [1, 4, 8]
+    assert fan.forwards == [1, 4, 8]
 
 
 def test_staged_fan_equals_face_alignments_own_landmarks():

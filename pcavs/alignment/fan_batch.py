@@ -27,13 +27,15 @@ batch finishes and only its own results go unread.
 `window_s` (default 0: none) holds a forward open that long for more crops before it starts: on a GPU
 a FAN forward takes a few ms, so without a window the sessions' 12.5 Hz frames rarely meet; a few ms
 of pose latency (the pose is interpolated 80 ms behind anyway) buys batches of many sessions.
+`buckets` pads a forward with zero crops to the smallest bucket holding it, so cuDNN's autotuner (on in
+a GPU process) meets a few batch shapes, tuned by `warm_up` at start-up, not one new shape per count.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -56,6 +58,7 @@ class FanBatchStats:
     largest_batch: int = 0
     dropped: int = 0           # submits refused: `max_pending` crops already waiting
     timeouts: int = 0          # submitters that stopped waiting after `timeout_s`
+    padded: int = 0            # zero crops added to reach a batch bucket
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
@@ -64,9 +67,11 @@ class FanBatcher:
     `forward`: (n, 3, 256, 256) float32 in [0, 1] → (n, 68, 64, 64) heatmaps (a numpy array)."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch: int = 64,
-                 max_pending: int = 256, timeout_s: float = 2.0, window_s: float = 0.0) -> None:
+                 max_pending: int = 256, timeout_s: float = 2.0, window_s: float = 0.0,
+                 buckets: Sequence[int] | None = None) -> None:
         self._forward = forward
         self.window_s = max(0.0, float(window_s))
+        self.buckets = None if buckets is None else tuple(sorted(int(b) for b in buckets))
         self.max_batch = max(1, int(max_batch))
         self.max_pending = max(self.max_batch, int(max_pending))
         self.timeout_s = float(timeout_s)
@@ -129,9 +134,27 @@ class FanBatcher:
         self._pending = [r for r in self._pending if id(r) not in taken]
         return batch
 
+    def padded_size(self, n: int) -> int:
+        """The batch size a forward of `n` crops runs at: the smallest bucket holding them (n itself
+        without buckets or beyond the largest)."""
+        return next((b for b in self.buckets or () if b >= n), n)
+
+    def warm_up(self, up_to: int, sample: np.ndarray) -> list[int]:
+        """One forward at every batch size a forward of 1..`up_to` crops can run at (cuDNN autotunes each
+        new shape on a GPU: at start-up, not while sessions wait). `sample`: one crop (3, H, W)."""
+        sizes = sorted({self.padded_size(n) for n in range(1, max(1, min(int(up_to), self.max_batch)) + 1)})
+        for size in sizes:
+            self._forward(np.repeat(np.asarray(sample, np.float32)[None], size, axis=0))
+        return sizes
+
     def _run(self, batch: list[_Request]) -> None:
+        pad = 0
         try:
-            out = np.asarray(self._forward(np.concatenate([r.inputs for r in batch])))
+            inputs = np.concatenate([r.inputs for r in batch])
+            pad = self.padded_size(len(inputs)) - len(inputs)
+            if pad:   # zero crops up to the bucket: a few shapes for cuDNN, not one per count
+                inputs = np.concatenate([inputs, np.zeros((pad, *inputs.shape[1:]), inputs.dtype)])
+            out = np.asarray(self._forward(inputs))
             error = None
         except BaseException as exc:  # noqa: BLE001 - handed to every submitter of this batch
             out, error = None, exc
@@ -145,6 +168,7 @@ class FanBatcher:
                 start += n
             s = self._stats
             s.passes += 1
+            s.padded += pad
             s.crops += start
             s.largest_batch = max(s.largest_batch, start)
             s.batch_sizes[start] = s.batch_sizes.get(start, 0) + 1
@@ -158,7 +182,7 @@ class FanBatcher:
             return {"pose_fan_passes": s.passes, "pose_fan_crops": s.crops,
                     "pose_fan_largest_batch": s.largest_batch,
                     "pose_fan_mean_batch": round(s.crops / s.passes, 2) if s.passes else None,
-                    "pose_fan_dropped": s.dropped, "pose_fan_timeouts": s.timeouts,
+                    "pose_fan_dropped": s.dropped, "pose_fan_timeouts": s.timeouts, "pose_fan_padded": s.padded,
                     "pose_fan_waiting": sum(len(r.inputs) for r in self._pending)}
 
 

@@ -222,12 +222,13 @@ class SharedLandmarkModel:
     the model, so sessions' tracked crops share FAN forwards; `stats()` has the batcher's counters."""
 
     def __init__(self, load: Callable[[], object], fan_batch: int = 64, fan_pending: int = 256,
-                 fan_timeout_s: float = 2.0, fan_window_s: float = 0.0) -> None:
+                 fan_timeout_s: float = 2.0, fan_window_s: float = 0.0,
+                 fan_buckets: tuple[int, ...] | None = None) -> None:
         self._load = load
         self._lock = threading.Lock()
         self._model: object | None = None
         self._fan_options = dict(max_batch=fan_batch, max_pending=fan_pending, timeout_s=fan_timeout_s,
-                                 window_s=fan_window_s)
+                                 window_s=fan_window_s, buckets=fan_buckets)
         self.fan_batcher: FanBatcher | None = None
 
     def _loaded(self) -> object:
@@ -254,6 +255,14 @@ class SharedLandmarkModel:
     def stats(self) -> dict[str, object]:
         return {} if self.fan_batcher is None else self.fan_batcher.stats()
 
+    def warm_up(self, sessions: int) -> list[int]:
+        """Load the model now and run FAN once at every batch size `sessions` sessions' crops can
+        form (on a GPU: cuDNN autotunes those shapes before the first offer). Returns the sizes run."""
+        self._loaded()
+        if self.fan_batcher is None:
+            return []
+        return self.fan_batcher.warm_up(sessions, np.full((3, 256, 256), 0.5, np.float32))
+
 
 FAN_WINDOW_S = 0.004   # the studio's FanBatcher window on a GPU (`pcavs.alignment.fan_batch`)
 
@@ -269,11 +278,13 @@ def studio_parts(config: Config, landmark_detector: object | None = None,
                  ) -> tuple[StudioSessions, Callable[[], None]]:
     """The studio's pieces, as one process (`serve`) or one cluster worker (`pcavs_live.cluster`) runs
     them: one landmark model, one `SharedRenderer`, the `StudioSessions` factory. Returns the factory and
-    `load`, which loads the networks, warms the runtime up for `server.max_sessions` rows and starts the
-    renderer; until it has run, offers are refused ("still loading"), so no CUDA graph is captured while
+    `load`, which loads the networks, warms the runtime up for `server.max_sessions` rows (on a GPU also
+    the landmark network's FAN batch sizes, `SharedLandmarkModel.warm_up`) and starts the renderer; until it has run, offers are refused ("still loading"), so no CUDA graph is captured while
     sessions wait. The caller stops `factory.renderer`."""
     from pcavs.device import configure_cudnn
+    from pcavs.alignment import LandmarkModelUnavailable
     from pcavs.engine import render_sessions
+    from pcavs.runtime import DEFAULT_BUCKETS
     from pcavs_live.pipeline.builders import engine_options, make_runtime
     from pcavs_live.pipeline.engine_setup import prepare_runtime
 
@@ -287,14 +298,23 @@ def studio_parts(config: Config, landmark_detector: object | None = None,
         configure_cudnn(opts.device)  # importing face_alignment set it behind our back
         return model
 
-    # On a GPU a FAN forward is a few ms: a 4 ms window lets the sessions' pose frames meet in one batch.
-    detector = SharedLandmarkModel(load_detector, fan_window_s=FAN_WINDOW_S if opts.device.startswith("cuda") else 0.0)
+    # On a GPU a FAN forward is a few ms: a 4 ms window lets the sessions' pose frames meet in one batch,
+    # padded to the render buckets so cuDNN autotunes a few shapes (warmed in `load`).
+    cuda = opts.device.startswith("cuda")
+    detector = SharedLandmarkModel(load_detector, fan_window_s=FAN_WINDOW_S if cuda else 0.0,
+                                   fan_buckets=DEFAULT_BUCKETS if cuda else None)
     renderer = SharedRenderer(render_sessions)
     factory = StudioSessions(AvatarFactory(None, opts, Path(config.identity.photo), detector), renderer, config,
                              pose_detector=lambda: detector.for_pose(POSE_DETECT_MAX_SIDE), device=opts.device,
                              pose_batcher=PoseBatcher(), landmarks=detector)
 
     def load() -> None:
+        if cuda:
+            try:
+                sizes = detector.warm_up(config.server.max_sessions)
+                log.info("landmark network warmed up for batch sizes %s", sizes)
+            except LandmarkModelUnavailable as exc:   # said again to the first session that needs it
+                log.warning("%s", exc)
         runtime = make_runtime(config.model, opts)
         prepare_runtime(runtime, config.server.max_sessions)
         factory.encode.runtime = runtime  # from here offers are accepted
