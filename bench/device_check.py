@@ -144,11 +144,14 @@ def _max_peak(stage: dict[str, Any]) -> float | None:
 
 def _tidy_tmp(out: Path) -> None:
     """device_check.sh points TMPDIR at OUT/tmp so nothing is written outside OUT; at the end the
-    carried wheels' install folder goes, and the folder itself when nothing else is left in it."""
+    carried wheels' install folder goes, torch's compile caches (importing torchvision creates an
+    empty torchinductor_<user> folder under TMPDIR), and the folder itself when nothing else is left in it."""
     tmp = Path(os.environ.get("TMPDIR", ""))
     if not tmp.is_dir() or tmp.resolve().parent != out.resolve():
         return
     shutil.rmtree(tmp / "pcavs_site", ignore_errors=True)
+    for cache in tmp.glob("torchinductor_*"):
+        shutil.rmtree(cache, ignore_errors=True)
     with contextlib.suppress(OSError):
         tmp.rmdir()
 

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if FAN is not None:
         sessions = ([2] if args.smoke else [1, 4, 16, 64] if cuda else [1, 4, 16]) if args.sessions is None \
             else [int(n) for n in args.sessions.split(",")]
-        scale(args, report, device, gen_dtype, fan, side, sessions, max(1, min(runs, 5)), stream, sync)
+        scale(args, report, device, gen_dtype, fan, side, sessions, max(1, min(runs, 5)), stream, sync,
+              b1_ms=(ms.get(fan_key or "", 0.0), ms.get("pose encoder b1", 0.0)))
     if not args.smoke:
         pose_precision(args, report, device)
     report.set("peak_mb", peak_memory_mb(device))
@@ -132,8 +133,9 @@ SCALE_COLUMNS = ["sessions", "mode", "fan_ms", "encoder_ms", "pose_ms_per_sessio
 
 
 def scale(args, report: Report, device: str, gen_dtype: torch.dtype, fan: torch.nn.Module, side: int,
-          sessions: list[int], runs: int, stream, sync) -> None:
-    """The `scale` table (see the module doc)."""
+          sessions: list[int], runs: int, stream, sync, b1_ms: tuple[float, float] = (0.0, 0.0)) -> None:
+    """The `scale` table (see the module doc). `b1_ms`: FAN's and the pose encoder's batch-1 ms, to
+    skip a row that would not finish before the deadline (a busy CPU)."""
     from pcavs.engine import Avatar, EngineOptions, encode_poses
     from pcavs.runtime import RenderRuntime, RowBatch
 
@@ -149,8 +151,8 @@ def scale(args, report: Report, device: str, gen_dtype: torch.dtype, fan: torch.
     rng = np.random.default_rng(0)
     warm = 0 if args.smoke else 1
 
-    def timed(fn, scope) -> float | None:
-        if report.out_of_time(3.0):
+    def timed(fn, scope, estimate_ms: float = 0.0) -> float | None:
+        if report.out_of_time(3.0 + 2.0 * (runs + warm) * estimate_ms / 1000):
             return None
         with scope(), torch.inference_mode():
             return summary(wall_ms(fn, runs, warmup=warm, sync=sync, deadline=report.deadline - 2.0))["median_ms"]
@@ -185,8 +187,8 @@ def scale(args, report: Report, device: str, gen_dtype: torch.dtype, fan: torch.
                 with autocast():
                     for g in groups:
                         encode_poses(nets, poses[g])
-            fan_ms = timed(fan_step, stream.scope)
-            enc_ms = timed(encoder_step, stream.scope)
+            fan_ms = timed(fan_step, stream.scope, n * b1_ms[0])
+            enc_ms = timed(encoder_step, stream.scope, n * b1_ms[1])
             if fan_ms is None or enc_ms is None:
                 break
             pose_per_session = (fan_ms + enc_ms) / n
