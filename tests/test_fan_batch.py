@@ -359,3 +359,82 @@ def test_staged_fan_equals_face_alignments_own_landmarks():
     batched_b = det.landmarks_from_heatmaps(both[1:], frames_b)[0][0]
     np.testing.assert_allclose(batched_a, staged[0][0], atol=1e-3)
     np.testing.assert_allclose(batched_b, det.landmarks_in_boxes(other, boxes[1:])[0][0], atol=1e-3)
+
+
+class PatchFace:
+    """A staged model over frames holding one bright square (the 'face') on black: the box detector
+    finds the square; FAN's stand-in encodes, per crop, where the face's centre is and whether the box
+    holds it, and decodes that into a schematic face there (high score only when inside)."""
+
+    def __init__(self) -> None:
+        self.forwards: list[int] = []
+        self.boxes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _centre(rgb):
+        ys, xs = np.nonzero(rgb[..., 0])
+        return float(xs.mean()), float(ys.mean())
+
+    def face_boxes(self, rgb):
+        with self._lock:
+            self.boxes += 1
+        cx, cy = self._centre(rgb)
+        return [np.array([cx - 40, cy - 45, cx + 40, cy + 40, 0.99])]
+
+    def fan_inputs(self, rgb, boxes):
+        cx, cy = self._centre(rgb)
+        rows = [[cx, cy, float(b[0] <= cx <= b[2] and b[1] <= cy <= b[3])] for b in boxes]
+        return np.asarray(rows, np.float32), list(boxes)
+
+    def fan_heatmaps(self, inputs):
+        with self._lock:
+            self.forwards.append(len(inputs))
+        return inputs.copy()
+
+    def landmarks_from_heatmaps(self, heatmaps, frames):
+        from tests.test_pose_tracking import face_at
+        return [(face_at(cx, cy), 0.9 if inside else 0.05) for cx, cy, inside in heatmaps]
+
+
+def test_live_pose_paths_of_several_sessions_share_the_batchers_and_keep_their_own_poses():
+    """Four sessions' start_live_pose (rate cap → tracking → live alignment → pose encoder) over one
+    staged model and one FanBatcher and one PoseBatcher: one box detection per session, every crop's FAN
+    through the shared batcher, and each session's pose code from its own face (the code is the aligned
+    crop's centre pixel: the session's own patch value only when its own landmarks aligned it)."""
+    from pcavs_live.pipeline.engine_setup import PoseBatcher, start_live_pose
+    from pcavs_live.pipeline.metrics import LiveMetrics
+    from tests.test_pose_tracking import frames_at
+
+    def encode_many(networks, crops):
+        return np.repeat(np.asarray(crops)[:, 112, 112, :1].astype(np.float32), 12, axis=1)
+
+    class Avatar:
+        device, networks = "cpu", object()
+
+    model = PatchFace()
+    fan_batcher, pose_batcher = FanBatcher(model.fan_heatmaps, window_s=0.01), PoseBatcher(encode_many)
+    values = [60, 120, 180, 240]
+    workers = []
+    try:
+        for i, v in enumerate(values):
+            rgb = np.zeros((240, 320, 3), np.uint8)
+            cx, cy = 70 + 60 * i, 110 + 10 * i
+            rgb[cy - 50:cy + 50, cx - 45:cx + 45] = v
+            source = frames_at([k / 30 for k in range(24)], rgb)
+            source.realtime = False
+            worker, _ = start_live_pose(source, Avatar(), BatchedLandmarkModel(model, fan_batcher), smoothing=None,
+                                        rate_hz=12.5, metrics=LiveMetrics(), pose_batcher=pose_batcher)
+            workers.append(worker)
+        wait_until(lambda: all(w.finished or not w.alive for w in workers), timeout=120)
+        for w in workers:
+            w.check()
+    finally:
+        for w in workers:
+            w.stop()
+    processed = [w.frames_processed for w in workers]
+    assert all(n >= 8 for n in processed) and model.boxes == 4
+    assert sum(model.forwards) == sum(processed) and fan_batcher.stats()["pose_fan_crops"] == sum(processed)
+    for w, v in zip(workers, values):
+        assert w.latest() is not None and w.latest().code[0] == pytest.approx(v)
+    assert pose_batcher.crops == sum(processed) and all(w.frames_busy == 0 for w in workers)
