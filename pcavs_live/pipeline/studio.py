@@ -14,8 +14,9 @@ with its landmark sidecar, or an uploaded photo through the landmark detector) a
 the shared renderer. `serve` wires the whole studio from a Config (`run_live.py serve`): on a GPU it
 warms every render bucket up to `server.max_sessions` (`prepare_runtime`) before the first offer is
 accepted, and every session's pose worker tracks the face through the one shared landmark model
-(`pcavs.alignment.tracking`: the box detector runs only when the face is lost); the sessions' pose
-crops share pose-encoder passes (`PoseBatcher`).
+(`pcavs.alignment.tracking`: the box detector runs only when the face is lost); the sessions' tracked
+crops share FAN forwards (`pcavs.alignment.fan_batch.FanBatcher`) and their aligned crops share
+pose-encoder passes (`PoseBatcher`).
 """
 from __future__ import annotations
 
@@ -279,7 +280,8 @@ def studio_parts(config: Config, landmark_detector: object | None = None,
     """The studio's pieces, as one process (`serve`) or one cluster worker (`pcavs_live.cluster`) runs
     them: one landmark model, one `SharedRenderer`, the `StudioSessions` factory. Returns the factory and
     `load`, which loads the networks, warms the runtime up for `server.max_sessions` rows (on a GPU also
-    the landmark network's FAN batch sizes, `SharedLandmarkModel.warm_up`) and starts the renderer; until it has run, offers are refused ("still loading"), so no CUDA graph is captured while
+    the landmark network's FAN batch sizes, `SharedLandmarkModel.warm_up`) and starts the renderer;
+    until it has run, offers are refused ("still loading"), so no CUDA graph is captured while
     sessions wait. The caller stops `factory.renderer`."""
     from pcavs.device import configure_cudnn
     from pcavs.alignment import LandmarkModelUnavailable
