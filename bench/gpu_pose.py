@@ -18,8 +18,9 @@ rows "batched bf16" run FAN and the pose encoder in bfloat16, for speed only: se
 
 `pose_precision` (with the parity oracle, not with --smoke): the pose code of the oracle's three pose
 frames in bfloat16 (autocast) against float32 and against the oracle. Measured on the CPU (seed 0):
-max |Δ| 9.6e-3 against codes up to 1.64 whose frame-to-frame differences are 7.8e-2, i.e. ~100× the
-encoder bound (`bench.gpu_parity.ENC_ATOL`/`ENC_RTOL`): the studio keeps the pose encoder in float32.
+max |Δ| 9.6e-3 against codes up to 1.64 whose frame-to-frame differences are 7.8e-2 (an eighth of a
+pose step), 20.5× the encoder bound (`bench.gpu_parity.ENC_ATOL`/`ENC_RTOL`; float32: 8.9e-7 from the
+oracle): the studio keeps the pose encoder in float32.
 FAN has no stand-in parity (random weights), so it stays float32 too until real weights are measured.
 
     python bench/gpu_pose.py [--device cuda] [--rate-hz 12.5] [--sessions 1,4,16,64]
