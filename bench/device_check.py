@@ -12,7 +12,8 @@ one loses nothing else:
              with its pointwise tail eager vs fused (Triton), bf16 and fp16, batch 1 and 128
   sessions   N sessions per tick through render_sessions up to 256: aggregate fps, p95 tick latency
   parity     the oracle case in float32 with TF32 off; PSNR of TF32/fp16/bf16 against float32
-  pose       pose encoder, FAN, SFD ms per frame on the worker stream; tracked-frame cost
+  pose       pose encoder, FAN, SFD ms per frame on the worker stream; tracked-frame cost; per-session pose
+             cost at N = 1, 4, 16, 64 sessions one by one and batched, next to the generator's (pose_share)
 
 OUTDIR gets device_check.json (every stage's results, rewritten after each stage), device_check.txt (the
 tables) and device_check.log (all output). `--smoke` runs every stage on the CPU with tiny sizes (the
@@ -46,7 +47,7 @@ STAGES: list[tuple[str, list[str], float]] = [
     ("generator", ["bench/gpu_generator.py"], 90),
     ("sessions", ["bench/gpu_sessions.py"], 90),
     ("parity", ["bench/gpu_parity.py"], 90),
-    ("pose", ["bench/gpu_pose.py"], 40),
+    ("pose", ["bench/gpu_pose.py"], 60),
 ]
 EXIT_MARGIN_S = 8.0  # a stage stops starting new rows this long before its limit
 
@@ -123,7 +124,11 @@ def tables(results: dict[str, Any]) -> str:
              ("parity", "parity", "parity: float32, TF32 off, oracle seed 0", ["check", "value", "bound", "ok"]),
              ("parity", "precision", "precision: generator vs float32 (TF32 off)",
               ["variant", "psnr_vs_fp32_db", "max_abs_vs_fp32", "finite", "psnr_vs_oracle_db"]),
-             ("pose", "pose", "pose: worker stream, float32", ["step", "frames", "median_ms", "p95_ms", "ms_per_frame"])]
+             ("pose", "pose", "pose: worker stream, float32", ["step", "frames", "median_ms", "p95_ms", "ms_per_frame"]),
+             ("pose", "scale", "pose at scale: per session, pose at 12.5 Hz beside the generator at 25 fps "
+              "(goal pose_share ≤ 0.25)",
+              ["sessions", "mode", "fan_ms", "encoder_ms", "pose_ms_per_session", "generator_ms_per_session",
+               "pose_share", "ok"])]
     for stage, table, title, cols in specs:
         rows = results.get(stage, {}).get("rows", {}).get(table)
         if rows:
@@ -131,7 +136,7 @@ def tables(results: dict[str, Any]) -> str:
             parts.append(print_table(f"{title} ({head.get('device', '?')} {head.get('dtype', '')})".replace(" )", ")"),
                                      rows, cols, echo=False))
     for stage in ("generator", "pose", "parity"):
-        for key in ("fused_tail", "derived", "parity_skipped", "face_alignment"):
+        for key in ("fused_tail", "derived", "parity_skipped", "face_alignment", "scale_notes", "pose_precision"):
             if key in results.get(stage, {}):
                 parts.append(f"{stage} {key}: {results[stage][key]}")
     return "\n\n".join(parts) + "\n"

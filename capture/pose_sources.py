@@ -31,6 +31,7 @@ import numpy as np
 from pcavs_live.common.errors import UserError
 from pcavs_live.common.workers import Worker
 from pcavs.alignment import AlignedFace, ClipAligner, LandmarkDetector, largest_face
+from pcavs.alignment.errors import LandmarksBusy
 from pcavs.constants import FPS, POSE_DIM
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,8 @@ class PoseWorker:
     A frame without a face keeps the last code; nothing is published before the first face (the engine
     then uses the photo's own pose). Exceptions from any thread are kept and re-raised in the owner's
     thread by `check()`. `smoothing`: a PoseFilter, a float (see `make_pose_filter`) or None.
+    A frame whose landmarks the shared landmark batcher could not compute in time (`LandmarksBusy`)
+    is skipped and counted in `frames_busy`; the last pose holds.
     """
 
     def __init__(self, source: FrameSource, aligner: Aligner,
@@ -341,6 +344,7 @@ class PoseWorker:
         self._without_face = 0
         self.frames_processed = 0
         self.frames_dropped = 0
+        self.frames_busy = 0
         self._workers: list[Worker] = []
         self._stopped = False
 
@@ -440,7 +444,11 @@ class PoseWorker:
             self._stop.set()
 
     def _process(self, frame: np.ndarray, captured_at: float) -> None:
-        aligned = self.aligner.align(frame)
+        try:
+            aligned = self.aligner.align(frame)
+        except LandmarksBusy:
+            self.frames_busy += 1
+            return
         self.frames_processed += 1
         if aligned is None:
             self._without_face += 1

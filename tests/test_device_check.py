@@ -35,6 +35,10 @@ def test_smoke_run_writes_every_stage(tmp_path):
     assert set(precision) == {"float16", "bfloat16"} and all(r["finite"] and r["psnr_vs_fp32_db"] > 35
                                                             for r in precision.values())
     assert {r["step"] for r in results["pose"]["rows"]["pose"]} >= {"pose encoder b1"}
+    scale = results["pose"]["rows"].get("scale")   # N=2 one by one and batched, unless the stage ran out of time
+    assert results["pose"].get("truncated") or [(r["sessions"], r["mode"]) for r in scale] == [
+        (2, "one-by-one"), (2, "batched")]
+    assert all(r["pose_share"] > 0 and r["generator_ms_per_session"] > 0 for r in scale or [])
     table = (out / "device_check.txt").read_text()
     for title in ("device check — stages", "generator:", "fused tail:", "sessions:", "precision:", "pose:"):
         assert title in table

@@ -78,7 +78,7 @@ class FaceAlignmentDetector:
         paths = ensure_landmark_models(model_dir, allow_download, download_timeout_s)
         self._fa = _build_face_alignment(device, paths[SFD_FILE], paths[FAN_FILE])
         self.detect_max_side = detect_max_side
-        self._lock = threading.Lock()  # the photo aligner and the pose worker may share one detector
+        self._lock = threading.Lock()  # SFD and whole-photo detection; FAN stages run without it
 
     def with_detect_max_side(self, detect_max_side: int | None) -> "FaceAlignmentDetector":
         """The same loaded models (and lock) with another box-detector resolution: the identity photo is
@@ -103,19 +103,62 @@ class FaceAlignmentDetector:
         return out
 
     def face_boxes(self, rgb: np.ndarray) -> list[np.ndarray]:
-        """SFD boxes [x1, y1, x2, y2, score] alone (`pcavs.alignment.tracking` runs it only when lost)."""
+        """SFD boxes [x1, y1, x2, y2, score] alone (`pcavs.alignment.tracking` runs it only when lost).
+        Under the model's lock: detections are rare (a lost track) and each is ~50 GFLOP at 320²."""
         with self._lock:
             return self._face_boxes(as_rgb_uint8(rgb))
 
     def landmarks_in_boxes(self, rgb: np.ndarray, boxes: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
-        """FAN alone on given boxes: (68,2) landmarks and the mean heatmap peak (quality) per box."""
+        """FAN alone on given boxes: (68,2) landmarks and the mean heatmap peak (quality) per box. Not
+        under the model's lock: FAN in eval mode keeps no state, so sessions' calls may overlap (the
+        studio batches them instead, `pcavs.alignment.fan_batch`)."""
         if not boxes:
             return []
-        with self._lock:
-            result = self._fa.get_landmarks_from_image(as_rgb_uint8(rgb), detected_faces=list(boxes),
-                                                        return_landmark_score=True)
-        landmarks, scores = (result[0] or []), (result[1] or [])
-        return [(np.asarray(p, dtype=np.float32)[:, :2], float(np.mean(sc))) for p, sc in zip(landmarks, scores)]
+        inputs, frames = self.fan_inputs(rgb, boxes)
+        return self.landmarks_from_heatmaps(self.fan_heatmaps(inputs), frames)
+
+    # The FAN stage in three steps, so that the network can run over several sessions' crops at once
+    # (`pcavs.alignment.fan_batch.FanBatcher`); together they are face_alignment's
+    # get_landmarks_from_image(detected_faces=boxes) with flip_input=False.
+    def fan_inputs(self, rgb: np.ndarray, boxes: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[np.ndarray, float]]]:
+        """(k,3,256,256) float32 crops in [0,1] around the boxes, and each crop's (centre, scale)."""
+        from face_alignment.api import CENTER_Y_OFFSET
+        from face_alignment.utils import crop
+
+        rgb = as_rgb_uint8(rgb)
+        reference = self._fa.face_detector.reference_scale
+        crops, frames = [], []
+        for d in boxes:
+            center = np.array([d[2] - (d[2] - d[0]) / 2.0, d[3] - (d[3] - d[1]) / 2.0])
+            center[1] = center[1] - (d[3] - d[1]) * CENTER_Y_OFFSET
+            scale = (d[2] - d[0] + d[3] - d[1]) / reference
+            crops.append(crop(rgb, center, scale).transpose((2, 0, 1)).astype(np.float32) / 255.0)
+            frames.append((center, scale))
+        return np.stack(crops), frames
+
+    def fan_heatmaps(self, inputs: np.ndarray) -> np.ndarray:
+        """FAN over (n,3,256,256) crops, one forward, on the caller's current stream → (n,68,64,64)
+        float32 heatmaps on the host."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self._fa.device, dtype=self._fa.dtype)
+            out = self._fa.face_alignment_net(x)
+            if isinstance(out, (list, tuple)):
+                out = out[-1]
+            return out.to(device="cpu", dtype=torch.float32).numpy()
+
+    @staticmethod
+    def landmarks_from_heatmaps(heatmaps: np.ndarray, frames: list[tuple[np.ndarray, float]],
+                                ) -> list[tuple[np.ndarray, float]]:
+        """Heatmaps → (68,2) image-pixel landmarks and the mean heatmap peak, per crop."""
+        from face_alignment.utils import get_preds_fromhm
+
+        out = []
+        for i, (center, scale) in enumerate(frames):
+            _, pts_img, scores = get_preds_fromhm(np.ascontiguousarray(heatmaps[i:i + 1]), center, scale)
+            out.append((np.asarray(pts_img, dtype=np.float32).reshape(68, 2), float(np.mean(scores))))
+        return out
 
     def detect(self, rgb: np.ndarray) -> list[np.ndarray]:
         rgb = as_rgb_uint8(rgb)

@@ -14,3 +14,9 @@ class FaceNotFoundError(AlignmentError):
 
 class LandmarkModelUnavailable(AlignmentError):
     """The landmark detector's weights are missing and could not be fetched."""
+
+
+class LandmarksBusy(Exception):
+    """A live pose frame's landmarks were not computed: the shared landmark batcher's queue was full or
+    the wait ran past its bound (`pcavs.alignment.fan_batch`). Not a user error: the pose worker skips
+    the frame (counted) and holds the last pose; the face track is kept."""

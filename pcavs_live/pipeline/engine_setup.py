@@ -148,6 +148,11 @@ class PoseBatcher:
         assert item.code is not None
         return item.code
 
+    def stats(self) -> dict[str, object]:
+        """Counters for the studio's stats: pose-encoder passes and the crops through them."""
+        with self._cond:
+            return {"pose_encoder_passes": self.passes, "pose_encoder_crops": self.crops}
+
 
 def start_live_pose(frames: FrameSource, avatar: Avatar, detector: LandmarkDetector,
                     smoothing: PoseFilter | float | None, rate_hz: float,

@@ -14,8 +14,9 @@ with its landmark sidecar, or an uploaded photo through the landmark detector) a
 the shared renderer. `serve` wires the whole studio from a Config (`run_live.py serve`): on a GPU it
 warms every render bucket up to `server.max_sessions` (`prepare_runtime`) before the first offer is
 accepted, and every session's pose worker tracks the face through the one shared landmark model
-(`pcavs.alignment.tracking`: the box detector runs only when the face is lost); the sessions' pose
-crops share pose-encoder passes (`PoseBatcher`).
+(`pcavs.alignment.tracking`: the box detector runs only when the face is lost); the sessions' tracked
+crops share FAN forwards (`pcavs.alignment.fan_batch.FanBatcher`) and their aligned crops share
+pose-encoder passes (`PoseBatcher`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pcavs_live.common.errors import UserError
 from pcavs_live.common.workers import Worker
 from capture.browser_tracks import BrowserAudioSource, BrowserVideoSource
 from pcavs.alignment import LandmarkDetector, load_landmark_sidecar, read_rgb, sidecar_path
+from pcavs.alignment.fan_batch import BatchedLandmarkModel, FanBatcher, StagedLandmarkModel
 from pcavs.mel import StreamingGain, StreamingMel
 from pcavs_live.pipeline.builders import POSE_DETECT_MAX_SIDE, encode_identity
 from pcavs_live.pipeline.engine_setup import PoseBatcher
@@ -158,6 +160,7 @@ class StudioSession:
         worker = None if self._session is None else self._session.pose_worker
         if worker is not None:
             snap["pose_frames_processed"] = worker.frames_processed
+            snap["pose_frames_busy"] = worker.frames_busy
         share = self._share
         if share is not None:
             snap.update(share.status())
@@ -196,9 +199,10 @@ class StudioSessions:
 
     def __init__(self, encode: EncodeIdentity, renderer: SharedRenderer, config: Config,
                  pose_detector: Callable[[], LandmarkDetector] | None = None, device: str | None = None,
-                 pose_batcher: PoseBatcher | None = None) -> None:
+                 pose_batcher: PoseBatcher | None = None, landmarks: SharedLandmarkModel | None = None) -> None:
         self.encode, self.renderer, self.config = encode, renderer, config
         self.pose_detector, self.device, self.pose_batcher = pose_detector, device, pose_batcher
+        self.landmarks = landmarks
 
     def room(self) -> dict:
         """The studio's "share to room" setting: `enabled`, `reason` (why not), `viewer_url` ([whip])."""
@@ -213,7 +217,14 @@ class StudioSessions:
                              pose_batcher=self.pose_batcher)
 
     def stats(self) -> dict:
-        return self.renderer.stats()
+        """The renderer's, and the shared pose path's: FAN batches (`pose_fan_*`, with the crops
+        dropped on a full queue and the waits timed out) and pose-encoder batches."""
+        out = dict(self.renderer.stats())
+        if self.landmarks is not None:
+            out.update(self.landmarks.stats())
+        if self.pose_batcher is not None:
+            out.update(self.pose_batcher.stats())
+        return out
 
 
 class SharedLandmarkModel:
@@ -221,20 +232,56 @@ class SharedLandmarkModel:
     the identity encoder (boxes at full size) and every session's pose worker (`max_side`:
     `POSE_DETECT_MAX_SIDE`). What it hands out keeps the model's two stages (`face_boxes`,
     `landmarks_in_boxes`), so each session's pose worker tracks its face (`tracking_detector`) and runs
-    the box detector only when the face is lost. No studio-wide lock around a session's frame: the
-    model guards each of its own calls."""
+    the box detector only when the face is lost. No studio-wide lock around a session's frame.
 
-    def __init__(self, load: Callable[[], object]) -> None:
+    `for_pose` is what a session's pose worker gets: when the model's FAN stage splits
+    (`pcavs.alignment.fan_batch.StagedLandmarkModel`), its FAN goes through the one `FanBatcher` of
+    the model, so sessions' tracked crops share FAN forwards; `stats()` has the batcher's counters."""
+
+    def __init__(self, load: Callable[[], object], fan_batch: int = 64, fan_pending: int = 256,
+                 fan_timeout_s: float = 2.0, fan_window_s: float = 0.0,
+                 fan_buckets: tuple[int, ...] | None = None) -> None:
         self._load = load
         self._lock = threading.Lock()
         self._model: object | None = None
+        self._fan_options = dict(max_batch=fan_batch, max_pending=fan_pending, timeout_s=fan_timeout_s,
+                                 window_s=fan_window_s, buckets=fan_buckets)
+        self.fan_batcher: FanBatcher | None = None
 
-    def __call__(self, max_side: int | None = None):
+    def _loaded(self) -> object:
         with self._lock:      # loaded once, by the first caller
             if self._model is None:
-                self._model = self._load()
-        resize = getattr(self._model, "with_detect_max_side", None)
-        return self._model if resize is None else resize(max_side)
+                model = self._load()
+                if isinstance(model, StagedLandmarkModel):
+                    self.fan_batcher = FanBatcher(model.fan_heatmaps, **self._fan_options)
+                self._model = model
+            return self._model
+
+    def __call__(self, max_side: int | None = None):
+        model = self._loaded()
+        resize = getattr(model, "with_detect_max_side", None)
+        return model if resize is None else resize(max_side)
+
+    def for_pose(self, max_side: int | None = None):
+        """A session pose worker's model: FAN through the shared batcher when the model allows it."""
+        model = self(max_side)
+        if self.fan_batcher is None or not isinstance(model, StagedLandmarkModel):
+            return model
+        return BatchedLandmarkModel(model, self.fan_batcher)
+
+    def stats(self) -> dict[str, object]:
+        return {} if self.fan_batcher is None else self.fan_batcher.stats()
+
+    def warm_up(self, sessions: int) -> list[int]:
+        """Load the model now and run FAN once at every batch size `sessions` sessions' crops can
+        form (on a GPU: cuDNN autotunes those shapes before the first offer). Returns the sizes run."""
+        self._loaded()
+        if self.fan_batcher is None:
+            return []
+        return self.fan_batcher.warm_up(sessions, np.full((3, 256, 256), 0.5, np.float32))
+
+
+FAN_WINDOW_S = 0.004   # the studio's FanBatcher window on a GPU (`pcavs.alignment.fan_batch`)
 
 
 @dataclass(frozen=True)
@@ -248,11 +295,14 @@ def studio_parts(config: Config, landmark_detector: object | None = None,
                  ) -> tuple[StudioSessions, Callable[[], None]]:
     """The studio's pieces, as one process (`serve`) or one cluster worker (`pcavs_live.cluster`) runs
     them: one landmark model, one `SharedRenderer`, the `StudioSessions` factory. Returns the factory and
-    `load`, which loads the networks, warms the runtime up for `server.max_sessions` rows and starts the
-    renderer; until it has run, offers are refused ("still loading"), so no CUDA graph is captured while
+    `load`, which loads the networks, warms the runtime up for `server.max_sessions` rows (on a GPU also
+    the landmark network's FAN batch sizes, `SharedLandmarkModel.warm_up`) and starts the renderer;
+    until it has run, offers are refused ("still loading"), so no CUDA graph is captured while
     sessions wait. The caller stops `factory.renderer`."""
     from pcavs.device import configure_cudnn
+    from pcavs.alignment import LandmarkModelUnavailable
     from pcavs.engine import render_sessions
+    from pcavs.runtime import DEFAULT_BUCKETS
     from pcavs_live.pipeline.builders import engine_options, make_runtime
     from pcavs_live.pipeline.engine_setup import prepare_runtime
 
@@ -266,13 +316,23 @@ def studio_parts(config: Config, landmark_detector: object | None = None,
         configure_cudnn(opts.device)  # importing face_alignment set it behind our back
         return model
 
-    detector = SharedLandmarkModel(load_detector)
+    # On a GPU a FAN forward is a few ms: a 4 ms window lets the sessions' pose frames meet in one batch,
+    # padded to the render buckets so cuDNN autotunes a few shapes (warmed in `load`).
+    cuda = opts.device.startswith("cuda")
+    detector = SharedLandmarkModel(load_detector, fan_window_s=FAN_WINDOW_S if cuda else 0.0,
+                                   fan_buckets=DEFAULT_BUCKETS if cuda else None)
     renderer = SharedRenderer(render_sessions)
     factory = StudioSessions(AvatarFactory(None, opts, Path(config.identity.photo), detector), renderer, config,
-                             pose_detector=lambda: detector(POSE_DETECT_MAX_SIDE), device=opts.device,
-                             pose_batcher=PoseBatcher())
+                             pose_detector=lambda: detector.for_pose(POSE_DETECT_MAX_SIDE), device=opts.device,
+                             pose_batcher=PoseBatcher(), landmarks=detector)
 
     def load() -> None:
+        if cuda:
+            try:
+                sizes = detector.warm_up(config.server.max_sessions)
+                log.info("landmark network warmed up for batch sizes %s", sizes)
+            except LandmarkModelUnavailable as exc:   # said again to the first session that needs it
+                log.warning("%s", exc)
         runtime = make_runtime(config.model, opts)
         prepare_runtime(runtime, config.server.max_sessions)
         factory.encode.runtime = runtime  # from here offers are accepted
