@@ -1,17 +1,25 @@
 """The cluster front door's HTTP side without Ray (a pool with no workers): it is a `WebHost` like the
 viewer and studio servers, so a taken port, the token, the page and its scripts, and JSON bodies behave
-as theirs do. Placement and forwarding to real workers: tests/test_cluster.py (needs Ray)."""
+as theirs do; then generic forwarding (share to room across workers, `/room`, WHEP) to real
+`RenderWorker`s called in-process as actors. Placement across a real Ray cluster: tests/test_cluster.py."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import socket
+import types
 import urllib.error
 import urllib.request
 
 import pytest
 
+from pcavs_live.cli.config import load_config
 from pcavs_live.cluster.frontdoor import WORKER_GONE, FrontDoor
+from pcavs_live.cluster.worker import RenderWorker
+from stream.whep import WhepClient
 from stream.webrtc.host import ServerError
+from tests.cluster_support import paint_backend
 
 
 class NoWorkers:
@@ -100,3 +108,150 @@ def test_stop_ends_the_thread_and_is_idempotent():
     d.stop()
     d.stop()
     assert not d.running
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forwarding to real `RenderWorker`s (paint renderer) in this process: the door's generic forwarding,
+# the cluster-wide room and WHEP through the door, still without Ray (actor calls run in a thread pool).
+
+VIEWER_URL = "http://127.0.0.1:8080/static/room.html?janus=http://127.0.0.1:8088/janus&room=1234"
+
+
+class _Ref:
+    """What the door uses of a Ray ObjectRef: `future()`."""
+
+    def __init__(self, future: concurrent.futures.Future) -> None:
+        self._future = future
+
+    def future(self) -> concurrent.futures.Future:
+        return self._future
+
+
+class LocalActor:
+    """A `RenderWorker` called as an actor: `actor.method.remote(...)` runs in a thread pool."""
+
+    def __init__(self, worker: RenderWorker, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.worker, self._pool = worker, pool
+
+    def __getattr__(self, name: str):
+        method = getattr(self.worker, name)
+        return types.SimpleNamespace(remote=lambda *a, **k: _Ref(self._pool.submit(method, *a, **k)))
+
+
+class LocalWorkers(NoWorkers):
+    """Two render workers in this process; `kill(name)` is a worker whose process ended."""
+
+    def __init__(self, n: int = 2) -> None:
+        super().__init__()
+        self._threads = concurrent.futures.ThreadPoolExecutor(8)
+        config = load_config(None, {"pose.smoothing": 0.0, "server.max_sessions": 2,
+                                    "server.ice_host_addresses": ["127.0.0.1"],
+                                    "whip.endpoint": "http://127.0.0.1:9/whip", "whip.viewer_url": VIEWER_URL})
+        self.workers = {f"render-w{i}-0": LocalActor(RenderWorker(f"render-w{i}-0", config, paint_backend),
+                                                      self._threads) for i in range(n)}
+
+    def get(self, name: str):
+        return self.workers.get(name)
+
+    def kill(self, name: str) -> None:
+        self.workers.pop(name).worker.stop()
+
+    def shutdown(self) -> None:
+        for actor in self.workers.values():
+            actor.worker.stop()
+        self._threads.shutdown()
+
+
+@pytest.fixture
+def two_workers():
+    pool = LocalWorkers()
+    d = FrontDoor(pool, port=0, reconcile_s=60).start()
+    yield d, pool, f"http://127.0.0.1:{d.port}/"
+    d.stop()
+    pool.shutdown()
+
+
+def request(method: str, url: str, data: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def create(base: str, share: bool = False) -> tuple[int, dict]:
+    status, _, body = request("POST", base + "sessions?sample=1" + ("&share=1" if share else ""), b"")
+    return status, json.loads(body)
+
+
+def test_share_to_room_has_one_presenter_across_workers_and_a_dead_worker_frees_the_room(two_workers):
+    d, pool, base = two_workers
+    status, _, room = request("GET", base + "room")
+    assert status == 200 and json.loads(room) == {"enabled": True, "reason": None, "viewer_url": VIEWER_URL,
+                                                  "presenter": None}
+    status, first = create(base, share=True)
+    assert status == 201 and first["room"] == {"viewer_url": VIEWER_URL}
+    assert first["whep"] == f"/sessions/{first['id']}/whep"
+    assert json.loads(request("GET", base + "room")[2])["presenter"] == first["id"]
+    # The second share is placed (most free slots) on the OTHER worker, yet refused: one presenter per room.
+    status, refused = create(base, share=True)
+    assert status == 409 and refused["error"].startswith(f"the room already has a presenter: session {first['id']}")
+    status, plain = create(base)                              # without sharing: placed as before
+    assert status == 201 and plain["worker"] != first["worker"]
+    # The presenter stops: the room is free again, from any worker.
+    status, _, _ = request("POST", base + f"sessions/{first['id']}/stop",
+                           json.dumps({"secret": first["secret"]}).encode(), {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(request("GET", base + "room")[2])["presenter"] is None
+    status, second = create(base, share=True)
+    assert status == 201 and second["worker"] == first["worker"]   # the other worker has a session
+    # Its worker dies: the room is not left locked (the state went with the worker), and its session is 410.
+    pool.kill(second["worker"])
+    assert json.loads(request("GET", base + "room")[2])["presenter"] is None
+    status, _, body = request("GET", base + f"sessions/{second['id']}/stats?secret={second['secret']}")
+    assert status == 410 and json.loads(body)["error"] == WORKER_GONE
+    status, third = create(base, share=True)
+    assert status == 201 and third["worker"] == plain["worker"]
+
+
+def test_whep_through_the_door_location_rewritten_delete_routed_refusals_passed_through(two_workers):
+    d, pool, base = two_workers
+    status, sess = create(base)
+    assert status == 201
+    endpoint = base + sess["whep"].lstrip("/")
+    # CORS preflight: answered by the door.
+    status, headers, _ = request("OPTIONS", endpoint, headers={"Origin": "http://elsewhere",
+                                                                 "Access-Control-Request-Method": "POST"})
+    assert status == 204 and "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    # The worker's own refusals, status and line unchanged: a wrong content type (415), a wrong key (401).
+    status, headers, body = request("POST", endpoint, b"v=0\r\n", {"Content-Type": "text/plain",
+                                                                   "Authorization": f"Bearer {sess['view']}"})
+    assert status == 415 and "application/sdp" in json.loads(body)["error"] and "\n" not in json.loads(body)["error"]
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    status, _, body = request("POST", endpoint, b"v=0\r\n", {"Content-Type": "application/sdp",
+                                                             "Authorization": "Bearer wrong"})
+    assert status == 401 and json.loads(body)["error"].startswith("wrong share link")
+
+    async def watch() -> str:
+        client = WhepClient(endpoint, sess["view"], ice_host_addresses=["127.0.0.1"], connect_timeout_s=15)
+        await client.start()
+        try:
+            assert client.connected                       # ICE straight to the worker's peer
+            resource = client.resource
+            assert resource.startswith(endpoint + "/")     # the door's path, not the worker's
+            status, _, body = request("GET", base + f"sessions/{sess['id']}/stats?view={sess['view']}")
+            assert status == 200 and json.loads(body)["viewers"] == 1
+            return resource
+        finally:
+            await client.stop()                           # DELETEs the resource through the door
+
+    resource = asyncio.run(asyncio.wait_for(watch(), 60))
+    status, _, body = request("GET", base + f"sessions/{sess['id']}/stats?view={sess['view']}")
+    assert status == 200 and json.loads(body)["viewers"] == 0 and json.loads(body)["worker"] == sess["worker"]
+    status, _, body = request("DELETE", resource)                 # gone already: the worker's 404, unchanged
+    assert status == 404 and json.loads(body)["error"].startswith("no such WHEP viewer")
+    # A worker that died: the door's 410, readable cross-origin.
+    pool.kill(sess["worker"])
+    status, headers, body = request("DELETE", resource)
+    assert status == 410 and json.loads(body)["error"] == WORKER_GONE and headers["Access-Control-Allow-Origin"] == "*"

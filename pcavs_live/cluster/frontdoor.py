@@ -10,6 +10,25 @@ Placement: each new session goes to the worker with the most free slots among th
 that turns out full (a race with another create) passes the request to the next one. No worker with a
 free slot: 503 with the reason, as one studio answers. The Ray address never leaves this process.
 
+Forwarding: every request under `/sessions/{id}/` — any method, path, query, body bytes and content
+type, `Authorization` — goes to the worker named in the id as it came (`RenderWorker.forward`), and the
+worker's status, body and headers come back unchanged, except a `Location` under the worker's session
+path, rewritten to the door's (so a WHEP viewer's `DELETE` returns here and is routed the same way).
+So offer/view/stop/stats, WHEP (`application/sdp`, bearer view key, 201 + Location, its 415/401) and
+any later studio route work without an edit here. Added by the door: CORS preflights (`OPTIONS`)
+answered here, JSON bodies checked as a studio checks them, 410 for a worker gone or restarted, 503
+when none can take a session, `worker` in a session's stats.
+
+Share to room: `POST /sessions?share=1` is forwarded with `share`; the room's one presenter is
+cluster-wide. That state lives with the workers, not here: each worker's `info` carries its studio's
+`room()` (its presenting session, if any), `GET /room` reports the cluster's (presenter as
+`WORKER.BOOT.ID`), and a share create checks every answering worker under a lock of this door before
+placing it, so a second share on another worker is 409 too. Nothing is left locked: a dead worker's
+sessions (and presenter) went with its process and it is no longer asked, a restarted worker has none,
+and a restarted door asks again. Limits: a presenter on a worker that does not answer `info` in time
+is not seen (the studio's own 409 still holds on that worker), and two doors on one cluster do not
+share the lock.
+
 Binding, the token, ICE checks, the loop thread and JSON bodies are a `WebHost`'s
 (stream/webrtc/host.py), as for the viewer and studio servers; this class composes one.
 """
@@ -27,13 +46,19 @@ from aiohttp import web
 from aiortc import RTCIceServer
 
 from pcavs_live.cluster.pool import WorkerPool, connect
-from stream.webrtc.host import (DEFAULT_WEB_ROOT, HostAttributes, WebHost, error_response, json_response,
-                                request_token)
+from stream.webrtc import whep
+from stream.webrtc.host import (DEFAULT_WEB_ROOT, HostAttributes, WebHost, discard_body, error_response,
+                                json_response, request_token)
 
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_BODY_BYTES = 64 * 1024
+# What a forwarded request carries to the worker, and what of the worker's answer comes back.
+FORWARD_HEADERS = ("Content-Type", "Authorization", "X-Token", "Accept")
+PASS_HEADERS = frozenset({"content-type", "location", "cache-control", "allow", "access-control-allow-origin",
+                          "access-control-expose-headers", "access-control-allow-methods",
+                          "access-control-allow-headers", "access-control-max-age"})
 WORKER_GONE = "the render worker hosting this session stopped (its process ended); press Start for a new session"
 
 
@@ -52,6 +77,7 @@ class FrontDoor(HostAttributes):
         self.sessions_created = 0
         self.sessions_refused = 0
         self._tasks: list[asyncio.Task] = []
+        self._share_lock: asyncio.Lock | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 15.0) -> "FrontDoor":
@@ -69,11 +95,11 @@ class FrontDoor(HostAttributes):
         app.router.add_get("/health", self._health)
         app.router.add_get("/ice", self._ice)
         app.router.add_get("/stats", self._stats)
+        app.router.add_get("/room", self._room)
         app.router.add_post("/sessions", self._create)
-        for verb in ("offer", "view", "stop"):
-            app.router.add_post("/sessions/{id}/" + verb, self._forward_post)
-        app.router.add_get("/sessions/{id}/stats", self._forward_stats)
+        app.router.add_route("*", "/sessions/{id}/{tail:.+}", self._forward)
         self._tasks.append(asyncio.ensure_future(self._reconcile_forever()))
+        self._share_lock = asyncio.Lock()          # made on the loop that uses it
         return app
 
     async def _shutdown(self) -> None:
@@ -164,8 +190,24 @@ class FrontDoor(HostAttributes):
             data = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the photo is larger than {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
-        query = {k: v for k, v in request.query.items() if k == "sample"}
-        infos = await self.infos()
+        query = {k: v for k, v in request.query.items() if k in ("sample", "share")}
+        if query.get("share", "") not in ("1", "true", "yes"):
+            return await self._place(request, query, data)
+        # The room's one presenter is cluster-wide: whether a worker's session presents is that worker's
+        # own state (its `info`), so nothing here outlives a worker or is lost with a door restart; the
+        # lock makes this door's check-then-create one step across workers.
+        async with self._share_lock:
+            infos = await self.infos()
+            presenter = self.room_of(infos)["presenter"]
+            if presenter:
+                return error_response(409, f"the room already has a presenter: session {presenter}; stop it "
+                                           "first, or start without sharing")
+            return await self._place(request, query, data, infos)
+
+    async def _place(self, request: web.Request, query: dict, data: bytes,
+                     infos: list[dict] | None = None) -> web.Response:
+        """Create the session on the worker with the most free slots (the next one when that one is full)."""
+        infos = await self.infos() if infos is None else infos
         ranked = sorted((i for i in infos if i["free"] > 0), key=lambda i: (-i["free"], i["sessions"], i["name"]))
         last = None
         for info in ranked:
@@ -175,9 +217,12 @@ class FrontDoor(HostAttributes):
                 sid = f"{info['name']}.{info['boot']}.{body['id']}"
                 self.sessions_created += 1
                 log.info("session %s placed on %s", sid, info["name"])
-                return web.json_response({"id": sid, "secret": body["secret"], "view": body["view"],
-                                          "share": f"/?s={sid}&v={body['view']}", "worker": info["name"]},
-                                         status=201)
+                reply = {"id": sid, "secret": body["secret"], "view": body["view"],
+                         "share": f"/?s={sid}&v={body['view']}", "whep": f"/sessions/{sid}/whep",
+                         "worker": info["name"]}
+                if "room" in body:
+                    reply["room"] = body["room"]
+                return web.json_response(reply, status=201)
             if status not in (503, 410, 504):
                 return web.json_response(body, status=status)   # the photo's own problem: one line
             last = body.get("error")
@@ -196,39 +241,115 @@ class FrontDoor(HostAttributes):
             return error_response(404, "no such session (it has ended); press Start for a new one")
         return where
 
-    async def _gone_or(self, where: tuple[str, str, str], status: int, body: dict) -> web.Response:
-        """A 404 from a worker whose boot changed means it restarted: say so (410)."""
-        if status == 404:
-            actor = self.pool.get(where[0])
+    async def _worker_restarted(self, where: tuple[str, str, str]) -> bool:
+        """A 404 from a worker whose boot changed (or that is gone) means the session went with it."""
+        actor = self.pool.get(where[0])
+        try:
+            info = await self._await(actor.info.remote(), self.info_timeout_s) if actor else None
+        except Exception:  # noqa: BLE001
+            info = None
+        return info is None or info["boot"] != where[1]
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        """Any request under /sessions/{id}/ to the worker holding that session, generically: method,
+        path, query, body bytes and the headers in `FORWARD_HEADERS`; the worker's status, body and the
+        headers in `PASS_HEADERS` come back unchanged, but a `Location` under the worker's session path
+        is rewritten to the door's (so a WHEP viewer's DELETE comes back here and is routed the same
+        way). The door adds: CORS preflights answered here (no worker round trip, so a player's
+        preflight works even while a worker restarts), JSON bodies checked as a studio checks them
+        before they travel, a 404 from a restarted worker made 410, and `worker` in a session's stats."""
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers=whep.PREFLIGHT)
+        where = await self._route(request)
+        if isinstance(where, web.Response):
+            await discard_body(request)
+            return _cors(where)
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return _cors(body)
+        tail = request.match_info["tail"]
+        headers = {k: request.headers[k] for k in FORWARD_HEADERS if k in request.headers}
+        if body and "Content-Type" not in headers:
+            headers["Content-Type"] = "application/octet-stream"
+        status, answer_headers, answer = await self._forward_call(
+            where[0], request.method, f"/sessions/{where[2]}/{tail}", dict(request.query), body, headers)
+        if status == 404 and await self._worker_restarted(where):
+            status, answer_headers, answer = 410, {}, json.dumps({"error": WORKER_GONE}).encode()
+        out = {k: v for k, v in answer_headers.items() if k.lower() in PASS_HEADERS}
+        local = f"/sessions/{where[2]}/"
+        for key in [k for k in out if k.lower() == "location"]:
+            if out[key].startswith(local):
+                out[key] = f"/sessions/{request.match_info['id']}/" + out[key][len(local):]
+        if tail == "stats" and request.method == "GET" and status == 200:
             try:
-                info = await self._await(actor.info.remote(), self.info_timeout_s) if actor else None
-            except Exception:  # noqa: BLE001
-                info = None
-            if info is None or info["boot"] != where[1]:
-                status, body = 410, {"error": WORKER_GONE}
-        return json_response(body, status)
+                snap = json.loads(answer)
+                snap["worker"] = where[0]
+                answer = json.dumps(snap).encode()
+            except ValueError:
+                pass
+        if not answer_headers:                  # a refusal made here (410, 504): JSON, readable cross-origin
+            out.update({"Content-Type": "application/json", **whep.CORS})
+        return web.Response(status=status, body=answer, headers=out)
 
-    async def _forward_post(self, request: web.Request) -> web.Response:
-        where = await self._route(request)
-        if isinstance(where, web.Response):
-            return where
-        body = await self.web.read_json(request, "{secret, ...}", MAX_BODY_BYTES, empty={})
-        if isinstance(body, web.Response):       # size, charset or syntax: refused here, as a studio would
-            return body
-        verb = request.path.rsplit("/", 1)[1]
-        status, answer = await self._call(where[0], "POST", f"/sessions/{where[2]}/{verb}", {},
-                                          json.dumps(body).encode())
-        return await self._gone_or(where, status, answer)
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The body to pass on: a JSON one checked (size, charset, syntax) as a studio checks it, so
+        a bad one is refused with the studio's words before it travels; any other kind as raw bytes
+        up to `MAX_BODY_BYTES` (the worker judges its content type: a WHEP offer's, or its 415)."""
+        if request.method in ("GET", "HEAD", "DELETE"):
+            await discard_body(request)
+            return b""
+        if request.content_type == "application/json":
+            body = await self.web.read_json(request, "{secret, ...}", MAX_BODY_BYTES, empty={})
+            return body if isinstance(body, web.Response) else json.dumps(body).encode()
+        too_large = error_response(413, f"request body is larger than {MAX_BODY_BYTES // 1024} KiB")
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            return too_large
+        raw = bytearray()
+        try:
+            while chunk := await request.content.read(65536):
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    return too_large
+        except Exception:  # noqa: BLE001 - a client that went away mid-body
+            return error_response(400, "the request body could not be read")
+        return bytes(raw)
 
-    async def _forward_stats(self, request: web.Request) -> web.Response:
-        where = await self._route(request)
-        if isinstance(where, web.Response):
-            return where
-        q = {k: v for k, v in request.query.items() if k in ("secret", "view")}
-        status, answer = await self._call(where[0], "GET", f"/sessions/{where[2]}/stats", q, b"")
-        if status == 200:
-            answer["worker"] = where[0]
-        return await self._gone_or(where, status, answer)
+    async def _forward_call(self, name: str, method: str, path: str, query: dict, body: bytes,
+                            headers: dict) -> tuple[int, dict, bytes]:
+        """(status, headers, body) from worker `name`'s `forward`; a dead worker: 410 with the reason."""
+        from ray.exceptions import RayActorError
+        actor = self.pool.get(name)
+        gone = (410, {}, json.dumps({"error": WORKER_GONE}).encode())
+        if actor is None:
+            return gone
+        try:
+            return await self._await(actor.forward.remote(method, path, query, body, headers), self.call_timeout_s)
+        except RayActorError:
+            return gone
+        except asyncio.TimeoutError:
+            return 504, {}, json.dumps({"error": "the render worker did not answer in time; try again"}).encode()
+
+    async def _room(self, request: web.Request) -> web.Response:
+        return json_response(self.room_of(await self.infos()))
+
+    @staticmethod
+    def room_of(infos: list[dict]) -> dict:
+        """The cluster's room as one studio's `GET /room` says it: the workers' (common) setting and the
+        presenter, named by its cluster-wide session id, found among the workers that answer now."""
+        rooms = [(i, i["room"]) for i in infos if isinstance(i.get("room"), dict)]
+        if not rooms:
+            return {"enabled": False, "reason": "no render worker is ready; try again in a few seconds",
+                    "viewer_url": None, "presenter": None}
+        room = dict(rooms[0][1])
+        room["presenter"] = next((f"{i['name']}.{i['boot']}.{r['presenter']}" for i, r in rooms
+                                  if r.get("presenter")), None)
+        return room
+
+
+def _cors(response: web.Response) -> web.Response:
+    """A refusal made here for a forwarded route: readable by a cross-origin WHEP player too."""
+    response.headers.update(whep.CORS)
+    return response
 
 
 def _split_id(sid: str) -> tuple[str, str, str] | None:
