@@ -173,6 +173,35 @@ def test_front_door_restart_loses_no_worker_nor_session(cluster):
     run(body(), timeout=120)
 
 
+def test_a_whep_viewer_watches_a_session_through_the_door(cluster):
+    """WHEP through the door across Ray: raw SDP there and back, the Location rewritten to the door's
+    path (its DELETE routed to the worker), media straight from the worker's peer."""
+    from stream.whep import WhepClient
+    _, _, door = cluster
+
+    async def body():
+        a = Client(door)
+        try:
+            assert (await a.create())[0] == 201
+            await a.connect()
+            await a.wait_frames(40)
+            endpoint = base(door) + a.session["whep"].lstrip("/")
+            async with WhepClient(endpoint, a.session["view"], ice_host_addresses=["127.0.0.1"],
+                                  connect_timeout_s=20) as viewer:
+                assert viewer.resource.startswith(endpoint + "/")
+                deadline = time.monotonic() + 30
+                while viewer.video_frames < 10 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                assert viewer.video_frames >= 10 and viewer.audio_frames > 0
+            st, stats = await http("GET", base(door) + f"sessions/{a.session['id']}/stats?view=" + a.session["view"])
+            assert st == 200 and stats["viewers"] == 0                  # the DELETE reached the worker
+        finally:
+            await _stop(door, a)
+        await _wait_workers(door, 2, timeout=30)
+
+    run(body(), timeout=150)
+
+
 def test_twenty_create_stop_cycles_leave_rss_flat(cluster):
     _, pool, door = cluster
 
