@@ -87,6 +87,10 @@ def test_serves_the_studio_page_and_its_scripts_and_refuses_as_a_studio_does(doo
     assert status == 413 and "KiB" in json.loads(body)["error"]
     status, body = fetch(base + "sessions?sample=1", b"")
     assert status == 503 and "no render worker is ready" in json.loads(body)["error"]
+    # The page's "share to room" checkbox asks /room: here it says why it cannot share.
+    status, body = fetch(base + "room")
+    assert status == 200 and json.loads(body)["enabled"] is False
+    assert "no render worker is ready" in json.loads(body)["reason"]
     assert d.pool.reconciled >= 1
 
 
@@ -251,6 +255,9 @@ def test_whep_through_the_door_location_rewritten_delete_routed_refusals_passed_
     assert status == 200 and json.loads(body)["viewers"] == 0 and json.loads(body)["worker"] == sess["worker"]
     status, _, body = request("DELETE", resource)                 # gone already: the worker's 404, unchanged
     assert status == 404 and json.loads(body)["error"].startswith("no such WHEP viewer")
+    # A route is forwarded under its session only: no way up to the worker's own paths.
+    status, _, body = request("GET", base + f"sessions/{sess['id']}/%2e%2e/%2e%2e/stats")
+    assert status == 404 and "\n" not in json.loads(body)["error"]
     # A worker that died: the door's 410, readable cross-origin.
     pool.kill(sess["worker"])
     status, headers, body = request("DELETE", resource)

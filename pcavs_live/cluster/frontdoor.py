@@ -41,6 +41,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import quote
 
 from aiohttp import web
 from aiortc import RTCIceServer
@@ -268,11 +269,14 @@ class FrontDoor(HostAttributes):
         if isinstance(body, web.Response):
             return _cors(body)
         tail = request.match_info["tail"]
+        if any(part in ("", ".", "..") for part in tail.split("/")):   # stays under this session's path
+            await discard_body(request)
+            return _cors(error_response(404, "no such session route"))
         headers = {k: request.headers[k] for k in FORWARD_HEADERS if k in request.headers}
         if body and "Content-Type" not in headers:
             headers["Content-Type"] = "application/octet-stream"
         status, answer_headers, answer = await self._forward_call(
-            where[0], request.method, f"/sessions/{where[2]}/{tail}", dict(request.query), body, headers)
+            where[0], request.method, f"/sessions/{where[2]}/{quote(tail)}", dict(request.query), body, headers)
         if status == 404 and await self._worker_restarted(where):
             status, answer_headers, answer = 410, {}, json.dumps({"error": WORKER_GONE}).encode()
         out = {k: v for k, v in answer_headers.items() if k.lower() in PASS_HEADERS}
@@ -328,6 +332,9 @@ class FrontDoor(HostAttributes):
             return gone
         except asyncio.TimeoutError:
             return 504, {}, json.dumps({"error": "the render worker did not answer in time; try again"}).encode()
+        except Exception as exc:  # noqa: BLE001 - e.g. a request the worker's HTTP client refuses: one line
+            log.warning("forwarding %s %s to %s failed: %s", method, path, name, exc)
+            return 502, {}, json.dumps({"error": "the render worker could not take this request"}).encode()
 
     async def _room(self, request: web.Request) -> web.Response:
         return json_response(self.room_of(await self.infos()))
