@@ -7,6 +7,8 @@ For each worker count W (default 2 and 4) it starts a local loopback cluster of 
 * placed: sessions created per worker when W × max_sessions sessions are asked for (then one more: 503),
 * offer→answer: median / p95 ms of an aiortc offer POSTed through the front door (create + offer,
   each offer a fresh session) vs the same on one single-process studio in this process (direct),
+* WHEP POST→201: median / p95 ms of a WHEP viewer's raw-SDP POST through the front door (its DELETE
+  then sent to the rewritten Location) vs the same on the single-process studio,
 * failover: from kill -9 of a worker hosting a session to a new session created on a live worker
   (ms), and until Ray's restart of the killed worker answers again (s).
 
@@ -61,6 +63,41 @@ async def _offer_ms(door, runs: int) -> list[float]:
     return out
 
 
+async def _whep_ms(door, runs: int) -> list[float]:
+    """WHEP POST (raw SDP, bearer view key) → 201 + answer, each on a fresh session; the resource is
+    DELETEd through the Location it came with (through the door: its rewritten path)."""
+    import aiohttp
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from stream.webrtc import use_host_addresses
+    from tests.studio_support import LOOPBACK, base, http
+
+    out = []
+    async with aiohttp.ClientSession() as client:
+        for _ in range(runs):
+            status, sess = await http("POST", base(door) + "sessions?sample=1")
+            if status != 201:
+                raise SystemExit(f"error: create refused: {sess}")
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            use_host_addresses(pc, LOOPBACK)
+            await pc.setLocalDescription(await pc.createOffer())
+            auth = {"Authorization": f"Bearer {sess['view']}"}
+            t0 = time.perf_counter()
+            async with client.post(base(door) + f"sessions/{sess['id']}/whep", data=pc.localDescription.sdp,
+                                   headers={**auth, "Content-Type": "application/sdp"}) as r:
+                status, location, text = r.status, r.headers.get("Location"), await r.text()
+            out.append((time.perf_counter() - t0) * 1e3)
+            if status != 201:
+                raise SystemExit(f"error: WHEP offer refused: {status} {text}")
+            async with client.delete(base(door) + location.lstrip("/"), headers=auth) as r:
+                if r.status != 200:
+                    raise SystemExit(f"error: WHEP DELETE of {location}: {r.status}")
+            await pc.close()
+            await http("POST", base(door) + f"sessions/{sess['id']}/stop", json={"secret": sess["secret"]})
+    return out
+
+
 async def _wait_idle(door, n: int, timeout: float = 180.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -87,6 +124,7 @@ async def _measure(door, n: int, offers: int) -> dict:
         await http("POST", base(door) + f"sessions/{s['id']}/stop", json={"secret": s["secret"]})
     await _wait_idle(door, n)
     via_door = await _offer_ms(door, offers)
+    whep_door = await _whep_ms(door, offers)
     # failover
     status, sess = await http("POST", base(door) + "sessions?sample=1")
     victim = next(i for i in await door.infos() if i["name"] == sess["worker"])
@@ -102,15 +140,15 @@ async def _measure(door, n: int, offers: int) -> dict:
     while not any(i["name"] == victim["name"] and i["boot"] != victim["boot"] for i in await door.infos()):
         await asyncio.sleep(0.2)
     rejoin_s = time.perf_counter() - t0
-    return {"placed": placed, "capacity": capacity, "full": full, "door": via_door,
+    return {"placed": placed, "capacity": capacity, "full": full, "door": via_door, "whep": whep_door,
             "failover_ms": failover_ms, "rejoin_s": rejoin_s}
 
 
-def _direct_ms(offers: int) -> list[float]:
+def _direct_ms(offers: int) -> tuple[list[float], list[float]]:
     from tests.studio_support import start_studio
     srv, _, renderer = start_studio(max_sessions=2)
     try:
-        return asyncio.run(_offer_ms(srv, offers))
+        return asyncio.run(_offer_ms(srv, offers)), asyncio.run(_whep_ms(srv, offers))
     finally:
         srv.stop()
         renderer.stop()
@@ -141,7 +179,7 @@ def main() -> int:
 
     overrides = {"server.max_sessions": args.max_sessions, "pose.smoothing": 0.0, **dotted_overrides(args.set)}
     backend = None if args.networks else paint_backend
-    direct = _direct_ms(args.offers)
+    direct, whep_direct = _direct_ms(args.offers)
     rows = []
     for n in ([None] if args.address else [int(x) for x in args.workers.split(",")]):
         cluster = None
@@ -167,15 +205,19 @@ def main() -> int:
                 cluster.shutdown()
 
     print(f"\noffer→answer, single-process studio (direct): median {statistics.median(direct):.0f} ms, "
-          f"p95 {_pct(direct, 0.95):.0f} ms over {len(direct)}")
+          f"p95 {_pct(direct, 0.95):.0f} ms over {len(direct)}; WHEP POST→201 median "
+          f"{statistics.median(whep_direct):.0f} ms, p95 {_pct(whep_direct, 0.95):.0f} ms")
     print("| workers | sessions placed per worker | full → | offer→answer via door (median / p95) "
-          "| vs direct | failover (new session) | killed worker rejoins |")
-    print("|---|---|---|---|---|---|---|")
+          "| vs direct | WHEP POST→201 via door (median / p95) | vs direct | failover (new session) "
+          "| killed worker rejoins |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, r in rows:
         placed = ", ".join(str(v) for _, v in sorted(r["placed"].items()))
         d = r["door"]
         print(f"| {n} | {placed} (of {r['capacity']}) | {r['full']} | {statistics.median(d):.0f} / "
               f"{_pct(d, 0.95):.0f} ms | +{statistics.median(d) - statistics.median(direct):.0f} ms "
+              f"| {statistics.median(r['whep']):.0f} / {_pct(r['whep'], 0.95):.0f} ms "
+              f"| +{statistics.median(r['whep']) - statistics.median(whep_direct):.0f} ms "
               f"| {r['failover_ms']:.0f} ms | {r['rejoin_s']:.1f} s |")
     return 0
 
