@@ -145,14 +145,17 @@ class LocalActor:
 class LocalWorkers(NoWorkers):
     """Two render workers in this process; `kill(name)` is a worker whose process ended."""
 
-    def __init__(self, n: int = 2) -> None:
+    def __init__(self, n: int = 2, whip_endpoint: str = "http://127.0.0.1:9/whip") -> None:
         super().__init__()
         self._threads = concurrent.futures.ThreadPoolExecutor(8)
         config = load_config(None, {"pose.smoothing": 0.0, "server.max_sessions": 2,
                                     "server.ice_host_addresses": ["127.0.0.1"],
-                                    "whip.endpoint": "http://127.0.0.1:9/whip", "whip.viewer_url": VIEWER_URL})
-        self.workers = {f"render-w{i}-0": LocalActor(RenderWorker(f"render-w{i}-0", config, paint_backend),
-                                                      self._threads) for i in range(n)}
+                                    "whip.endpoint": whip_endpoint, "whip.token": "good",
+                                    "whip.viewer_url": VIEWER_URL})
+        # lost_timeout_s: a process's first session imports librosa on its first mel (seconds on a busy box)
+        self.workers = {f"render-w{i}-0": LocalActor(RenderWorker(f"render-w{i}-0", config, paint_backend,
+                                                                  lost_timeout_s=20.0), self._threads)
+                        for i in range(n)}
 
     def get(self, name: str):
         return self.workers.get(name)
@@ -262,3 +265,44 @@ def test_whep_through_the_door_location_rewritten_delete_routed_refusals_passed_
     pool.kill(sess["worker"])
     status, headers, body = request("DELETE", resource)
     assert status == 410 and json.loads(body)["error"] == WORKER_GONE and headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.integration
+def test_the_studio_page_on_the_door_shares_to_the_room():
+    """Headless Chromium (fake microphone) on the door: the "share to room" checkbox is enabled (the
+    door answers /room), ticking it and pressing Start publishes the session from its worker to the
+    WHIP server, the page shows the room's viewer URL and the share's state (stats through the door)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser_viewer import CHROMIUM, CHROMIUM_ARGS
+    from tests.whip_server import FakeWhipServer
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt install chromium)")
+    whip_server = FakeWhipServer().start()
+    pool = LocalWorkers(1, whip_endpoint=whip_server.url)
+    d = FrontDoor(pool, port=0, reconcile_s=60).start()
+    args = CHROMIUM_ARGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=args, timeout=20_000)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(30_000)
+                page.goto(f"http://127.0.0.1:{d.port}/")
+                page.wait_for_function("() => !document.getElementById('room').disabled")
+                page.check("#room")
+                page.click("#start")
+                page.wait_for_selector("#room-line:not([hidden])")
+                assert page.text_content("#room-link") == VIEWER_URL
+                page.wait_for_function(
+                    "() => document.querySelector('#stats td[data-key=\"share_state\"]').textContent === 'publishing'")
+                assert page.evaluate("window.studio.session.id").startswith("render-w0-0.")
+                page.click("#stop")
+                page.wait_for_function("() => !document.getElementById('start').disabled")
+            finally:
+                browser.close()
+    finally:
+        d.stop()
+        pool.shutdown()
+        whip_server.stop()
+    assert whip_server.deleted == ["/whip/resource/1"] and whip_server.sessions == 0
