@@ -426,17 +426,8 @@ class StudioServer(HostAttributes):
         if not (keys_match(key, sess.view) or keys_match(key, sess.secret)):
             await discard_body(request)
             return whep.refusal(401, "wrong share link (send its view key as Authorization: Bearer KEY)")
-        sdp = await whep.read_offer(request)
-        if isinstance(sdp, web.Response):
-            return sdp
-        added = await self._add_viewer(sess, sdp)
-        if isinstance(added, web.Response):
-            added.headers.update(whep.CORS)
-            return added
-        pc, answer = added
-        resource = whep.new_resource_id()
-        sess.whep[resource] = pc
-        return whep.answer_response(answer.sdp, f"/sessions/{sess.id}/whep/{resource}")
+        return await whep.answer_offer(request, lambda sdp: self._add_viewer(sess, sdp), sess.whep,
+                                       f"/sessions/{sess.id}/whep")
 
     async def _handle_whep_delete(self, request: web.Request) -> web.Response:
         sess = self._sessions.get(request.match_info["id"])

@@ -219,17 +219,8 @@ class WebRTCServer(HostAttributes):
         if not self.web.authorised(whep.bearer_token(request)):
             await discard_body(request)
             return whep.refusal(401, "missing or wrong token (send Authorization: Bearer TOKEN)")
-        sdp = await whep.read_offer(request)
-        if isinstance(sdp, web.Response):
-            return sdp
-        added = await self._add_viewer(sdp, request.remote)
-        if isinstance(added, web.Response):
-            added.headers.update(whep.CORS)
-            return added
-        pc, answer = added
-        resource = whep.new_resource_id()
-        self._whep[resource] = pc
-        return whep.answer_response(answer.sdp, f"/whep/{resource}")
+        return await whep.answer_offer(request, lambda sdp: self._add_viewer(sdp, request.remote), self._whep,
+                                       "/whep")
 
     async def _handle_whep_delete(self, request: web.Request) -> web.Response:
         pc = self._whep.pop(request.match_info["id"], None)

@@ -88,6 +88,23 @@ def answer_response(sdp: str, location: str) -> web.Response:
                         headers=dict(CORS, Location=location, **{"Cache-Control": "no-store"}))
 
 
+async def answer_offer(request: web.Request, add_viewer, viewers: dict, location_prefix: str) -> web.Response:
+    """The rest of a WHEP POST once the caller is authorised, the same on every server: read the offer,
+    add the viewer (`add_viewer(sdp)` → (peer, answer) or a refusal), keep its peer in `viewers` under a
+    new resource id and answer 201 with `location_prefix/ID` as the Location."""
+    sdp = await read_offer(request)
+    if isinstance(sdp, web.Response):
+        return sdp
+    added = await add_viewer(sdp)
+    if isinstance(added, web.Response):
+        added.headers.update(CORS)
+        return added
+    pc, answer = added
+    resource = new_resource_id()
+    viewers[resource] = pc
+    return answer_response(answer.sdp, f"{location_prefix}/{resource}")
+
+
 def deleted_response() -> web.Response:
     return web.Response(status=200, headers=CORS)
 
