@@ -136,6 +136,153 @@ async def _async_stats_above(srv, owner: Client, n: int) -> bool:
     return (await _stats(srv, owner)).get("frames_out", 0) > n
 
 
+async def _share(srv, session: dict, on: bool, secret: str | None = None) -> tuple[int, dict]:
+    return await http("POST", base(srv) + f"sessions/{session['id']}/share",
+                      json={"secret": session["secret"] if secret is None else secret, "on": on})
+
+
+async def _watch_view(srv, session: dict):
+    """A light view-only peer of the session (its share link's key): slots counted from RTP timestamps
+    (bench.slot_truth.RtpSlots, nothing decoded), the session's own viewer as its owner sees it."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from bench.slot_truth import RtpSlots
+    from stream.webrtc import use_host_addresses
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    slots = RtpSlots(stamped=False)
+    slots.attach(pc)
+    use_host_addresses(pc, ["127.0.0.1"])
+    await pc.setLocalDescription(await pc.createOffer())
+    status, answer = await http("POST", base(srv) + f"sessions/{session['id']}/view",
+                                json={"sdp": pc.localDescription.sdp, "type": "offer", "view": session["view"]})
+    assert status == 200, answer
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    return pc, slots
+
+
+def _slot_at(slots, instant: float) -> int | None:
+    """The video slot whose first packet arrived nearest `instant` (time.monotonic())."""
+    best = min(slots.video, key=lambda p: abs(p[3] - instant), default=None)
+    return None if best is None else slots.video_slot(best[1])
+
+
+def test_sharing_goes_on_and_off_the_air_on_a_running_session_without_a_gap_for_its_viewer(fake_whip):
+    """On, off, on while the session runs: the WHIP server sees POST, DELETE, POST (a new resource), the
+    room is free while off, the share's counters start again per share (`share_count` carries), and
+    the session's own view-only viewer gets every slot in order throughout, the toggles included."""
+    srv, _, renderer = _studio(fake_whip)
+    try:
+        async def body():
+            owner = Client(srv)
+            status, created = await owner.create()
+            assert status == 201 and "room" not in created
+            await owner.connect()
+            await owner.wait_frames()
+            pc, slots = await _watch_view(srv, created)
+            try:
+                await _until(lambda: _async(len(slots.video_slots()) >= 25), 30, "the viewer's first second")
+                toggles = []
+                status, reply = await _share(srv, created, True)
+                toggles.append(time.monotonic())
+                assert status == 200 and reply == {"share": True, "room": {"viewer_url": VIEWER_URL}}
+                assert (await http("GET", base(srv) + "room"))[1]["presenter"] == created["id"]
+                await _until(lambda: _async(len(fake_whip.slots) >= 25), 30, "25 shared frames")
+                stats = await _stats(srv, owner)
+                assert stats["share_state"] == "publishing" and stats["share_count"] == 1
+
+                status, reply = await _share(srv, created, False)
+                toggles.append(time.monotonic())
+                assert status == 200 and reply == {"share": False}
+                assert fake_whip.deleted == ["/whip/resource/1"] and fake_whip.sessions == 0
+                assert (await http("GET", base(srv) + "room"))[1]["presenter"] is None
+                stats = await _stats(srv, owner)
+                assert stats["share_state"] == "off" and stats["share_count"] == 1
+                assert (await _share(srv, created, False))[0] == 200      # idempotent
+                shared_before = len(fake_whip.slots)
+                await asyncio.sleep(1.0)
+                assert len(fake_whip.slots) == shared_before               # nothing goes out while off
+
+                status, reply = await _share(srv, created, True)
+                toggles.append(time.monotonic())
+                assert status == 200 and reply["share"] is True
+                await _until(lambda: _async(len(fake_whip.slots) >= shared_before + 25), 30,
+                             "25 frames of the second share")
+                stats = await _stats(srv, owner)
+                assert stats["share_state"] == "publishing" and stats["share_count"] == 2
+                assert stats["share_connects"] == 1                         # the new share's own count
+                await asyncio.sleep(1.0)                                   # a second past the last toggle
+            finally:
+                await pc.close()
+            status, _ = await http("POST", base(srv) + f"sessions/{created['id']}/stop",
+                                   json={"secret": created["secret"]})
+            assert status == 200
+            await owner.close()
+            return slots, toggles
+        slots, toggles = run(body())
+    finally:
+        srv.stop()
+        renderer.stop()
+    assert [r[:2] for r in fake_whip.requests] == [
+        ("POST", "/whip"), ("DELETE", "/whip/resource/1"), ("POST", "/whip"),
+        ("DELETE", "/whip/resource/2")]
+    assert fake_whip.deleted == ["/whip/resource/1", "/whip/resource/2"] and fake_whip.sessions == 0
+    got = slots.video_slots()
+    assert got == sorted(set(got)), "the viewer's slots went out of order"
+    missing = sorted(set(range(got[0], got[-1] + 1)) - set(got))
+    assert len(got) >= 100 and len(missing) <= 0.01 * len(got), (len(got), missing)
+    for instant in toggles:       # no slot lost within half a second either side of a toggle
+        k = _slot_at(slots, instant)
+        assert k is not None and not [m for m in missing if abs(m - k) <= 12], (k, missing)
+
+
+def test_the_share_switch_follows_the_room_rules_and_is_the_owners(fake_whip):
+    """One presenter: another session's switch is 409 naming it; only the owner's secret turns it (a
+    view key or a wrong secret: 403, as for the other owner routes); a malformed body is 400."""
+    srv, _, renderer = _studio(fake_whip)
+    try:
+        async def body():
+            status, first = await Client(srv).create(share=True)
+            assert status == 201
+            status, second = await Client(srv).create()
+            assert status == 201
+            status, refused = await _share(srv, second, True)
+            assert status == 409 and refused["error"].startswith(f"the room already has a presenter: session {first['id']}")
+            assert (await _share(srv, first, False, secret=first["view"]))[0] == 403
+            assert (await _share(srv, first, False, secret="wrong"))[0] == 403
+            status, reply = await http("POST", base(srv) + f"sessions/{first['id']}/share",
+                                       json={"secret": first["secret"], "on": "yes"})
+            assert status == 400 and "on" in reply["error"]
+            assert (await http("GET", base(srv) + "room"))[1]["presenter"] == first["id"]
+            # a session not connected yet: the switch is remembered for its start; off frees the room
+            assert (await _share(srv, first, False)) == (200, {"share": False})
+            assert (await http("GET", base(srv) + "room"))[1]["presenter"] is None
+            status, reply = await _share(srv, second, True)
+            assert status == 200 and reply["share"] is True
+            assert (await http("GET", base(srv) + "room"))[1]["presenter"] == second["id"]
+        run(body())
+    finally:
+        srv.stop()
+        renderer.stop()
+    assert not fake_whip.requests        # neither session ever ran: nothing was published
+
+
+def test_without_a_whip_endpoint_the_share_switch_is_400_with_the_reason():
+    srv, _, renderer = _studio(None)
+    try:
+        async def body():
+            status, created = await Client(srv).create()
+            assert status == 201
+            status, reply = await _share(srv, created, True)
+            assert status == 400 and reply["error"].startswith("cannot share to the room: ")
+            assert "whip.endpoint" in reply["error"] and "\n" not in reply["error"]
+        run(body())
+    finally:
+        srv.stop()
+        renderer.stop()
+
+
 def test_out_whip_prints_the_room_viewer_url_at_start_up(capsys):
     """`--out whip` runs name the room's viewer URL among the start-up lines (the output's prepare step)."""
     import contextlib
