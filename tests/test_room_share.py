@@ -347,6 +347,122 @@ def test_the_studio_page_shares_to_the_room_and_shows_the_viewer_url(fake_whip):
     assert fake_whip.deleted == ["/whip/resource/1"] and fake_whip.sessions == 0
 
 
+@pytest.mark.integration
+def test_the_studio_pages_checkbox_takes_a_running_session_on_and_off_the_air(fake_whip):
+    """In headless Chromium (fake microphone): Start without sharing, then tick the checkbox: the session
+    publishes (the WHIP server gets its frames), the page shows the room's viewer URL line and the
+    share's state; untick it: the resource is DELETEd, the line hidden, the state "off", and the
+    session's own video goes on."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser_viewer import CHROMIUM, CHROMIUM_ARGS
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt install chromium)")
+    args = CHROMIUM_ARGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    srv, _, renderer = _studio(fake_whip)
+
+    def wait(condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert condition(), f"timed out waiting for {what}"
+
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=args, timeout=20_000)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(30_000)
+                page.goto(f"http://127.0.0.1:{srv.port}/")
+                page.wait_for_function("() => !document.getElementById('room').disabled")
+                page.click("#start")
+                page.wait_for_function("() => Number(document.querySelector("
+                                       "'#stats td[data-key=\"frames_out\"]').textContent) > 0")
+                assert page.is_hidden("#room-line") and not fake_whip.requests
+
+                page.click("#room")                                  # on air
+                page.wait_for_selector("#room-line:not([hidden])")
+                assert page.text_content("#room-link") == VIEWER_URL and page.is_checked("#room")
+                page.wait_for_function(
+                    "() => document.querySelector('#stats td[data-key=\"share_state\"]').textContent === 'publishing'")
+                wait(lambda: len(fake_whip.slots) >= 25, 30, "25 shared frames at the WHIP server")
+
+                page.click("#room")                                  # off the air
+                page.wait_for_selector("#room-line", state="hidden")
+                assert fake_whip.deleted == ["/whip/resource/1"] and not page.is_checked("#room")
+                page.wait_for_function(
+                    "() => document.querySelector('#stats td[data-key=\"share_state\"]').textContent === 'off'")
+                frames = int(page.text_content('#stats td[data-key="frames_out"]'))
+                page.wait_for_function("n => Number(document.querySelector("
+                                       "'#stats td[data-key=\"frames_out\"]').textContent) > n + 25", arg=frames)
+                page.click("#stop")
+            finally:
+                browser.close()
+    finally:
+        srv.stop()
+        renderer.stop()
+    assert [r[:2] for r in fake_whip.requests] == [("POST", "/whip"), ("DELETE", "/whip/resource/1")]
+
+
+def test_fan_out_sinks_come_and_go_while_another_thread_writes():
+    """FanOutSink.add/remove from one thread while another writes 400 slots: the sink that stays gets
+    every slot once, in order; a sink added gets a contiguous run from the next slot on; after
+    `remove` returns, it gets no write."""
+    import threading
+
+    import numpy as np
+
+    from stream.sinks import FanOutSink
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.got: list[int] = []
+            self.opened = self.closed = 0
+            self.removed = False
+
+        def open(self, *args) -> None:
+            self.opened += 1
+
+        def write(self, frame, audio, k: int) -> None:
+            assert not self.removed, "a write after remove returned"
+            self.got.append(k)
+            time.sleep(0.0005)
+
+        def close(self) -> None:
+            self.closed += 1
+
+    stays = Recorder()
+    fan = FanOutSink([stays])
+    fan.open(8, 8, 25, 16000)
+    frame, audio = np.zeros((8, 8, 3), np.uint8), np.zeros(640, np.float32)
+    done = threading.Event()
+
+    def writer() -> None:
+        for k in range(400):
+            fan.write(frame, audio, k)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    visitors = []
+    while not done.is_set():
+        visitor = Recorder()
+        assert fan.add(visitor) and visitor.opened == 1
+        time.sleep(0.005)
+        assert fan.remove(visitor)
+        visitor.removed = True
+        visitors.append(visitor)
+    thread.join(10)
+    fan.close()
+    assert stays.got == list(range(400)) and stays.closed == 1
+    assert len(visitors) >= 3
+    for v in visitors:
+        assert v.got == list(range(v.got[0], v.got[0] + len(v.got))) if v.got else True
+        assert v.closed == 0                   # remove does not close: its caller does
+    late = Recorder()
+    assert not fan.add(late) and late.closed == 1   # added after close: closed at once
+
+
 def test_a_room_share_that_cannot_open_is_a_status_line_and_never_raises():
     """RoomShare alone: the build/open failure happens on its own thread and becomes `share_state`;
     writes before and after it go nowhere (counted), and close is clean and idempotent."""
