@@ -2,8 +2,12 @@
 
 Against `tests/whip_server.py` (a minimal WHIP server on 127.0.0.1; no Janus, no root): what the page
 is told (`GET /room`), one presenter per room (409), a refused token as the session's one-line share
-state while its own viewer keeps receiving, and the WHIP resource DELETEd when the session stops. The
-same through a real Janus is in tests/test_whip.py.
+state while its own viewer keeps receiving, and the WHIP resource DELETEd when the session stops; the
+share switched on, off and on again on a running session (POST, DELETE, POST at the WHIP server; its own
+viewer loses no slot at the toggles; the room rules and owner-only switch; the page's checkbox in
+Chromium; `FanOutSink.add`/`remove` under a writing thread). Through a real Janus (a test-made netns,
+tests/janus_support.py): the same toggles seen by VideoRoom subscribers; a session shared from its
+start is in tests/test_whip.py.
 """
 from __future__ import annotations
 
@@ -405,6 +409,81 @@ def test_the_studio_pages_checkbox_takes_a_running_session_on_and_off_the_air(fa
         srv.stop()
         renderer.stop()
     assert [r[:2] for r in fake_whip.requests] == [("POST", "/whip"), ("DELETE", "/whip/resource/1")]
+
+
+@pytest.fixture(scope="module")
+def janus_stack(tmp_path_factory):
+    """The real Janus + simple-whip-server in a test-made network namespace (tests.janus_support)."""
+    from tests.janus_support import JanusStack, missing_reason
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    janus = JanusStack(tmp_path_factory.mktemp("janus"))
+    janus.start()          # stops what it started (namespace included) if it fails
+    try:
+        yield janus
+    finally:
+        janus.stop()
+
+
+@pytest.mark.integration
+def test_a_running_session_goes_on_off_and_on_the_air_through_janus(janus_stack):
+    """Through the real stack: a running studio session switched on appears in the VideoRoom and a
+    subscriber gets its slots in order; switched off, the room loses its publisher (the WHIP resource
+    was DELETEd); switched on again, a re-joining subscriber sees it anew."""
+    from tests.janus_support import LightSubscriber, coverage
+    stack = janus_stack
+    srv, _, renderer = start_studio(overrides={
+        "whip.endpoint": stack.whip_url, "whip.token": stack.token, "whip.viewer_url": VIEWER_URL,
+        "server.ice_host_addresses": [stack.host_address]}, lost_timeout_s=20.0)
+    owner = Client(srv)
+
+    async def publishers(want: bool) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def seen():
+            return bool(await loop.run_in_executor(None, stack.publishers)) == want
+        await _until(seen, 20, "the room to " + ("have" if want else "lose") + " its publisher")
+
+    async def watch(seconds: float):
+        subscriber = LightSubscriber(stack.janus_url, (stack.host_address,), stamped=False)
+        try:
+            await subscriber.start()
+            await asyncio.sleep(seconds)
+        finally:
+            await subscriber.stop()
+        return subscriber.slots
+
+    async def body():
+        status, created = await owner.create()
+        assert status == 201
+        await owner.connect()
+        await owner.wait_frames()
+        runs = []
+        for on in (True, False, True):
+            status, reply = await _share(srv, created, on)
+            assert status == 200 and reply["share"] is on
+            await publishers(on)
+            if on:
+                runs.append(await watch(4.0))
+        stats = await _stats(srv, owner)
+        assert stats["share_state"] == "publishing" and stats["share_count"] == 2
+        status, _ = await http("POST", base(srv) + f"sessions/{created['id']}/stop",
+                               json={"secret": created["secret"]})
+        assert status == 200
+        await owner.close()
+        await publishers(False)
+        return runs
+
+    try:
+        runs = run(body(), timeout=150)
+    finally:
+        srv.stop()
+        renderer.stop()
+    for slots in runs:            # each share, as a subscriber that joined it sees it
+        got = slots.video_slots()
+        share, span = coverage(got)
+        assert span >= 50 and share >= 0.99 and got == sorted(set(got)), (share, span, got[:10], got[-10:])
 
 
 def test_fan_out_sinks_come_and_go_while_another_thread_writes():
