@@ -143,9 +143,12 @@ class StudioSession:
                 return on
             if on:
                 share = self._builder.share("whip")
+                # RoomShare.open returns at once (it connects on its own thread); False: the session's
+                # sinks have already closed (its run ended), and the share was closed with nothing sent
+                if not session.add_sink(share):
+                    return False
                 self._share = share
                 self._shares_started += 1
-                session.add_sink(share)          # RoomShare.open returns at once; it connects on its own thread
                 return True
             share, self._share = self._share, None
         session.remove_sink(share)               # no write to it is in flight from here
