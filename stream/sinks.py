@@ -122,11 +122,11 @@ class FanOutSink:
         return found
 
     def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
+        self._writing = True     # before the list is read: a `remove` that sees False swapped it first
         active = self._active    # one list for this slot: a concurrent add/remove swaps in a new one
-        if not active:
-            raise SinkError(_all_failed_message(self.failures))
-        self._writing = True
         try:
+            if not active:
+                raise SinkError(_all_failed_message(self.failures))
             for sink in active:
                 try:
                     sink.write(frame, audio, frame_index)
