@@ -204,9 +204,11 @@ def test_sharing_goes_on_and_off_the_air_on_a_running_session_without_a_gap_for_
                 stats = await _stats(srv, owner)
                 assert stats["share_state"] == "off" and stats["share_count"] == 1
                 assert (await _share(srv, created, False))[0] == 200      # idempotent
+                await asyncio.sleep(0.5)      # a frame the fake server was still decoding at the DELETE
                 shared_before = len(fake_whip.slots)
                 await asyncio.sleep(1.0)
                 assert len(fake_whip.slots) == shared_before               # nothing goes out while off
+                assert [r[:2] for r in fake_whip.requests] == [("POST", "/whip"), ("DELETE", "/whip/resource/1")]
 
                 status, reply = await _share(srv, created, True)
                 toggles.append(time.monotonic())

@@ -391,8 +391,8 @@ class StudioServer(HostAttributes):
         async with sess.share_lock:
             if sess.started and not sess.ending:
                 set_share = getattr(sess.runtime, "set_share", None)
-                if set_share is not None:
-                    await asyncio.get_running_loop().run_in_executor(None, set_share, sess.share)
+                if set_share is not None:   # False when it could not go on air (its run has just ended)
+                    sess.share = bool(await asyncio.get_running_loop().run_in_executor(None, set_share, sess.share))
             if not sess.share and self._presenter == sess.id:
                 self._presenter = None
 
