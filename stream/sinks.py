@@ -6,10 +6,17 @@ Why a fan-out with failure isolation: outputs fail for reasons that have nothing
 live stream down with it, so a sink that raises while writing is logged once, closed and dropped, and
 the others keep going. Opening is different: a sink that cannot even open is a configuration problem
 the user must hear about before the session starts, so `open` failures propagate.
+
+Sinks can also come and go while the session runs (`add`/`remove`: the studio's "share to room" turned
+on and off): the scheduler's thread iterates the list in `write`, so the list is copy-on-write — a
+change builds a new list under a small lock and swaps it in, and `write` iterates whatever list it
+read, taking no lock. No lock is ever held across a write, and the other sinks see every slot once.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -43,51 +50,104 @@ class FanOutSink:
     """Writes each frame to several sinks; a sink that raises in `write` is closed and dropped.
 
     When the last remaining sink fails, `write` raises `SinkError`: carrying on would render frames
-    nobody can see. `failures` lists (sink, exception) for status displays.
+    nobody can see. `failures` lists (sink, exception) for status displays. `add`/`remove` change the
+    sinks of a running fan-out from another thread (see the module docstring).
     """
 
     def __init__(self, sinks: Sequence[FrameSink]) -> None:
         if not sinks:
             raise ValueError("FanOutSink needs at least one sink")
         self._sinks: list[FrameSink] = list(sinks)
-        self._active: list[FrameSink] = []
+        self._active: list[FrameSink] = []     # replaced, never mutated in place (write iterates it unlocked)
         self.failures: list[tuple[FrameSink, BaseException]] = []
+        self._lock = threading.Lock()          # serialises changes of the lists, never held across a write
+        self._params: tuple[int, int, int, int] | None = None   # open's arguments, for sinks added later
+        self._closed = False
+        self._writing = False                  # the scheduler's thread is inside write
+        self._writes = 0                       # writes finished (remove waits for the one in flight)
 
     @property
     def active(self) -> list[FrameSink]:
         return list(self._active)
 
     def open(self, width: int, height: int, fps: int, sample_rate: int) -> None:
-        opened: list[FrameSink] = []
-        try:
-            for sink in self._sinks:
-                sink.open(width, height, fps, sample_rate)
-                opened.append(sink)
-        except BaseException:
-            for sink in opened:  # leave nothing half-open behind the error the user will see
-                _close_quietly(sink)
-            raise
-        self._active = opened
-        self.failures = []
+        with self._lock:  # an `add` meanwhile waits, then opens its sink with these arguments
+            opened: list[FrameSink] = []
+            try:
+                for sink in self._sinks:
+                    sink.open(width, height, fps, sample_rate)
+                    opened.append(sink)
+            except BaseException:
+                for sink in opened:  # leave nothing half-open behind the error the user will see
+                    _close_quietly(sink)
+                raise
+            self._active = opened
+            self._params = (width, height, fps, sample_rate)
+            self.failures = []
+
+    def add(self, sink: FrameSink) -> bool:
+        """Add a sink (any thread). Before `open` it is opened with the others; after, it is opened here
+        (so it must open quickly: `stream.whip.RoomShare` returns at once) and gets every slot from the
+        next write on. False (and the sink closed) when the fan-out is already closed."""
+        with self._lock:
+            params, closed = self._params, self._closed
+            if params is None and not closed:
+                self._sinks = [*self._sinks, sink]
+                return True
+        if closed:
+            _close_quietly(sink)
+            return False
+        sink.open(*params)
+        with self._lock:
+            if not self._closed:
+                self._sinks = [*self._sinks, sink]
+                self._active = [*self._active, sink]
+                return True
+        _close_quietly(sink)
+        return False
+
+    def remove(self, sink: FrameSink, timeout: float = 1.0) -> bool:
+        """Take a sink out (any thread) without closing it (the caller does, e.g. a WHIP DELETE that may
+        take seconds). When this returns, no write to it is in flight (a write that had already read
+        the old list is waited for, at most `timeout`). False when it was not there."""
+        with self._lock:
+            found = sink in self._sinks or sink in self._active
+            self._sinks = [s for s in self._sinks if s is not sink]
+            self._active = [s for s in self._active if s is not sink]
+            writing, writes = self._writing, self._writes
+        if found and writing:
+            deadline = time.monotonic() + timeout
+            while self._writes == writes and time.monotonic() < deadline:
+                time.sleep(0.002)
+        return found
 
     def write(self, frame: np.ndarray, audio: np.ndarray, frame_index: int) -> None:
-        if not self._active:
-            raise SinkError(_all_failed_message(self.failures))
-        for sink in list(self._active):
-            try:
-                sink.write(frame, audio, frame_index)
-            except Exception as exc:  # isolate: one broken output must not stop the others
-                log.error("output %s failed at frame %d and was stopped: %s",
-                          type(sink).__name__, frame_index, _one_line(exc))
-                log.debug("output %s failure", type(sink).__name__, exc_info=True)  # -v / --debug
-                self._active.remove(sink)
-                self.failures.append((sink, exc))
-                _close_quietly(sink)
+        self._writing = True     # before the list is read: a `remove` that sees False swapped it first
+        active = self._active    # one list for this slot: a concurrent add/remove swaps in a new one
+        try:
+            if not active:
+                raise SinkError(_all_failed_message(self.failures))
+            for sink in active:
+                try:
+                    sink.write(frame, audio, frame_index)
+                except Exception as exc:  # isolate: one broken output must not stop the others
+                    log.error("output %s failed at frame %d and was stopped: %s",
+                              type(sink).__name__, frame_index, _one_line(exc))
+                    log.debug("output %s failure", type(sink).__name__, exc_info=True)  # -v / --debug
+                    with self._lock:
+                        self._active = [s for s in self._active if s is not sink]
+                        self._sinks = [s for s in self._sinks if s is not sink]
+                    self.failures.append((sink, exc))
+                    _close_quietly(sink)
+        finally:
+            self._writing = False
+            self._writes += 1
         if not self._active:
             raise SinkError(_all_failed_message(self.failures))
 
     def close(self) -> None:
-        active, self._active = self._active, []
+        with self._lock:
+            active, self._active, self._closed = self._active, [], True
         for sink in active:
             _close_quietly(sink)
 

@@ -129,8 +129,9 @@ class Session:
                  health_checks: Sequence[Callable[[], None]] = (), on_frame: Callable[[int], None] | None = None,
                  stack: contextlib.ExitStack | None = None, server: object | None = None,
                  live: threading.Event | None = None, pose_worker: object | None = None,
-                 recorder: object | None = None) -> None:
+                 recorder: object | None = None, fanout: FanOutSink | None = None) -> None:
         self.audio, self.renderer, self.sinks, self.pose = audio, renderer, sinks, pose
+        self.fanout = fanout              # the sinks' FanOutSink when sinks may come and go (`add_sink`)
         self.timeline, self.placeholder, self.metrics = timeline, placeholder, metrics
         self.realtime, self.max_frames = realtime, max_frames
         self.health_checks, self.on_frame = list(health_checks), on_frame
@@ -148,6 +149,18 @@ class Session:
 
     def close(self) -> None:
         self._stack.close()
+
+    def add_sink(self, sink: FrameSink) -> bool:
+        """Another output for the running session (any thread; the studio's "share to room" going on air):
+        it gets every slot from the next one on, the other sinks lose or repeat none. Needs a session
+        built with `shares` or `shareable`."""
+        if self.fanout is None:
+            raise RuntimeError("this session was not built to add sinks (SessionBuilder(shareable=True))")
+        return self.fanout.add(sink)
+
+    def remove_sink(self, sink: FrameSink) -> bool:
+        """Take an added sink out again (any thread); the caller closes it."""
+        return self.fanout is not None and self.fanout.remove(sink)
 
     def run(self, stop: threading.Event | None = None) -> RunSummary:
         """The live scheduler (real time) or the offline renderer, until the audio ends, `max_frames`, or `stop`."""
@@ -184,6 +197,9 @@ class SessionBuilder:
     * `shares` — registry outputs that also get the frames beside `sinks`, each built and opened in the
       background (`stream.whip.RoomShare`: a failure is a status line, never the session's end): the
       studio's "share to room" is `shares=("whip",)`. The built shares are `builder.shares` by name.
+      `shareable=True` builds the same fan-out without any: `builder.share(name)` makes a new `RoomShare`
+      (a new output, so a new WHIP resource, each time) that `Session.add_sink` puts on air while the
+      session runs, and `Session.remove_sink` takes off.
     * `pose_frames` — live frames for the pose worker instead of `pose.source` (the studio: the browser's camera).
     * `ice_host_addresses` — the viewer's ICE addresses (loopback tests); `metrics` — the session's metrics.
     * `pose_batcher` — encodes several sessions' pose crops in one pass (the studio's `PoseBatcher`).
@@ -200,9 +216,11 @@ class SessionBuilder:
                  ice_host_addresses: tuple[str, ...] | None = None,
                  metrics: LiveMetrics | None = None,
                  pose_batcher: "PoseBatcher | None" = None,
-                 shares: Sequence[str] = ()) -> None:
+                 shares: Sequence[str] = (), shareable: bool = False) -> None:
         self.config, self.run_options = config, run
         self._share_names = tuple(shares)
+        self._shareable = shareable or bool(self._share_names)
+        self._framing: tuple[AlignedFace | None, np.ndarray | None] = (None, None)   # for shares' framing
         self.shares: dict[str, object] = {}
         self._pose_batcher = pose_batcher
         self._landmark_detector, self._avatar, self._renderer = landmark_detector, avatar, renderer
@@ -293,15 +311,23 @@ class SessionBuilder:
             frames_needed=None if slots is None else model_frame_index(slots, numbering))
         return sequence_pose(sequence, numbering, self.metrics)
 
-    def _build_shares(self, face: AlignedFace | None, photo: np.ndarray | None) -> list[FrameSink]:
-        """The `shares` outputs, each a `RoomShare` that builds its registry sink (framed) when it opens."""
+    def share(self, name: str):
+        """A new `RoomShare` of the output `name` ("whip"): it builds its sink (framed) on its own thread
+        when it opens, from an output context of its own, so every share is a new output (a new WHIP
+        resource) and none reuses a closed one."""
         from stream.whip import RoomShare
+        if name not in OUTPUTS:
+            raise ValueError(f"no output named {name!r} to share to")
+        face, photo = self._framing
+        ctx = OutputContext(self.config, self.metrics, contextlib.ExitStack(), OUTPUTS,
+                            self._outputs.ice_host_addresses)
+        viewer_url = self.config.whip.viewer_url if name == "whip" else None
+        return RoomShare(lambda: build_sink(ctx, name, face, photo), viewer_url=viewer_url)
+
+    def _build_shares(self) -> list[FrameSink]:
+        """The `shares` outputs, each a `RoomShare` (`share`)."""
         for name in self._share_names:
-            if name not in OUTPUTS:
-                raise ValueError(f"no output named {name!r} to share to")
-            viewer_url = self.config.whip.viewer_url if name == "whip" else None
-            self.shares[name] = RoomShare(lambda n=name: build_sink(self._outputs, n, face, photo),
-                                          viewer_url=viewer_url)
+            self.shares[name] = self.share(name)
         return list(self.shares.values())
 
     def _build(self) -> Session:
@@ -320,8 +346,9 @@ class SessionBuilder:
         # looped bundled sample has none
         self.metrics.watch("audio_nonfinite_samples", lambda: getattr(source, "nonfinite_samples", 0))
         sink = self._sinks if self._sinks is not None else build_sinks(self._outputs, face, photo)
-        if self._share_names:
-            sink = FanOutSink([sink, *self._build_shares(face, photo)])
+        self._framing = (face, photo)
+        fanout = FanOutSink([sink, *self._build_shares()]) if self._shareable else None
+        sink = fanout or sink
         if self._wrap_sink is not None:
             sink = self._wrap_sink(sink)
         max_s = self.run_options.max_seconds
@@ -361,7 +388,7 @@ class SessionBuilder:
         self._built = Session(source, renderer, sink, pose, timeline=timeline, placeholder=placeholder, metrics=self.metrics,
                        realtime=self.realtime, max_frames=max_frames, health_checks=checks, on_frame=on_frame if hooks else None,
                        stack=stack, server=self.server, live=self.live, pose_worker=self._pose_worker,
-                       recorder=self._outputs.built("file"))
+                       recorder=self._outputs.built("file"), fanout=fanout)
         return self._built
 
 

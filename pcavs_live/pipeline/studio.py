@@ -94,6 +94,8 @@ class StudioSession:
         self._video: BrowserVideoSource | None = None
         self._session: Session | None = None
         self._share = None               # the RoomShare while this session shares to the room
+        self._shares_started = 0         # shares this session has gone on air with (carried across toggles)
+        self._builder: SessionBuilder | None = None   # makes each new share (`set_share`)
         self._worker: Worker | None = None
         self._stop = threading.Event()
         self._stopped = False
@@ -102,7 +104,8 @@ class StudioSession:
 
     def start(self, audio, video, loop: asyncio.AbstractEventLoop, sink, on_end: Callable[[str], None],
               share: bool = False) -> None:
-        """Build and start the session; `share`: also publish it to the room (`[whip]`, a `RoomShare`)."""
+        """Build and start the session; `share`: also publish it to the room (`[whip]`, a `RoomShare`).
+        Sharing can be turned on and off while it runs (`set_share`): its sinks are built shareable."""
         with self._lock:
             if self._stopped or self._worker is not None:
                 raise RuntimeError("a studio session starts once")
@@ -118,11 +121,39 @@ class StudioSession:
                 self.config, RunOptions(realtime=True, status_interval_s=0), landmark_detector=detector,
                 avatar=(self.avatar, self.placeholder), renderer=self.handle,
                 audio=(self._source, StreamingMel(StreamingGain())), sinks=sink, pose_frames=self._video,
-                metrics=self.metrics, pose_batcher=self._pose_batcher, shares=("whip",) if share else ())
+                metrics=self.metrics, pose_batcher=self._pose_batcher, shares=("whip",) if share else (),
+                shareable=True)
             self._session = session = builder.build()
+            self._builder = builder
             self._share = builder.shares.get("whip")
+            self._shares_started += self._share is not None
             self._worker = Worker(lambda: self._run(session, on_end), "studio-session", stopping=self._stop)
             self._worker.start()
+
+    def set_share(self, on: bool) -> bool:
+        """Go on air in the room (a new `RoomShare` added to the running session's sinks: a new WHIP
+        resource) or off it (taken out of the sinks, then closed: the WHIP resource is DELETEd, which
+        may take seconds, so not under the session's lock). Idempotent; from any thread but the
+        session's own. Returns whether the session now shares. Raises RuntimeError before `start`."""
+        with self._lock:
+            session = self._session
+            if self._stopped or session is None or self._builder is None:
+                raise RuntimeError("the session is not running")
+            if on == (self._share is not None):
+                return on
+            if on:
+                share = self._builder.share("whip")
+                # RoomShare.open returns at once (it connects on its own thread); False: the session's
+                # sinks have already closed (its run ended), and the share was closed with nothing sent
+                if not session.add_sink(share):
+                    return False
+                self._share = share
+                self._shares_started += 1
+                return True
+            share, self._share = self._share, None
+        session.remove_sink(share)               # no write to it is in flight from here
+        share.close()
+        return False
 
     def _run(self, session: Session, on_end: Callable[[str], None]) -> None:
         reason = "the browser's audio ended"
@@ -161,9 +192,15 @@ class StudioSession:
         if worker is not None:
             snap["pose_frames_processed"] = worker.frames_processed
             snap["pose_frames_busy"] = worker.frames_busy
+        # the share_* counters are the current share's (each share starts from zero); `share_count`
+        # (how many times this session went on air) is carried across toggles
         share = self._share
         if share is not None:
             snap.update(share.status())
+        elif self._shares_started:
+            snap["share_state"] = "off"
+        if self._shares_started:
+            snap["share_count"] = self._shares_started
         return snap
 
     def stop(self) -> None:
@@ -190,6 +227,7 @@ class StudioSession:
         if close is not None:
             close()
         self.avatar = self.handle = self._source = self._video = self._session = self._worker = self._share = None
+        self._builder = None
         self.placeholder = None
 
 

@@ -14,6 +14,10 @@ HTTP API (JSON; errors are `{"error": one line}` with a status, never a tracebac
   400 with the reason. A WHIP failure is the session's `share_state` ("error: ONE LINE") in its stats,
   never its end; ending the session DELETEs the WHIP resource. `GET /room` says whether sharing is
   enabled (else why not), the room's `viewer_url` and the presenting session's id.
+* `POST /sessions/{id}/share` `{secret, on}` — the owner takes a running (or not yet connected)
+  session on or off the air: the same rules as `share=1` (409 naming the presenter, 400 without an
+  endpoint); on adds a new `RoomShare` to its sinks (a new WHIP resource), off takes it out and
+  DELETEs the resource, then frees the room. Answers `{share, room}`. Idempotent.
 * `POST /sessions/{id}/offer` `{sdp, type, secret}` — the owner's peer connection: the browser's
   microphone (and camera) in, this session's avatar video + audio out on the same connection. The
   backend then starts the session (browser tracks as its sources, `SessionOutput` as its sink).
@@ -68,6 +72,7 @@ class SessionRuntime(Protocol):
 
     def start(self, audio: MediaStreamTrack, video: MediaStreamTrack | None, loop: asyncio.AbstractEventLoop,
               sink: FrameSink, on_end: Callable[[str], None]) -> None: ...   # + share=True when it shares
+    # optional: `set_share(on: bool) -> bool` takes a started session on/off the room (POST …/share)
     def idle_s(self) -> float: ...          # seconds since the last browser audio arrived (or since start)
     def stats(self) -> dict: ...
     def stop(self) -> None: ...             # blocking, idempotent: threads joined, memory returned
@@ -92,7 +97,8 @@ class _Session:
     viewers: set = field(default_factory=set)
     whep: dict = field(default_factory=dict)        # WHEP viewers' peers by resource id
     ending: bool = False
-    share: bool = False                  # also published to the room ([whip])
+    share: bool = False                  # also published to the room ([whip]): what the owner asked for
+    share_lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # one share change at a time
     end_reason: str | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -157,6 +163,7 @@ class StudioServer(HostAttributes):
         for path in ("/sessions/{id}/whep", "/sessions/{id}/whep/{resource}"):
             app.router.add_route("OPTIONS", path, whep.preflight)
         app.router.add_post("/sessions/{id}/stop", self._handle_stop)
+        app.router.add_post("/sessions/{id}/share", self._handle_share)
         app.router.add_get("/sessions/{id}/stats", self._handle_stats)
         self._watchdog = asyncio.ensure_future(self._watch_sessions())
         return app
@@ -353,6 +360,42 @@ class StudioServer(HostAttributes):
         await self._end(sess, "stopped")
         return web.json_response({"ok": True, "ended": sess.end_reason})
 
+    async def _handle_share(self, request: web.Request) -> web.Response:
+        """The owner's "share to room" switch on a session (see the module docstring)."""
+        found = await self._session_request(request)
+        if isinstance(found, web.Response):
+            return found
+        sess, body = found
+        on = body.get("on")
+        if not isinstance(on, bool):
+            return error_response(400, 'the body needs "on": true or false')
+        if on and not sess.share:
+            refused = self._refuse_share()
+            if refused is not None:
+                return refused
+            self._presenter = sess.id        # held from here (no await since the check)
+        sess.share = on
+        try:
+            await self._apply_share(sess)
+        except Exception as exc:  # noqa: BLE001 - one line to the page
+            return error_response(500, f"cannot change sharing: {describe_failure(exc)}")
+        reply: dict = {"share": sess.share}
+        if sess.share:
+            reply["room"] = {"viewer_url": self.room().get("viewer_url")}
+        return web.json_response(reply)
+
+    async def _apply_share(self, sess: _Session) -> None:
+        """Bring a started session's share in line with `sess.share` (one change at a time per session);
+        once it is off (the WHIP resource DELETEd) the room is free. A session not started yet is
+        started with it (`_handle_offer` calls this again once it has started)."""
+        async with sess.share_lock:
+            if sess.started and not sess.ending:
+                set_share = getattr(sess.runtime, "set_share", None)
+                if set_share is not None:   # False when it could not go on air (its run has just ended)
+                    sess.share = bool(await asyncio.get_running_loop().run_in_executor(None, set_share, sess.share))
+            if not sess.share and self._presenter == sess.id:
+                self._presenter = None
+
     async def _handle_stats(self, request: web.Request) -> web.Response:
         sess = self._lookup(request)
         if isinstance(sess, web.Response):
@@ -400,6 +443,11 @@ class StudioServer(HostAttributes):
             log.info("session %s: offer refused: %s", sess.id, reason)
             return error_response(400, f"cannot use this offer: {reason}")
         self._watch_peer(sess, pc, owner=True)
+        if sess.share != bool(extra):            # turned on or off while it was starting
+            try:
+                await self._apply_share(sess)
+            except Exception as exc:  # noqa: BLE001 - the session runs; its stats say whether it shares
+                log.warning("session %s: changing its share failed: %s", sess.id, describe_failure(exc))
         return web.json_response({"sdp": answer.sdp, "type": answer.type})
 
     async def _handle_view(self, request: web.Request) -> web.Response:

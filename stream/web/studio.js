@@ -209,5 +209,32 @@ async function loadRoom() {
   } catch (err) { $("room-why").textContent = "(the server did not say whether it can share)"; }
 }
 
+// The same checkbox during a running session takes it on or off the air (POST sessions/ID/share); the
+// room's viewer URL line is shown while it is on. A refusal (another presenter: 409) unticks it again.
+function showRoomLine(url) {
+  if (url) { $("room-link").href = url; $("room-link").textContent = url; }
+  $("room-line").hidden = !url;
+}
+
+async function toggleShare() {
+  const session = state.session;
+  if (!session || !session.secret || !state.running) return;   // before Start: only remembered for Start
+  const box = $("room");
+  const on = box.checked;
+  box.disabled = true;
+  showError("");
+  try {
+    const reply = await postJson(`sessions/${session.id}/share`, { secret: session.secret, on });
+    box.checked = reply.share;
+    showRoomLine(reply.share && reply.room ? reply.room.viewer_url : null);
+  } catch (err) {
+    box.checked = !on;
+    showError(err.message || String(err));
+  } finally {
+    box.disabled = false;
+  }
+}
+$("room").addEventListener("change", toggleShare);
+
 if (viewId && viewKey) view();
 else loadRoom();
