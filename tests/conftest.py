@@ -84,3 +84,19 @@ def _restore_root_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def janus_stack(tmp_path_factory):
+    """A real Janus + simple-whip-server in a test-made network namespace (tests.janus_support), one per
+    test module; skips with the reason when the machine cannot run it."""
+    from tests.janus_support import JanusStack, missing_reason
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    janus = JanusStack(tmp_path_factory.mktemp("janus"))
+    janus.start()          # stops what it started (namespace included) if it fails
+    try:
+        yield janus
+    finally:
+        janus.stop()       # processes, then the namespace and its veth pair

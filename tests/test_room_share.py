@@ -414,20 +414,6 @@ def test_the_studio_pages_checkbox_takes_a_running_session_on_and_off_the_air(fa
     assert [r[:2] for r in fake_whip.requests] == [("POST", "/whip"), ("DELETE", "/whip/resource/1")]
 
 
-@pytest.fixture(scope="module")
-def janus_stack(tmp_path_factory):
-    """The real Janus + simple-whip-server in a test-made network namespace (tests.janus_support)."""
-    from tests.janus_support import JanusStack, missing_reason
-    reason = missing_reason()
-    if reason:
-        pytest.skip(reason)
-    janus = JanusStack(tmp_path_factory.mktemp("janus"))
-    janus.start()          # stops what it started (namespace included) if it fails
-    try:
-        yield janus
-    finally:
-        janus.stop()
-
 
 @pytest.mark.integration
 def test_a_running_session_goes_on_off_and_on_the_air_through_janus(janus_stack):

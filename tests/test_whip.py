@@ -13,20 +13,11 @@ import time
 import pytest
 
 from stream.whip import WhipError, WhipSink, whip_sink_from_config
-from tests.janus_support import (JanusStack, PatternFeeder, coverage, draw_slot,
-                                 missing_reason, read_slot)
+from tests.janus_support import JanusStack, PatternFeeder, coverage, draw_slot, read_slot
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    reason = missing_reason()
-    if reason:
-        pytest.skip(reason)
-    janus = JanusStack(tmp_path_factory.mktemp("janus"))
-    janus.start()          # stops what it started (namespace included) if it fails
-    try:
-        yield janus
-    finally:
-        janus.stop()       # processes, then the namespace and its veth pair
+def stack(janus_stack):
+    return janus_stack
 
 
 def _wait(condition, timeout: float, what: str) -> None:
