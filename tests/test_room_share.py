@@ -585,3 +585,41 @@ def test_closing_a_room_share_while_it_opens_leaves_nothing_published():
     release.set()
     closer.join(10)
     assert closed == [True] and share.state == "stopped"
+
+
+def test_a_share_switched_on_while_its_session_stops_leaves_the_room_free(fake_whip):
+    """Review finding: POST …/share {on: true} whose body is still arriving when the session is stopped
+    took the room for the ended session (the presenter was set after the lookup's await), so every other
+    session's share was 409 until the server restarted. Now it is a 404 and the room stays free."""
+    srv, _, renderer = _studio(fake_whip)
+    try:
+        async def body():
+            status, first = await Client(srv).create()
+            assert status == 201
+            status, second = await Client(srv).create()
+            assert status == 201
+            sent_head, stopped = asyncio.Event(), asyncio.Event()
+
+            async def slow_body():
+                yield b'{"secret": "' + first["secret"].encode()
+                sent_head.set()
+                await stopped.wait()
+                yield b'", "on": true}'
+
+            share = asyncio.ensure_future(http("POST", base(srv) + f"sessions/{first['id']}/share",
+                                               data=slow_body(), headers={"Content-Type": "application/json"}))
+            await asyncio.wait_for(sent_head.wait(), 10)
+            await asyncio.sleep(0.3)          # the server is inside the body read
+            status, _ = await http("POST", base(srv) + f"sessions/{first['id']}/stop",
+                                   json={"secret": first["secret"]})
+            assert status == 200
+            stopped.set()
+            status, reply = await asyncio.wait_for(share, 10)
+            assert status == 404 and "\n" not in reply["error"]
+            assert (await http("GET", base(srv) + "room"))[1]["presenter"] is None
+            status, reply = await _share(srv, second, True)
+            assert status == 200 and reply["share"] is True
+        run(body())
+    finally:
+        srv.stop()
+        renderer.stop()

@@ -366,6 +366,8 @@ class StudioServer(HostAttributes):
         if isinstance(found, web.Response):
             return found
         sess, body = found
+        if sess.ending:       # stopped while its body arrived: it must not take the room
+            return error_response(404, "no such session (it has ended); press Start for a new one")
         on = body.get("on")
         if not isinstance(on, bool):
             return error_response(400, 'the body needs "on": true or false')
