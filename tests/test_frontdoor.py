@@ -306,3 +306,41 @@ def test_the_studio_page_on_the_door_shares_to_the_room():
         pool.shutdown()
         whip_server.stop()
     assert whip_server.deleted == ["/whip/resource/1"] and whip_server.sessions == 0
+
+
+def test_a_session_id_with_url_syntax_in_it_is_forwarded_quoted_under_its_session_path(door):
+    """Review finding: the id's session part went into the worker's path unquoted, so an id holding a
+    `?` or `#` (sent percent-encoded) was forwarded as another path (`/sessions/abc?x/stats`: the query
+    started inside it). Now it is quoted like the tail: the worker sees one path segment."""
+    import http.client
+
+    forwarded = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            def remote(*args, **kwargs):
+                future = concurrent.futures.Future()
+                if name == "info":
+                    future.set_result({"name": "render-w0-0", "boot": "boot"})
+                    return _Ref(future)
+                forwarded.append(args)
+                future.set_result((404, {"Content-Type": "application/json"}, b'{"error": "no such session"}'))
+                return _Ref(future)
+            return types.SimpleNamespace(remote=remote)
+
+    class OneWorker(NoWorkers):
+        def get(self, name):
+            return Recorder()
+
+    d = FrontDoor(OneWorker(), port=0, reconcile_s=60).start()
+    try:
+        for raw, path in (("abc%3Fx", "/sessions/abc%3Fx/stats"), ("a%23b", "/sessions/a%23b/stats")):
+            forwarded.clear()
+            conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+            conn.request("GET", f"/sessions/render-w0-0.boot.{raw}/stats")
+            conn.getresponse().read()
+            conn.close()
+            calls = [a for a in forwarded if a and a[0] == "GET"]
+            assert calls and calls[0][1] == path
+    finally:
+        d.stop()

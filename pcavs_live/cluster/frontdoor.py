@@ -276,7 +276,7 @@ class FrontDoor(HostAttributes):
         if body and "Content-Type" not in headers:
             headers["Content-Type"] = "application/octet-stream"
         status, answer_headers, answer = await self._forward_call(
-            where[0], request.method, f"/sessions/{where[2]}/{quote(tail)}", dict(request.query), body, headers)
+            where[0], request.method, f"/sessions/{quote(where[2], safe='')}/{quote(tail)}", dict(request.query), body, headers)
         if status == 404 and await self._worker_restarted(where):
             status, answer_headers, answer = 410, {}, json.dumps({"error": WORKER_GONE}).encode()
         out = {k: v for k, v in answer_headers.items() if k.lower() in PASS_HEADERS}
