@@ -623,3 +623,90 @@ def test_a_share_switched_on_while_its_session_stops_leaves_the_room_free(fake_w
     finally:
         srv.stop()
         renderer.stop()
+
+
+class _ToggleRuntime:
+    """A started session's runtime whose `set_share` calls each block until their gate is set (a WHIP
+    open or DELETE taking seconds); `applied` lists what each call set."""
+
+    def __init__(self) -> None:
+        import threading
+        self.gates = [threading.Event(), threading.Event()]
+        self.entered = [threading.Event(), threading.Event()]
+        self.applied: list[bool] = []
+        self._calls = 0
+
+    def start(self, *args, **kwargs) -> None:
+        pass
+
+    def set_share(self, on: bool) -> bool:
+        call, self._calls = self._calls, self._calls + 1
+        if call < len(self.gates):
+            self.entered[call].set()
+            self.gates[call].wait(10)
+        self.applied.append(on)
+        return on
+
+    def idle_s(self) -> float:
+        return 0.0
+
+    def stats(self) -> dict:
+        return {}
+
+    def stop(self) -> None:
+        pass
+
+
+class _ToggleFactory:
+    def __init__(self) -> None:
+        self.runtime = _ToggleRuntime()
+
+    def create(self, photo, name):
+        return self.runtime
+
+    def stats(self) -> dict:
+        return {}
+
+    def room(self) -> dict:
+        return {"enabled": True, "reason": None, "viewer_url": VIEWER_URL}
+
+
+@pytest.mark.parametrize("first, second", [(True, False), (False, True)])
+def test_two_share_switches_at_once_end_in_the_last_ones_state(first, second):
+    """Review finding: a switch that arrived while the previous one was still applying (a WHIP open or
+    DELETE takes seconds) was lost — on then off left the session on the air and the room taken, with
+    the off answered {"share": true}; off then on was 409 naming the session itself as the presenter.
+    Now the second switch wins, in its reply, in the runtime and in the room."""
+    from stream.studio.server import StudioServer
+
+    factory = _ToggleFactory()
+    srv = StudioServer(factory, port=0, ice_host_addresses=["127.0.0.1"], connect_timeout_s=60)
+    srv.start()
+    try:
+        async def body():
+            status, created = await Client(srv).create()
+            assert status == 201
+            srv._sessions[created["id"]].started = True          # as after its offer
+            srv._sessions[created["id"]].share = not first
+            if not first:
+                srv._presenter = created["id"]
+            one = asyncio.ensure_future(_share(srv, created, first))
+            loop, rt = asyncio.get_running_loop(), factory.runtime
+            assert await loop.run_in_executor(None, rt.entered[0].wait, 10)
+            two = asyncio.ensure_future(_share(srv, created, second))
+            await asyncio.sleep(0.3)                              # the second waits for the first
+            rt.gates[0].set()
+            await asyncio.wait_for(one, 10)
+            assert await loop.run_in_executor(None, rt.entered[1].wait, 10)
+            # between the two: the session is on the air (first: on) or its off is not done yet, or
+            # it is going on again (second: on): either way the room is still its
+            assert (await http("GET", base(srv) + "room"))[1]["presenter"] == created["id"]
+            rt.gates[1].set()
+            status, reply = await asyncio.wait_for(two, 10)
+            assert status == 200 and reply["share"] is second
+            assert rt.applied == [first, second]
+            room = (await http("GET", base(srv) + "room"))[1]
+            assert room["presenter"] == (created["id"] if second else None)
+        run(body())
+    finally:
+        srv.stop()

@@ -371,7 +371,7 @@ class StudioServer(HostAttributes):
         on = body.get("on")
         if not isinstance(on, bool):
             return error_response(400, 'the body needs "on": true or false')
-        if on and not sess.share:
+        if on and not sess.share and self._presenter != sess.id:   # (its own off may still be applying)
             refused = self._refuse_share()
             if refused is not None:
                 return refused
@@ -391,11 +391,16 @@ class StudioServer(HostAttributes):
         once it is off (the WHIP resource DELETEd) the room is free. A session not started yet is
         started with it (`_handle_offer` calls this again once it has started)."""
         async with sess.share_lock:
+            off = not sess.share
             if sess.started and not sess.ending:
                 set_share = getattr(sess.runtime, "set_share", None)
                 if set_share is not None:   # False when it could not go on air (its run has just ended)
-                    sess.share = bool(await asyncio.get_running_loop().run_in_executor(None, set_share, sess.share))
-            if not sess.share and self._presenter == sess.id:
+                    want = sess.share
+                    done = bool(await asyncio.get_running_loop().run_in_executor(None, set_share, want))
+                    if sess.share == want:  # else a newer switch came meanwhile: it applies its own next
+                        sess.share = done
+                    off = not done
+            if off and not sess.share and self._presenter == sess.id:
                 self._presenter = None
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
