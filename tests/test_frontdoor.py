@@ -344,3 +344,29 @@ def test_a_session_id_with_url_syntax_in_it_is_forwarded_quoted_under_its_sessio
             assert calls and calls[0][1] == path
     finally:
         d.stop()
+
+
+def _switch(base: str, session: dict, on: bool):
+    status, _, body = request("POST", base + f"sessions/{session['id']}/share",
+                              json.dumps({"secret": session["secret"], "on": on}).encode(),
+                              {"Content-Type": "application/json"})
+    return status, json.loads(body)
+
+
+def test_the_share_switch_through_the_door_keeps_one_presenter_across_workers(two_workers):
+    """Review finding: `POST /sessions/{id}/share {on: true}` was forwarded generically, so only the
+    session's own worker judged it: a session on another worker than the presenter went on the air too
+    (two presenters in one room). The door now checks the switch as it checks `?share=1`."""
+    d, pool, base = two_workers
+    status, first = create(base, share=True)
+    assert status == 201
+    status, other = create(base)
+    assert status == 201 and other["worker"] != first["worker"]
+    status, refused = _switch(base, other, True)
+    assert status == 409 and refused["error"].startswith(f"the room already has a presenter: session {first['id']}")
+    assert json.loads(request("GET", base + "room")[2])["presenter"] == first["id"]
+    assert _switch(base, first, True) == (200, {"share": True, "room": {"viewer_url": VIEWER_URL}})  # its own
+    assert _switch(base, first, False) == (200, {"share": False})
+    status, reply = _switch(base, other, True)
+    assert status == 200 and reply["share"] is True
+    assert json.loads(request("GET", base + "room")[2])["presenter"] == other["id"]

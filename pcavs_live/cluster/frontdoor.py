@@ -23,7 +23,8 @@ Share to room: `POST /sessions?share=1` is forwarded with `share`; the room's on
 cluster-wide. That state lives with the workers, not here: each worker's `info` carries its studio's
 `room()` (its presenting session, if any), `GET /room` reports the cluster's (presenter as
 `WORKER.BOOT.ID`), and a share create checks every answering worker under a lock of this door before
-placing it, so a second share on another worker is 409 too. Nothing is left locked: a dead worker's
+placing it, so a second share on another worker is 409 too; so does a share switch turned on
+(`POST /sessions/{id}/share {"on": true}`) before it is forwarded. Nothing is left locked: a dead worker's
 sessions (and presenter) went with its process and it is no longer asked, a restarted worker has none,
 and a restarted door asks again. Limits: a presenter on a worker that does not answer `info` in time
 is not seen (the studio's own 409 still holds on that worker), and two doors on one cluster do not
@@ -35,6 +36,7 @@ Binding, the token, ICE checks, the loop thread and JSON bodies are a `WebHost`'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -275,8 +277,18 @@ class FrontDoor(HostAttributes):
         headers = {k: request.headers[k] for k in FORWARD_HEADERS if k in request.headers}
         if body and "Content-Type" not in headers:
             headers["Content-Type"] = "application/octet-stream"
-        status, answer_headers, answer = await self._forward_call(
-            where[0], request.method, f"/sessions/{quote(where[2], safe='')}/{quote(tail)}", dict(request.query), body, headers)
+        # the share switch turned on is judged cluster-wide, as `?share=1` is (`_create`): the session's
+        # own worker sees only its own presenter
+        switch_on = tail == "share" and request.method == "POST" and _turns_on(body)
+        async with self._share_lock if switch_on else contextlib.nullcontext():
+            if switch_on:
+                presenter = self.room_of(await self.infos())["presenter"]
+                if presenter and presenter != request.match_info["id"]:
+                    return _cors(error_response(409, f"the room already has a presenter: session {presenter}; "
+                                                     "stop it first, or start without sharing"))
+            status, answer_headers, answer = await self._forward_call(
+                where[0], request.method, f"/sessions/{quote(where[2], safe='')}/{quote(tail)}",
+                dict(request.query), body, headers)
         if status == 404 and await self._worker_restarted(where):
             status, answer_headers, answer = 410, {}, json.dumps({"error": WORKER_GONE}).encode()
         out = {k: v for k, v in answer_headers.items() if k.lower() in PASS_HEADERS}
@@ -357,6 +369,15 @@ def _cors(response: web.Response) -> web.Response:
     """A refusal made here for a forwarded route: readable by a cross-origin WHEP player too."""
     response.headers.update(whep.CORS)
     return response
+
+
+def _turns_on(body: bytes) -> bool:
+    """Whether a share switch's (JSON) body asks to go on the air."""
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get("on") is True
 
 
 def _split_id(sid: str) -> tuple[str, str, str] | None:
