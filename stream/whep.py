@@ -27,12 +27,16 @@ from aiortc.mediastreams import MediaStreamError
 
 from pcavs_live.common.errors import UserError
 from stream.webrtc.ice import unusable_host_address, use_host_addresses
-from stream.wish import (WishRefused, delete_resource, is_http_url, post_offer, refusal_message,
+from stream.wish import (WishRefused, delete_resource, is_http_url, one_line, post_offer, refusal_message,
                          unreachable_message, wait_connected)
 
 
 class WhepError(UserError):
     """The WHEP endpoint cannot be watched (wrong URL, token refused, full, unreachable); one line."""
+
+
+class _UnusableAnswer(Exception):
+    """The server's 201 carried a body aiortc cannot use as an SDP answer."""
 
 
 class WhepClient:
@@ -93,13 +97,19 @@ class WhepClient:
         try:
             await pc.setLocalDescription(await pc.createOffer())     # gathers every candidate
             answer, self.resource = await post_offer(self._http, self.endpoint, pc.localDescription.sdp, self.token)
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            except Exception as bad:  # noqa: BLE001 - whatever aiortc raises on an unusable answer
+                raise _UnusableAnswer(one_line(str(bad) or type(bad).__name__)) from None
             await wait_connected(pc, self.connect_timeout_s)
         except BaseException as exc:
             await self.stop()
             if isinstance(exc, WishRefused):
                 raise WhepError(refusal_message("WHEP", self.endpoint, exc, "serve this viewer"),
                                 hint=_refusal_hint(exc)) from None
+            if isinstance(exc, _UnusableAnswer):
+                raise WhepError(f"WHEP endpoint {self.endpoint} answered 201 without a usable SDP answer ({exc})",
+                                hint="is this URL a WHEP endpoint?") from None
             if isinstance(exc, asyncio.TimeoutError):
                 raise WhepError(f"WHEP endpoint {self.endpoint} did not answer within {self.connect_timeout_s:g} s",
                                 hint="start the server or fix the URL") from None

@@ -167,6 +167,40 @@ def test_client_side_refusals_are_one_line():
     assert f"cannot reach WHEP endpoint http://127.0.0.1:{port}/whep" in one_line(err.value)
 
 
+def test_a_201_without_a_usable_answer_is_one_line():
+    """A server that answers 201 with something that is not SDP (a web page, a JSON body) is one line,
+    and the client leaves nothing open."""
+    from aiohttp import web
+
+    async def main():
+        async def not_whep(request):
+            await request.read()
+            return web.Response(status=201, text="<html>hello</html>", headers={"Location": "/x"})
+        async def deleted(request):
+            deletes.append(request.path)
+            return web.Response(status=200)
+        deletes: list[str] = []
+        app = web.Application()
+        app.router.add_post("/whep", not_whep)
+        app.router.add_delete("/x", deleted)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        client = WhepClient(f"http://127.0.0.1:{port}/whep", connect_timeout_s=5, ice_host_addresses=LOOPBACK)
+        try:
+            with pytest.raises(WhepError) as err:
+                await client.start()
+        finally:
+            await runner.cleanup()
+        return err.value, client, deletes
+
+    err, client, deletes = run(main())
+    assert "answered 201 without a usable SDP answer" in one_line(err)
+    assert client.pc.connectionState == "closed" and deletes == ["/x"]     # nothing left open or held
+
+
 def test_the_command_line_client_prints_error_and_hint_lines(viewer_server, capsys):
     from stream.whep import main
     srv = viewer_server()
