@@ -23,12 +23,11 @@ from typing import Any, Callable, Sequence
 
 import aiohttp
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
 
 from pcavs_live.common.errors import UserError
 from stream.webrtc.ice import unusable_host_address, use_host_addresses
-from stream.wish import (WishRefused, delete_resource, is_http_url, one_line, post_offer, refusal_message,
-                         unreachable_message, wait_connected)
+from stream.wish import (WishRefused, delete_resource, is_http_url, one_line, post_offer, receive,
+                         refusal_message, unreachable_message, wait_connected)
 
 
 class WhepError(UserError):
@@ -91,7 +90,8 @@ class WhepClient:
         self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.ice_servers)))
         pc.addTransceiver("video", direction="recvonly")
         pc.addTransceiver("audio", direction="recvonly")
-        pc.on("track", lambda track: self._readers.append(asyncio.ensure_future(self._read(track))))
+        pc.on("track", lambda track: self._readers.append(
+            asyncio.ensure_future(receive(track, self._on_video, self._on_audio))))
         if self.ice_host_addresses:
             use_host_addresses(pc, self.ice_host_addresses)
         try:
@@ -118,17 +118,12 @@ class WhepClient:
                                 hint="start the server or fix the URL; behind NAT pass a STUN/TURN server") from None
             raise
 
-    async def _read(self, track) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if track.kind == "video":
-                self.video_frames += 1
-                self.frames.append(frame.pts if self.keep is None else self.keep(frame))
-            else:
-                self.audio_frames += 1
+    def _on_video(self, frame) -> None:
+        self.video_frames += 1
+        self.frames.append(frame.pts if self.keep is None else self.keep(frame))
+
+    def _on_audio(self, frame) -> None:
+        self.audio_frames += 1
 
     async def stop(self) -> None:
         """DELETE the resource (best effort), close the connection and the readers. Idempotent."""

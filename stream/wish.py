@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiortc import RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +121,15 @@ def refusal_message(protocol: str, endpoint: str, exc: WishRefused, verb: str) -
 
 def unreachable_message(protocol: str, endpoint: str, exc: BaseException) -> str:
     return f"cannot reach {protocol} endpoint {endpoint} ({one_line(str(exc) or type(exc).__name__)})"
+
+
+async def receive(track, on_video: Callable[[Any], None], on_audio: Callable[[Any], None]) -> None:
+    """Hand every frame of a received track to `on_video` or `on_audio` (by the track's kind) until the
+    track ends: the reading loop of every receiving peer (`stream.whep.WhepClient` and the tests' peers)."""
+    handle = on_video if track.kind == "video" else on_audio
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        handle(frame)

@@ -484,16 +484,12 @@ class VideoRoomSubscriber:
             await self._post(f"/{self._session}", {"janus": "keepalive"})
 
     async def _read(self, track) -> None:
-        from aiortc.mediastreams import MediaStreamError
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if track.kind == "video":
-                self.frames.append(frame.pts if self.keep is None else self.keep(frame))
-            else:
-                self.audio_frames += 1
+        from stream.wish import receive
+        await receive(track, lambda f: self.frames.append(f.pts if self.keep is None else self.keep(f)),
+                      self._count_audio)
+
+    def _count_audio(self, frame) -> None:
+        self.audio_frames += 1
 
     async def stop(self) -> None:
         for task in self._tasks:

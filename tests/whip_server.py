@@ -14,9 +14,9 @@ import threading
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
 
 from stream.webrtc.ice import use_host_addresses
+from stream.wish import receive
 from tests.janus_support import read_slot
 
 
@@ -74,15 +74,10 @@ class FakeWhipServer:
                             headers={"Location": resource})
 
     async def _read(self, track) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if track.kind == "video":
-                self.slots.append(read_slot(frame.to_ndarray(format="rgb24")))
-            else:
-                self.audio_frames += 1
+        await receive(track, lambda f: self.slots.append(read_slot(f.to_ndarray(format="rgb24"))), self._count_audio)
+
+    def _count_audio(self, frame) -> None:
+        self.audio_frames += 1
 
     async def _delete(self, request: web.Request) -> web.Response:
         self.requests.append(("DELETE", request.path, dict(request.headers)))
